@@ -1,0 +1,43 @@
+"""Bearer JWTs: HS256 with JWT_SECRET, `sub` is the username, `exp` required."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import jwt
+
+USERNAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
+
+
+class AuthError(Exception):
+    """The token is missing, malformed, expired or not signed by us."""
+
+
+def issue(secret: str, username: str, ttl_seconds: int = 3600 * 12) -> str:
+    if not USERNAME_RE.fullmatch(username):
+        raise ValueError(f"not a username: {username!r}")
+    now = int(time.time())
+    return jwt.encode({"sub": username, "iat": now, "exp": now + ttl_seconds}, secret,
+                      algorithm="HS256")
+
+
+def username_from_header(secret: str, header: str | None) -> str:
+    if not secret:
+        raise AuthError("the service has no JWT_SECRET")
+    if not header:
+        raise AuthError("no Authorization header")
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthError("Authorization must be 'Bearer <token>'")
+    try:
+        claims = jwt.decode(token.strip(), secret, algorithms=["HS256"],
+                            options={"require": ["exp", "sub"]})
+    except jwt.ExpiredSignatureError as exc:
+        raise AuthError("the token has expired") from exc
+    except jwt.InvalidTokenError as exc:
+        raise AuthError(f"invalid token: {exc}") from exc
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not USERNAME_RE.fullmatch(sub):
+        raise AuthError("the token names no valid user")
+    return sub

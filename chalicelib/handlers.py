@@ -1,0 +1,471 @@
+"""What the service does, as plain functions of plain data and their dependencies.
+
+The HTTP routes (app.py) and the bridge (local/bridge.py) call these same
+functions. None of them knows HTTP, AMQP frames or Lambda.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+from zoneinfo import ZoneInfo
+
+from chalicelib import orders
+from chalicelib.config import Settings
+from chalicelib.orders import (
+    CLOSED,
+    MAX_CART_LINES,
+    MAX_NUM,
+    PAID,
+    REFUNDED,
+    SOURCE_TYPES,
+    UNPAID,
+    BadRequest,
+    Conflict,
+    Line,
+    NotFound,
+    Order,
+    OutOfStock,
+    Unavailable,
+    Unprocessable,
+    from_fen,
+    iso,
+    money_str,
+    parse_amount,
+)
+from chalicelib.store import Store
+
+log = logging.getLogger(__name__)
+
+PAID_TRADE_STATES = ("TRADE_SUCCESS", "TRADE_FINISHED")
+_SHANGHAI = ZoneInfo("Asia/Shanghai")
+
+
+class Publisher(Protocol):
+    def publish_check(self, order_id: str) -> None: ...
+
+    def publish_pay(self, msg: Mapping[str, Any]) -> None: ...
+
+
+class Gateway(Protocol):
+    app_id: str
+    seller_id: str
+
+    def page_pay_url(
+        self, out_trade_no: str, total_amount: Any, subject: str, time_expire: datetime
+    ) -> str: ...
+
+    def verify(self, params: Mapping[str, str]) -> bool: ...
+
+    def query(self, out_trade_no: str) -> Any: ...
+
+    def close(self, out_trade_no: str) -> None: ...
+
+    def refund(self, out_trade_no: str, amount: Any, out_request_no: str) -> Any: ...
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class Deps:
+    settings: Settings
+    store: Store
+    broker: Publisher
+    gateway: Gateway | None = None
+    clock: Callable[[], datetime] = utcnow
+
+
+# --- goods and cart -----------------------------------------------------------
+
+
+def list_goods(deps: Deps) -> dict[str, Any]:
+    return {
+        "items": [
+            {"id": g.id, "name": g.name, "price": money_str(g.price_fen), "stock": g.stock}
+            for g in deps.store.list_goods()
+        ]
+    }
+
+
+def get_cart(deps: Deps, username: str) -> dict[str, Any]:
+    cart = deps.store.get_cart(username)
+    goods = deps.store.get_goods(cart)
+    items = [
+        {
+            "goodsId": gid,
+            "name": goods[gid].name,
+            "price": money_str(goods[gid].price_fen),
+            "num": num,
+        }
+        for gid, num in sorted(cart.items())
+        if gid in goods
+    ]
+    total_fen = sum(goods[i["goodsId"]].price_fen * i["num"] for i in items)
+    return {
+        "items": items,
+        "totalNum": sum(i["num"] for i in items),
+        "totalMoney": money_str(total_fen),
+    }
+
+
+def _goods_id(goods_id: str) -> str:
+    if not isinstance(goods_id, str) or not orders.GOODS_ID_RE.fullmatch(goods_id):
+        raise NotFound(f"no goods {goods_id!r}")
+    return goods_id
+
+
+def set_cart_item(deps: Deps, username: str, goods_id: str, num: Any) -> dict[str, Any]:
+    if isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= MAX_NUM:
+        raise BadRequest(f"num must be an integer from 1 to {MAX_NUM}")
+    _goods_id(goods_id)
+    if goods_id not in deps.store.get_goods([goods_id]):
+        raise NotFound(f"no goods {goods_id!r}")
+    deps.store.set_cart_line(username, goods_id, num)
+    return get_cart(deps, username)
+
+
+def remove_cart_item(deps: Deps, username: str, goods_id: str) -> dict[str, Any]:
+    _goods_id(goods_id)
+    deps.store.delete_cart_line(username, goods_id)
+    return get_cart(deps, username)
+
+
+# --- orders -------------------------------------------------------------------
+
+
+def create_order(deps: Deps, username: str, source_type: Any = None) -> dict[str, Any]:
+    """Cart -> one transaction (order put, stock taken, cart emptied) -> delay message."""
+    source_type = "1" if source_type is None else source_type
+    if source_type not in SOURCE_TYPES:
+        raise BadRequest('sourceType must be "1" (PC) or "2" (mobile)')
+    cart = deps.store.get_cart(username)
+    if not cart:
+        raise BadRequest("the cart is empty")
+    if len(cart) > MAX_CART_LINES:
+        raise BadRequest(
+            f"the cart holds {len(cart)} different goods; one order takes at most "
+            f"{MAX_CART_LINES} (a DynamoDB transaction holds 100 actions)"
+        )
+    goods = deps.store.get_goods(cart)
+    lines = []
+    for gid, num in sorted(cart.items()):
+        if gid not in goods:
+            raise OutOfStock(gid)
+        lines.append(Line(gid, goods[gid].name, goods[gid].price_fen, num))
+    order = _new_order(deps, username, source_type, lines)
+    deps.store.create_order(order, cart)
+    _schedule_check(deps, order.id)
+    return order.to_wire()
+
+
+def _new_order(deps: Deps, username: str, source_type: str, lines: list[Line]) -> Order:
+    now = deps.clock()
+    return Order(
+        id=orders.new_order_id(now),
+        username=username,
+        status=UNPAID,
+        source_type=source_type,
+        lines=lines,
+        create_time=now,
+        update_time=now,
+        expire_time=now + timedelta(seconds=deps.settings.pay_timeout_seconds),
+        check_time=now + timedelta(seconds=deps.settings.check_delay_seconds),
+    )
+
+
+def _schedule_check(deps: Deps, order_id: str) -> None:
+    """After the commit, never inside it. A lost message is found by the sweeper."""
+    try:
+        deps.broker.publish_check(order_id)
+    except Unavailable as exc:
+        log.warning("delay message for %s not published (%s); the sweeper will check it",
+                    order_id, exc, extra={"orderId": order_id})
+
+
+def _own_order(deps: Deps, username: str, order_id: str) -> Order:
+    if not isinstance(order_id, str) or not orders.ORDER_ID_RE.fullmatch(order_id):
+        raise NotFound(f"no order {order_id!r}")
+    order = deps.store.get_order(order_id)
+    if order is None or order.username != username:
+        raise NotFound(f"no order {order_id!r}")
+    return order
+
+
+def list_orders(deps: Deps, username: str) -> dict[str, Any]:
+    return {"items": [o.to_wire() for o in deps.store.list_orders(username)]}
+
+
+def get_order(deps: Deps, username: str, order_id: str) -> dict[str, Any]:
+    return _own_order(deps, username, order_id).to_wire()
+
+
+def cancel_order(deps: Deps, username: str, order_id: str) -> dict[str, Any]:
+    order = _own_order(deps, username, order_id)
+    if order.status != UNPAID:
+        raise Conflict(f"order {order_id} is {order.status}, only an UNPAID order can be cancelled")
+    _settle_unpaid(deps, order)
+    order = deps.store.get_order(order_id)
+    assert order is not None
+    if order.status != CLOSED:
+        raise Conflict(f"order {order_id} is {order.status}: it was paid before it could close")
+    return order.to_wire()
+
+
+# --- the timeout --------------------------------------------------------------
+
+
+def on_check(deps: Deps, msg: Mapping[str, Any]) -> str:
+    """queue.order.check, after the delay: an order still UNPAID is settled.
+
+    Returns the status the order ends in (for logs and tests).
+    """
+    order_id = msg.get("orderId")
+    if not isinstance(order_id, str) or not orders.ORDER_ID_RE.fullmatch(order_id):
+        raise Unprocessable(f"check message without a valid orderId: {dict(msg)!r}")
+    order = deps.store.get_order(order_id)
+    if order is None:
+        log.warning("check for unknown order %s", order_id, extra={"orderId": order_id})
+        return "UNKNOWN"
+    if order.status != UNPAID:
+        return order.status
+    return _settle_unpaid(deps, order)
+
+
+def _settle_unpaid(deps: Deps, order: Order) -> str:
+    """Ask Alipay first: paid means PAID (the notify was lost); otherwise close the
+    trade and then the order, giving the stock back exactly once.
+
+    Alipay unreachable raises Unavailable: the caller retries later, never closes blind.
+    """
+    gateway = deps.gateway
+    if gateway is not None:
+        from chalicelib.alipay_gateway import (
+            AlipayBusinessError,
+            AlipayUnavailable,
+            TradeNotExist,
+        )
+
+        try:
+            try:
+                trade = gateway.query(order.id)
+            except TradeNotExist:
+                trade = None
+            if trade is not None and trade.trade_status in PAID_TRADE_STATES:
+                fen = orders.to_fen(trade.total_amount)
+                log.info("order %s paid at Alipay though no notify came", order.id,
+                         extra={"orderId": order.id, "tradeNo": trade.trade_no})
+                return _apply_payment(deps, order, trade.trade_no or "", fen,
+                                      _alipay_time(trade.pay_time) or deps.clock(), None)
+            if trade is not None and trade.trade_status == "WAIT_BUYER_PAY":
+                try:
+                    gateway.close(order.id)
+                except TradeNotExist:
+                    pass
+                except AlipayBusinessError as exc:
+                    # ACQ.TRADE_STATUS_ERROR: paid between our query and our close.
+                    raise Unavailable(f"closing trade {order.id}: {exc}; checking again") from exc
+        except AlipayUnavailable as exc:
+            raise Unavailable(f"alipay unreachable for {order.id}: {exc}") from exc
+    if deps.store.close_order(order, now=deps.clock()):
+        log.info("order %s closed, stock returned", order.id, extra={"orderId": order.id})
+        return CLOSED
+    current = deps.store.get_order(order.id)
+    return current.status if current else "UNKNOWN"
+
+
+def sweep(deps: Deps, limit: int = 500) -> dict[str, int]:
+    """Finds UNPAID orders past their check time (a lost delay message) and checks them."""
+    due = deps.store.unpaid_due(deps.clock(), limit=limit)
+    result = {"due": len(due), "settled": 0, "failed": 0}
+    for order_id in due:
+        try:
+            on_check(deps, {"orderId": order_id})
+            result["settled"] += 1
+        except (Unavailable, Unprocessable) as exc:
+            result["failed"] += 1
+            log.warning("sweep of %s failed: %s", order_id, exc, extra={"orderId": order_id})
+    return result
+
+
+# --- the payment --------------------------------------------------------------
+
+
+def _alipay_time(text: str | None) -> datetime | None:
+    """'2026-11-26 15:20:00' (Asia/Shanghai, Alipay's clock) -> aware UTC."""
+    if not text:
+        return None
+    try:
+        local = datetime.strptime(text, "%Y-%m-%d %H:%M:%S").replace(tzinfo=_SHANGHAI)
+    except ValueError:
+        return None
+    return local.astimezone(UTC)
+
+
+def start_payment(deps: Deps, username: str, order_id: str) -> dict[str, Any]:
+    order = _own_order(deps, username, order_id)
+    if order.status != UNPAID:
+        raise Conflict(f"order {order_id} is {order.status}, not UNPAID")
+    if deps.clock() >= order.expire_time:
+        raise Conflict(f"order {order_id} can no longer be paid; it closes soon")
+    if deps.gateway is None:
+        raise Unavailable("payment is not configured")
+    url = deps.gateway.page_pay_url(
+        order.id, from_fen(order.total_fen), order.subject, order.expire_time
+    )
+    return {"orderId": order.id, "payUrl": url}
+
+
+def on_notify(deps: Deps, params: Mapping[str, str]) -> bool:
+    """Alipay's async notify. True means answer `success`.
+
+    Only verifies and publishes: the order changes in on_paid, after the broker
+    confirmed the message. A notify that fails a check changes nothing.
+    """
+    gateway = deps.gateway
+    fields = {k: params.get(k) for k in (
+        "notify_id", "out_trade_no", "trade_no", "trade_status", "total_amount",
+        "app_id", "seller_id", "sign_type")}
+    ctx = {"orderId": fields["out_trade_no"], "tradeNo": fields["trade_no"],
+           "notifyId": fields["notify_id"]}
+
+    def refuse(why: str) -> bool:
+        log.warning("notify refused: %s %s", why, fields, extra=ctx)
+        return False
+
+    if gateway is None:
+        return refuse("payment is not configured")
+    if not gateway.verify(params):
+        return refuse("bad signature")
+    if params.get("app_id") != gateway.app_id:
+        return refuse("app_id is not ours")
+    if params.get("seller_id") != gateway.seller_id:
+        return refuse("seller_id is not ours")
+    order_id = params.get("out_trade_no", "")
+    if not orders.ORDER_ID_RE.fullmatch(order_id):
+        return refuse("out_trade_no is not one of ours")
+    order = deps.store.get_order(order_id)
+    if order is None:
+        return refuse("unknown order")
+    fen = parse_amount(params.get("total_amount", ""))
+    if fen is None or fen != order.total_fen:
+        return refuse(f"total_amount differs from the order's {money_str(order.total_fen)}")
+    status = params.get("trade_status")
+    if status not in PAID_TRADE_STATES:
+        log.info("notify with trade_status %s: nothing to do", status, extra=ctx)
+        return True
+    trade_no = params.get("trade_no", "")
+    if not trade_no:
+        return refuse("no trade_no")
+    pay_time = _alipay_time(params.get("gmt_payment")) or deps.clock()
+    msg = {
+        "orderId": order_id,
+        "tradeNo": trade_no,
+        "totalAmount": money_str(fen),
+        "payTime": iso(pay_time),
+        "notifyId": params.get("notify_id"),
+    }
+    try:
+        deps.broker.publish_pay(msg)
+    except Unavailable as exc:
+        log.warning("notify not published, answering failure so Alipay retries: %s", exc,
+                    extra=ctx)
+        return False
+    return True
+
+
+def on_paid(deps: Deps, msg: Mapping[str, Any]) -> str:
+    """queue.order.pay: a verified payment. UNPAID -> PAID; CLOSED -> refund, REFUNDED."""
+    order_id = msg.get("orderId")
+    trade_no = msg.get("tradeNo")
+    if not isinstance(order_id, str) or not orders.ORDER_ID_RE.fullmatch(order_id):
+        raise Unprocessable(f"pay message without a valid orderId: {dict(msg)!r}")
+    if not isinstance(trade_no, str) or not trade_no:
+        raise Unprocessable(f"pay message for {order_id} without tradeNo")
+    fen = parse_amount(msg.get("totalAmount", ""))
+    if fen is None:
+        raise Unprocessable(f"pay message for {order_id} with a bad totalAmount")
+    order = deps.store.get_order(order_id)
+    if order is None:
+        raise Unprocessable(f"pay message for unknown order {order_id}")
+    if fen != order.total_fen:
+        raise Unprocessable(
+            f"pay message for {order_id}: {money_str(fen)} paid, "
+            f"{money_str(order.total_fen)} due; never marked paid"
+        )
+    try:
+        pay_time = orders.parse_iso(msg["payTime"]) if msg.get("payTime") else deps.clock()
+    except ValueError:
+        pay_time = deps.clock()
+    return _apply_payment(deps, order, trade_no, fen, pay_time, msg.get("notifyId"))
+
+
+def _apply_payment(
+    deps: Deps, order: Order, trade_no: str, fen: int, pay_time: datetime, notify_id: str | None
+) -> str:
+    ctx = {"orderId": order.id, "tradeNo": trade_no}
+    if order.status == UNPAID:
+        if deps.store.mark_paid(order.id, total_fen=fen, trade_no=trade_no, pay_time=pay_time,
+                                notify_id=notify_id, now=deps.clock()):
+            log.info("order %s PAID", order.id, extra=ctx)
+            return PAID
+        current = deps.store.get_order(order.id)  # lost a race: see who won
+        assert current is not None
+        order = current
+    if order.status == PAID:
+        if order.transaction_id != trade_no:
+            raise Unprocessable(
+                f"order {order.id} is PAID by trade {order.transaction_id}, "
+                f"not by {trade_no}: needs a person"
+            )
+        return PAID
+    if order.status == CLOSED:
+        return _refund_late_payment(deps, order, trade_no)
+    return order.status  # REFUNDED: the money went back already
+
+
+def _refund_late_payment(deps: Deps, order: Order, trade_no: str) -> str:
+    """Money for a CLOSED order: send it back, with a request number derived from
+    the order so that a retry is the same refund, then mark REFUNDED."""
+    from chalicelib.alipay_gateway import AlipayError
+
+    if deps.gateway is None:
+        raise Unavailable(f"order {order.id} needs a refund and payment is not configured")
+    request_no = orders.refund_request_no(order.id)
+    try:
+        deps.gateway.refund(order.id, from_fen(order.total_fen), request_no)
+    except AlipayError as exc:
+        raise Unavailable(f"refund of {order.id} failed: {exc}") from exc
+    deps.store.mark_refunded(order.id, trade_no=trade_no, refund_request_no=request_no,
+                             now=deps.clock())
+    log.info("order %s paid after it closed: refunded", order.id,
+             extra={"orderId": order.id, "tradeNo": trade_no})
+    return REFUNDED
+
+
+_RETURN_LABELS = {
+    UNPAID: "confirming payment",
+    PAID: "paid",
+    CLOSED: "closed",
+    REFUNDED: "refunded",
+}
+
+
+def on_return(deps: Deps, params: Mapping[str, str]) -> dict[str, Any]:
+    """The browser back from Alipay: verify and show. Never changes state; only the
+    notify and the query are trusted to say an order is paid."""
+    if deps.gateway is None:
+        raise Unavailable("payment is not configured")
+    if not deps.gateway.verify(params):
+        raise BadRequest("invalid signature")
+    order_id = params.get("out_trade_no", "")
+    if not orders.ORDER_ID_RE.fullmatch(order_id):
+        raise BadRequest("out_trade_no is not one of ours")
+    order = deps.store.get_order(order_id)
+    if order is None:
+        raise NotFound(f"no order {order_id!r}")
+    return {"order": order.to_wire(), "label": _RETURN_LABELS[order.status]}

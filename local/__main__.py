@@ -1,0 +1,79 @@
+"""`python -m local COMMAND`: run the stack, the API, the bridge, a sweep; mint a token."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m local")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="the whole local stack (make run)")
+    api = sub.add_parser("api", help="chalice local --stage local --no-autoreload")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=int(os.environ.get("API_PORT", "8000")))
+    token = sub.add_parser("token", help="print a token for the local stage")
+    token.add_argument("username")
+    token.add_argument("--ttl", type=int, default=12 * 3600)
+    sub.add_parser("bridge", help="consume the check and pay queues into the handlers")
+    sub.add_parser("sweep", help="check UNPAID orders past their check time, once")
+    sub.add_parser("seed", help="create the tables and seed the catalogue")
+    parked = sub.add_parser("parked", help="list or replay parked messages")
+    parked.add_argument("action", choices=["list", "replay"])
+    parked.add_argument("queue", help="queue.order.check, queue.order.pay or queue.order.seckill "
+                                      "(the .parked suffix is optional)")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.command == "run":
+        from local import stack
+
+        return stack.run()
+
+    from local.stack import apply_local_environment
+
+    apply_local_environment()
+    if args.command == "api":
+        from local.api import serve
+
+        serve(args.host, args.port)
+        return 0
+    if args.command == "token":
+        from chalicelib import auth, config
+
+        print(auth.issue(config.get().jwt_secret, args.username, args.ttl))
+        return 0
+    if args.command == "bridge":
+        from local import bridge
+
+        return bridge.main()
+    if args.command == "sweep":
+        from chalicelib import deps, handlers
+
+        print(json.dumps(handlers.sweep(deps.get())))
+        return 0
+    if args.command == "seed":
+        from local.stack import seed
+
+        print(json.dumps({"goodsAdded": seed(force=True)}))
+        return 0
+    if args.command == "parked":
+        from chalicelib import broker, config
+
+        name = args.queue.removesuffix(".parked")
+        if args.action == "list":
+            for msg in broker.list_parked(config.get().rmq_url, name):
+                print(json.dumps(msg, default=str, ensure_ascii=False))
+        else:
+            print(json.dumps({"replayed": broker.replay_parked(config.get().rmq_url, name)}))
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

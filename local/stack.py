@@ -1,0 +1,231 @@
+"""`make run`: the whole local stack on this machine, one child process per part.
+
+moto's DynamoDB server, the Alipay sandbox, the API (chalice local) and the
+bridge; RabbitMQ is the machine's own. Ctrl-C (or SIGTERM) stops every child.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+RUN_DIR = PROJECT_DIR / "local" / ".run"
+KEYS_DIR = PROJECT_DIR / "local" / ".keys"
+
+log = logging.getLogger("local.stack")
+
+# goods id, name, price (fen), stock: some with little stock, to see 409s.
+CATALOGUE = [
+    ("tea-cup", "Celadon tea cup", 1990, 200),
+    ("teapot", "Yixing clay teapot", 5990, 50),
+    ("tea-tray", "Bamboo tea tray", 12900, 20),
+    ("longjing", "Longjing green tea 250g", 8800, 5),
+    ("puer-1999", "Pu'er cake, 1999 harvest", 99900, 1),
+]
+
+
+def local_environment() -> dict[str, str]:
+    """The local stage's settings, with the environment winning, and the ports applied."""
+    config = json.loads((PROJECT_DIR / ".chalice" / "config.json").read_text())
+    env = {**config.get("environment_variables", {}),
+           **config["stages"]["local"]["environment_variables"]}
+    api_port = os.environ.get("API_PORT", "8000")
+    sandbox_port = os.environ.get("SANDBOX_PORT", "8001")
+    dynamodb_port = os.environ.get("DYNAMODB_PORT", "8002")
+    env["AWS_ENDPOINT_URL_DYNAMODB"] = f"http://127.0.0.1:{dynamodb_port}"
+    env["ALIPAY_GATEWAY"] = f"http://127.0.0.1:{sandbox_port}/gateway.do"
+    env["ALIPAY_NOTIFY_URL"] = f"http://127.0.0.1:{api_port}/alipay/notify"
+    env["ALIPAY_RETURN_URL"] = f"http://127.0.0.1:{api_port}/alipay/return"
+    for key in ("ALIPAY_APP_PRIVATE_KEY_FILE", "ALIPAY_PUBLIC_KEY_FILE"):
+        env[key] = str(PROJECT_DIR / env[key])
+    env.update({"API_PORT": api_port, "SANDBOX_PORT": sandbox_port,
+                "DYNAMODB_PORT": dynamodb_port})
+    merged = {**env, **os.environ}  # the environment wins
+    merged["PYTHONUNBUFFERED"] = "1"
+    return merged
+
+
+def apply_local_environment() -> dict[str, str]:
+    """For commands run beside the stack (token, sweep, bridge, parked, bench)."""
+    env = local_environment()
+    os.environ.update(env)
+    return env
+
+
+def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None,
+                  ) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before port {port} opened")
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def seed(force: bool = False) -> int:
+    """Creates the tables and, on first start, the catalogue. Returns goods added."""
+    from chalicelib.store import Goods, Store
+
+    store = Store()
+    store.create_tables()
+    if store.list_goods() and not force:
+        return 0
+    for gid, name, price, stock in CATALOGUE:
+        store.put_goods(Goods(gid, name, price, stock))
+    return len(CATALOGUE)
+
+
+class Stack:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        RUN_DIR.mkdir(parents=True, exist_ok=True)
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        logfile = open(RUN_DIR / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
+        proc = subprocess.Popen(args, cwd=PROJECT_DIR, env=self.env, stdout=logfile,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.children.append((name, proc))
+        return proc
+
+    def stop(self) -> None:
+        for _name, proc in reversed(self.children):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for _name, proc in reversed(self.children):
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    def raise_interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _say(part: str, text: str) -> None:
+    sys.stdout.write(f"{part:<10} {text}\n")
+    sys.stdout.flush()
+
+
+def run() -> int:
+    env = local_environment()
+    os.environ.update(env)
+    py = sys.executable
+    api_port, sandbox_port, dynamodb_port = (int(env[k]) for k in
+                                             ("API_PORT", "SANDBOX_PORT", "DYNAMODB_PORT"))
+    for port in (api_port, sandbox_port, dynamodb_port):
+        if not port_is_free(port):
+            _say("error", f"port {port} is taken: another stack running? (set API_PORT, "
+                          "SANDBOX_PORT or DYNAMODB_PORT to move it)")
+            return 1
+    from chalicelib.broker import Broker
+
+    try:
+        Broker(env["RMQ_URL"], int(env["ORDER_CHECK_DELAY_SECONDS"])).ping()
+    except Exception as exc:  # noqa: BLE001 - reported, then we stop
+        _say("rabbitmq", f"not reachable at {env['RMQ_URL']}: {exc}")
+        _say("", "start it with: rabbitmq-server -detached")
+        return 1
+    _say("rabbitmq", env["RMQ_URL"])
+
+    from local.alipay_sandbox.keys import ensure_keys
+
+    ensure_keys(KEYS_DIR)
+    stack = Stack(env)
+    with _stop_on_signals():
+        try:
+            moto = stack.start("dynamodb", [py, "-m", "moto.server", "-H", "127.0.0.1",
+                                            "-p", str(dynamodb_port)])
+            wait_for_port(dynamodb_port, proc=moto)
+            added = seed()
+            _say("dynamodb", f"{env['AWS_ENDPOINT_URL_DYNAMODB']} (moto; "
+                             f"{'seeded ' + str(added) + ' goods' if added else 'tables ready'})")
+            sandbox = stack.start("sandbox", [py, "-m", "local.alipay_sandbox", "--port",
+                                              str(sandbox_port), "--keys", str(KEYS_DIR)])
+            wait_for_port(sandbox_port, proc=sandbox)
+            _say("alipay", f"{env['ALIPAY_GATEWAY']} (local sandbox, app_id "
+                           f"{env['ALIPAY_APP_ID']}, seller_id {env['ALIPAY_SELLER_ID']})")
+            api = stack.start("api", [py, "-m", "local", "api", "--port", str(api_port)])
+            wait_for_port(api_port, proc=api, timeout=60)
+            _say("api", f"http://127.0.0.1:{api_port} (chalice local, stage local)")
+            bridge = stack.start("bridge", [py, "-m", "local", "bridge"])
+            time.sleep(1.0)
+            if bridge.poll() is not None:
+                raise RuntimeError(f"the bridge exited with {bridge.returncode}: "
+                                   f"see {RUN_DIR / 'bridge.log'}")
+            _say("bridge", "consuming queue.order.check, queue.order.pay, queue.order.seckill")
+            _wait_healthy(api_port)
+            from chalicelib import auth
+
+            token = auth.issue(env["JWT_SECRET"], "demo")
+            _say("token", f"demo: {token}")
+            _say("logs", str(RUN_DIR))
+            _say("ready", f"http://127.0.0.1:{api_port}  (Ctrl-C stops everything)")
+            while True:
+                for name, proc in stack.children:
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"{name} exited with {proc.returncode}: "
+                                           f"see {RUN_DIR / (name + '.log')}")
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            _say("stopping", "…")
+            return 0
+        except (RuntimeError, TimeoutError) as exc:
+            _say("error", str(exc))
+            return 1
+        finally:
+            stack.stop()
+            _say("stopped", "every child process")
+
+
+def _wait_healthy(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except urllib.error.HTTPError as exc:
+            last = exc.read().decode(errors="replace")
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.3)
+    raise RuntimeError(f"/health did not turn ok: {last}")
