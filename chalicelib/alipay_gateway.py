@@ -1,0 +1,484 @@
+"""python-alipay-sdk wrapped: the only module of the project that imports ``alipay``.
+
+What callers get:
+
+- ``AlipayGateway.page_pay_url`` signs a page-pay request (no network).
+- ``AlipayGateway.verify`` checks Alipay's RSA2 signature on an async notify or a
+  return query; it never raises.
+- ``query``, ``close``, ``refund`` and ``refund_query`` call Alipay's server APIs.
+  A signed answer with a code other than ``10000`` raises ``AlipayBusinessError``
+  (``TradeNotExist`` / ``TradeStatusError`` for the two sub codes handlers act
+  on). Anything that leaves the outcome unknown (network error, timeout, HTTP
+  error, an answer that does not parse or whose signature is wrong, Alipay's
+  ``20000`` "service unavailable" or ``ACQ.SYSTEM_ERROR``) raises
+  ``AlipayUnavailable``: try again later, with the same ``out_request_no`` for
+  a refund.
+
+Money is ``Decimal`` and goes over the wire as a string with two decimals; times
+go over the wire as ``yyyy-MM-dd HH:mm:ss`` in Asia/Shanghai.
+
+SDK facts this module relies on (python-alipay-sdk 3.4.0): ``AliPay.verify``
+mutates its dict and pops ``sign_type``; business errors come back as dicts;
+the gateway is the private attribute ``_gateway``; server calls are a GET of
+``gateway?signed-query`` through ``urllib`` and the answer is verified over the
+raw text of its ``..._response`` object.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import http.client
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import alipay
+from alipay.exceptions import AliPayException, AliPayValidationError
+from alipay.utils import AliPayConfig
+from Cryptodome.PublicKey import RSA
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ALIPAY_TIME_FORMAT",
+    "AlipayBusinessError",
+    "AlipayError",
+    "AlipayGateway",
+    "AlipayUnavailable",
+    "RefundResult",
+    "TRADE_NOT_EXIST",
+    "TRADE_STATUS_ERROR",
+    "TradeNotExist",
+    "TradeQuery",
+    "TradeStatusError",
+    "format_alipay_time",
+    "format_amount",
+    "load_key",
+    "parse_alipay_time",
+]
+
+SUCCESS_CODE = "10000"
+UNAVAILABLE_CODE = "20000"  # "Service Currently Unavailable": the outcome is unknown
+TRADE_NOT_EXIST = "ACQ.TRADE_NOT_EXIST"
+TRADE_STATUS_ERROR = "ACQ.TRADE_STATUS_ERROR"
+SYSTEM_ERROR = "ACQ.SYSTEM_ERROR"  # Alipay: retry (refunds with the same out_request_no)
+ALIPAY_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+_CENT = Decimal("0.01")
+
+
+def _shanghai() -> tzinfo:
+    try:
+        return ZoneInfo("Asia/Shanghai")
+    except ZoneInfoNotFoundError:  # no tz database: China has had no DST since 1991
+        return timezone(timedelta(hours=8), "CST")
+
+
+SHANGHAI = _shanghai()
+
+
+# --- errors ---------------------------------------------------------------
+
+
+class AlipayError(Exception):
+    """Base of every error this module raises."""
+
+
+class AlipayUnavailable(AlipayError):
+    """The outcome is unknown (network, timeout, HTTP error, bad or unsigned answer).
+
+    Retry later; nothing can be concluded about the trade.
+    """
+
+    def __init__(
+        self, message: str, *, code: str | None = None, sub_code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.sub_code = sub_code
+
+
+class AlipayBusinessError(AlipayError):
+    """Alipay answered (signed) with a code other than 10000, e.g. 40004."""
+
+    def __init__(
+        self,
+        code: str,
+        sub_code: str | None,
+        msg: str,
+        sub_msg: str | None = None,
+        method: str | None = None,
+    ) -> None:
+        super().__init__(
+            f"{method or 'alipay'}: {code} {msg} {sub_code or ''} {sub_msg or ''}".rstrip()
+        )
+        self.code = code
+        self.sub_code = sub_code
+        self.msg = msg
+        self.sub_msg = sub_msg
+        self.method = method
+
+    @property
+    def is_trade_not_exist(self) -> bool:
+        return self.sub_code == TRADE_NOT_EXIST
+
+    @property
+    def is_trade_status_error(self) -> bool:
+        return self.sub_code == TRADE_STATUS_ERROR
+
+
+class TradeNotExist(AlipayBusinessError):
+    """40004 ACQ.TRADE_NOT_EXIST: Alipay has no such trade (never opened, or unknown)."""
+
+
+class TradeStatusError(AlipayBusinessError):
+    """40004 ACQ.TRADE_STATUS_ERROR: the trade's state forbids it (e.g. closing a paid trade)."""
+
+
+def _business_error(answer: Mapping[str, Any], method: str) -> AlipayBusinessError:
+    code = str(answer.get("code", ""))
+    sub_code = answer.get("sub_code")
+    sub_code = str(sub_code) if sub_code is not None else None
+    kind: type[AlipayBusinessError] = {
+        TRADE_NOT_EXIST: TradeNotExist,
+        TRADE_STATUS_ERROR: TradeStatusError,
+    }.get(sub_code or "", AlipayBusinessError)
+    sub_msg = answer.get("sub_msg")
+    return kind(
+        code,
+        sub_code,
+        str(answer.get("msg", "")),
+        str(sub_msg) if sub_msg is not None else None,
+        method,
+    )
+
+
+# --- results --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TradeQuery:
+    out_trade_no: str
+    trade_no: str | None
+    trade_status: str  # WAIT_BUYER_PAY, TRADE_SUCCESS, TRADE_CLOSED or TRADE_FINISHED
+    total_amount: Decimal
+    pay_time: str | None  # Alipay's send_pay_date, Asia/Shanghai; see parse_alipay_time
+
+    @property
+    def paid(self) -> bool:
+        return self.trade_status in ("TRADE_SUCCESS", "TRADE_FINISHED")
+
+
+@dataclass(frozen=True)
+class RefundResult:
+    out_trade_no: str
+    trade_no: str
+    refund_fee: Decimal  # the trade's total refunded so far, as Alipay reports it
+    fund_change: bool  # False on a repeated out_request_no: the refund happened before
+
+
+# --- helpers --------------------------------------------------------------
+
+
+def format_amount(amount: Decimal) -> str:
+    """``Decimal("59.9")`` -> ``"59.90"``. Floats are refused, as are fractions of a cent."""
+    if isinstance(amount, bool) or not isinstance(amount, Decimal | int):
+        raise TypeError(f"money must be a Decimal, not {type(amount).__name__}")
+    value = Decimal(amount)
+    if not value.is_finite() or value <= 0:
+        raise ValueError(f"amount must be positive: {amount}")
+    if value != value.quantize(_CENT):
+        raise ValueError(f"amount has a fraction of a cent: {amount}")
+    return f"{value.quantize(_CENT):f}"
+
+
+def format_alipay_time(moment: datetime) -> str:
+    """An aware datetime as Alipay's ``yyyy-MM-dd HH:mm:ss`` in Asia/Shanghai."""
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError("an aware datetime is required (naive times are ambiguous)")
+    return moment.astimezone(SHANGHAI).strftime(ALIPAY_TIME_FORMAT)
+
+
+def parse_alipay_time(value: str) -> datetime:
+    """Alipay's ``yyyy-MM-dd HH:mm:ss`` (Asia/Shanghai) as an aware UTC datetime."""
+    local = datetime.strptime(value, ALIPAY_TIME_FORMAT)
+    return local.replace(tzinfo=SHANGHAI).astimezone(UTC)
+
+
+def load_key(value_or_path: str | os.PathLike[str]) -> str:
+    """PEM text from a PEM string, a path to a PEM file, or bare base64 DER.
+
+    Alipay's console hands out keys as bare base64; the SDK needs PEM headers,
+    so bare base64 is re-exported as PEM. A PEM whose newlines were written as
+    ``\\n`` (one env var line) is unfolded. The key itself is never logged.
+    """
+    if isinstance(value_or_path, os.PathLike):
+        return load_key(Path(value_or_path).read_text(encoding="utf-8"))
+    text = value_or_path.strip()
+    if not text:
+        raise ValueError("empty key")
+    if "-----BEGIN" in text:
+        if "\n" not in text and "\\n" in text:  # a PEM squeezed into one env var line
+            text = text.replace("\\n", "\n")
+        return text + "\n"
+    if "\n" not in text and len(text) < 4096:
+        path = Path(text).expanduser()
+        if path.is_file():
+            return load_key(path.read_text(encoding="utf-8"))
+    try:
+        der = base64.b64decode("".join(text.split()), validate=True)
+        key = RSA.import_key(der)
+    except (binascii.Error, ValueError, IndexError, TypeError):
+        raise ValueError("not a PEM key, a path to a PEM file, or base64 DER") from None
+    return key.export_key("PEM").decode("ascii") + "\n"
+
+
+# --- the gateway ----------------------------------------------------------
+
+
+class AlipayGateway:
+    """Alipay for the merchant: page pay, signature checks and the trade APIs."""
+
+    def __init__(
+        self,
+        app_id: str,
+        seller_id: str,
+        gateway_url: str,
+        app_private_key_pem: str,
+        alipay_public_key_pem: str,
+        notify_url: str | None,
+        return_url: str | None,
+        timeout: float = 15.0,
+    ) -> None:
+        self.app_id = app_id
+        self.seller_id = seller_id
+        self.gateway_url = gateway_url
+        self.notify_url = notify_url or None
+        self.return_url = return_url or None
+        self.timeout = timeout
+        try:
+            client = alipay.AliPay(
+                appid=app_id,
+                app_notify_url=None,
+                app_private_key_string=load_key(app_private_key_pem),
+                alipay_public_key_string=load_key(alipay_public_key_pem),
+                sign_type="RSA2",
+                config=AliPayConfig(timeout=timeout),
+            )
+        except (ValueError, IndexError, TypeError) as exc:
+            # Never echo the key material into logs or tracebacks.
+            raise ValueError(f"Alipay keys cannot be loaded: {type(exc).__name__}") from None
+        client._gateway = gateway_url  # the SDK only knows Alipay's own gateways
+        self._client = client
+
+    def __repr__(self) -> str:
+        return f"AlipayGateway(app_id={self.app_id!r}, gateway_url={self.gateway_url!r})"
+
+    @classmethod
+    def from_settings(
+        cls,
+        *,
+        app_id: str,
+        seller_id: str,
+        gateway_url: str,
+        app_private_key: str | os.PathLike[str],
+        alipay_public_key: str | os.PathLike[str],
+        notify_url: str | None = None,
+        return_url: str | None = None,
+        timeout: float = 15.0,
+    ) -> AlipayGateway:
+        """Like the constructor, but keys may be PEM text, a PEM file's path or bare base64."""
+        return cls(
+            app_id,
+            seller_id,
+            gateway_url,
+            load_key(app_private_key),
+            load_key(alipay_public_key),
+            notify_url,
+            return_url,
+            timeout,
+        )
+
+    # --- no network -------------------------------------------------------
+
+    def page_pay_url(
+        self, out_trade_no: str, total_amount: Decimal, subject: str, time_expire: datetime
+    ) -> str:
+        """The signed ``alipay.trade.page.pay`` URL to send the buyer's browser to."""
+        biz = {
+            "out_trade_no": out_trade_no,
+            "total_amount": format_amount(total_amount),
+            "subject": subject,
+            "product_code": "FAST_INSTANT_TRADE_PAY",
+            "time_expire": format_alipay_time(time_expire),
+        }
+        query = self._client.client_api(
+            "alipay.trade.page.pay",
+            biz,
+            notify_url=self.notify_url,
+            return_url=self.return_url,
+            timestamp=format_alipay_time(datetime.now(UTC)),
+        )
+        logger.info(
+            "page pay signed",
+            extra={"out_trade_no": out_trade_no, "total_amount": biz["total_amount"]},
+        )
+        return f"{self.gateway_url}?{query}"
+
+    def verify(self, params: Mapping[str, str]) -> bool:
+        """True when ``params`` (a notify form or a return query) carry Alipay's valid
+        RSA2 signature. A missing sign, a sign_type other than RSA2 or garbage gives
+        False; this never raises. It checks only the signature: the caller still
+        checks app_id, seller_id, out_trade_no and total_amount."""
+        try:
+            data = dict(params)
+            sign = data.pop("sign", None)
+            if not isinstance(sign, str) or not sign:
+                return False
+            if data.get("sign_type") != "RSA2":
+                return False
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+                return False
+            return bool(self._client.verify(data, sign))
+        except Exception:  # by contract, bad input is just "not verified"
+            logger.info("signature check failed on malformed input", exc_info=True)
+            return False
+
+    # --- server APIs ------------------------------------------------------
+
+    def query(self, out_trade_no: str) -> TradeQuery:
+        """alipay.trade.query. Raises TradeNotExist when Alipay has no such trade."""
+        answer = self._call("alipay.trade.query", {"out_trade_no": out_trade_no})
+        try:
+            pay_time = answer.get("send_pay_date") or None
+            return TradeQuery(
+                out_trade_no=str(answer.get("out_trade_no") or out_trade_no),
+                trade_no=str(answer["trade_no"]) if answer.get("trade_no") else None,
+                trade_status=str(answer["trade_status"]),
+                total_amount=Decimal(str(answer["total_amount"])),
+                pay_time=str(pay_time) if pay_time else None,
+            )
+        except (KeyError, InvalidOperation) as exc:
+            raise AlipayUnavailable(f"alipay.trade.query: answer lacks {exc}") from exc
+
+    def close(self, out_trade_no: str) -> None:
+        """alipay.trade.close: only a WAIT_BUYER_PAY trade closes.
+
+        Raises TradeNotExist (never opened: nothing to close) or TradeStatusError
+        (already paid or closed: query to tell which)."""
+        self._call("alipay.trade.close", {"out_trade_no": out_trade_no})
+
+    def refund(self, out_trade_no: str, amount: Decimal, out_request_no: str) -> RefundResult:
+        """alipay.trade.refund. The same ``out_request_no`` never refunds twice: a retry
+        answers the first result with ``fund_change`` False."""
+        answer = self._call(
+            "alipay.trade.refund",
+            {
+                "out_trade_no": out_trade_no,
+                "refund_amount": format_amount(amount),
+                "out_request_no": out_request_no,
+            },
+        )
+        try:
+            return RefundResult(
+                out_trade_no=str(answer.get("out_trade_no") or out_trade_no),
+                trade_no=str(answer["trade_no"]),
+                refund_fee=Decimal(str(answer["refund_fee"])),
+                fund_change=answer.get("fund_change") == "Y",
+            )
+        except (KeyError, InvalidOperation) as exc:
+            raise AlipayUnavailable(f"alipay.trade.refund: answer lacks {exc}") from exc
+
+    def refund_query(self, out_trade_no: str, out_request_no: str) -> dict[str, Any]:
+        """alipay.trade.fastpay.refund.query: Alipay's answer object. The refund
+        happened when it holds ``refund_amount`` (and ``refund_status`` is empty or
+        REFUND_SUCCESS); no refund fields means no such refund."""
+        return self._call(
+            "alipay.trade.fastpay.refund.query",
+            {"out_trade_no": out_trade_no, "out_request_no": out_request_no},
+        )
+
+    def _call(self, method: str, biz: dict[str, str]) -> dict[str, Any]:
+        out_trade_no = biz.get("out_trade_no")
+        try:
+            answer = self._client.server_api(
+                method, biz, timestamp=format_alipay_time(datetime.now(UTC))
+            )
+        except AliPayValidationError as exc:
+            logger.warning(
+                "alipay answer has a bad signature",
+                extra={"method": method, "out_trade_no": out_trade_no},
+            )
+            raise AlipayUnavailable(f"{method}: the answer's signature is invalid") from exc
+        except AliPayException as exc:
+            # An unsigned answer or an error_response: the SDK hides code and text.
+            raise self._unsigned_error(method, exc) from exc
+        except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts, resets
+            logger.warning(
+                "alipay unreachable",
+                extra={"method": method, "out_trade_no": out_trade_no, "error": repr(exc)},
+            )
+            raise AlipayUnavailable(f"{method}: {type(exc).__name__}: {exc}") from exc
+        except (ValueError, KeyError, AttributeError, TypeError, IndexError) as exc:
+            # JSON or UTF-8 that does not parse, an answer shaped unlike Alipay's.
+            logger.warning(
+                "alipay answer unreadable",
+                extra={"method": method, "out_trade_no": out_trade_no, "error": repr(exc)},
+            )
+            raise AlipayUnavailable(f"{method}: unreadable answer ({type(exc).__name__})") from exc
+        if not isinstance(answer, dict):
+            raise AlipayUnavailable(f"{method}: the answer is not an object")
+        code = str(answer.get("code", ""))
+        log_extra = {
+            "method": method,
+            "out_trade_no": out_trade_no,
+            "code": code,
+            "sub_code": answer.get("sub_code"),
+            "trade_no": answer.get("trade_no"),
+        }
+        if code == SUCCESS_CODE:
+            if out_trade_no and answer.get("out_trade_no") not in (None, out_trade_no):
+                raise AlipayUnavailable(f"{method}: the answer is about another trade")
+            logger.info("alipay call ok", extra=log_extra)
+            return answer
+        if code == UNAVAILABLE_CODE or answer.get("sub_code") == SYSTEM_ERROR:
+            logger.warning("alipay busy", extra=log_extra)
+            raise AlipayUnavailable(
+                f"{method}: {code} {answer.get('sub_code') or ''}".rstrip(),
+                code=code,
+                sub_code=answer.get("sub_code"),
+            )
+        logger.info("alipay business error", extra=log_extra)
+        raise _business_error(answer, method)
+
+    @staticmethod
+    def _unsigned_error(method: str, exc: AliPayException) -> AlipayError:
+        code = getattr(exc, "_AliPayException__code", None)
+        raw = getattr(exc, "_AliPayException__message", "")
+        detail: Mapping[str, Any] = {}
+        try:
+            parsed = json.loads(raw) if isinstance(raw, str) else {}
+            if isinstance(parsed, dict):
+                inner = parsed.get(method.replace(".", "_") + "_response") or parsed.get(
+                    "error_response"
+                )
+                detail = inner if isinstance(inner, dict) else {}
+        except ValueError:
+            pass
+        code = str(detail.get("code") or code or "")
+        logger.warning(
+            "alipay unsigned error answer",
+            extra={"method": method, "code": code, "sub_code": detail.get("sub_code")},
+        )
+        if code and code not in ("0", SUCCESS_CODE, UNAVAILABLE_CODE):
+            return _business_error({**detail, "code": code}, method)
+        return AlipayUnavailable(
+            f"{method}: unsigned answer (code {code or 'none'})", code=code or None
+        )

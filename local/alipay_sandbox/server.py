@@ -1,0 +1,411 @@
+"""The sandbox's HTTP server: Alipay's gateway plus a few ``/sandbox`` routes.
+
+Routes:
+
+- ``GET|POST /gateway.do``: ``alipay.trade.page.pay`` gives the cashier page;
+  ``alipay.trade.query``, ``.close``, ``.refund``, ``.fastpay.refund.query``
+  answer signed JSON as Alipay does.
+- ``POST /sandbox/pay`` (form ``out_trade_no``, optional ``notify=drop``).
+- ``POST /sandbox/notify/{out_trade_no}``: send the async notify again now.
+- ``GET /sandbox/trades/{out_trade_no}``, ``GET /sandbox/trades``: trades as JSON.
+- ``GET /health``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import urllib.parse
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from .constants import (
+    API_METHODS,
+    DEFAULT_NOTIFY_SCHEDULE,
+    LOCAL_APP_ID,
+    LOCAL_SELLER_ID,
+    PAGE_PAY_METHOD,
+)
+from .keys import ensure_keys, load_private_key, load_public_key
+from .notifier import Notifier
+from .pages import cashier_page, error_page, paid_page
+from .signer import alipay_time, sign_content, sign_params, verify_request
+from .trades import ApiError, PayRefused, TradeBook, utc_now
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1 << 20
+NOTIFY_SCHEDULE_ENV = "SANDBOX_NOTIFY_SCHEDULE"
+
+__all__ = ["SandboxServer", "make_server", "parse_schedule", "render_api_response"]
+
+
+def parse_schedule(text: str) -> list[float]:
+    """``"0.5,1,2"`` -> ``[0.5, 1.0, 2.0]`` (seconds between notify attempts)."""
+    try:
+        delays = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise ValueError(
+            f"{NOTIFY_SCHEDULE_ENV} must be comma-separated seconds: {text!r}"
+        ) from exc
+    if any(d < 0 for d in delays):
+        raise ValueError(f"{NOTIFY_SCHEDULE_ENV} must not hold negative delays: {text!r}")
+    return delays
+
+
+def render_api_response(
+    response_name: str, payload: Mapping[str, Any], key: rsa.RSAPrivateKey
+) -> bytes:
+    """``{"<name>": {...}, "sign": "..."}`` signed over the exact bytes written."""
+    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    sign = sign_content(text, key)
+    return ('{"' + response_name + '":' + text + ',"sign":"' + sign + '"}').encode("utf-8")
+
+
+def _api_response_name(method: str) -> str:
+    return method.replace(".", "_") + "_response"
+
+
+class SandboxServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        *,
+        keys: dict[str, Path],
+        app_id: str,
+        seller_id: str,
+        notify_schedule: Sequence[float],
+        clock: Callable[[], datetime],
+    ) -> None:
+        super().__init__(address, SandboxHandler)
+        self.keys_dir = keys["app_private"].parent
+        self.app_id = app_id
+        self.seller_id = seller_id
+        self.clock = clock
+        self.app_public_key = load_public_key(keys["app_public"])
+        self.alipay_private_key = load_private_key(keys["alipay_private"])
+        self.book = TradeBook(clock)
+        self.notifier = Notifier(self.book, self.alipay_private_key, notify_schedule, clock)
+
+    @property
+    def base_url(self) -> str:
+        host, port = self.server_address[:2]
+        host = str(host)
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        return f"http://{host}:{port}"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"{self.base_url}/gateway.do"
+
+    def server_close(self) -> None:
+        self.notifier.stop()
+        super().server_close()
+
+
+class SandboxHandler(BaseHTTPRequestHandler):
+    server: SandboxServer
+    server_version = "AlipaySandbox/1.0"
+
+    # --- plumbing ---------------------------------------------------------
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("%s %s", self.address_string(), format % args)
+
+    def _send(
+        self, status: int, body: bytes, content_type: str, headers: Mapping[str, str] | None = None
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _html(self, status: int, body: bytes) -> None:
+        self._send(status, body, "text/html; charset=utf-8")
+
+    def _json(self, status: int, payload: Any) -> None:
+        body = json.dumps(payload, ensure_ascii=False, indent=2).encode("utf-8")
+        self._send(status, body, "application/json; charset=utf-8")
+
+    def _read_form(self) -> dict[str, str]:
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = 0
+        if length <= 0:
+            return {}
+        if length > MAX_BODY_BYTES:
+            raise ValueError("body too large")
+        raw = self.rfile.read(length).decode("utf-8", "replace")
+        return dict(urllib.parse.parse_qsl(raw, keep_blank_values=True))
+
+    def _split(self) -> tuple[str, dict[str, str]]:
+        parts = urllib.parse.urlsplit(self.path)
+        return parts.path, dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+
+    # --- routing ----------------------------------------------------------
+
+    def do_GET(self) -> None:
+        path, query = self._split()
+        if path == "/gateway.do":
+            self._gateway(query)
+        elif path == "/health":
+            self._json(200, {"status": "ok"})
+        elif path == "/sandbox/trades":
+            self._json(200, {"items": self.server.book.snapshot_all()})
+        elif path.startswith("/sandbox/trades/"):
+            out_trade_no = urllib.parse.unquote(path.removeprefix("/sandbox/trades/"))
+            trade = self.server.book.snapshot(out_trade_no)
+            if trade is None:
+                self._json(404, {"error": "TRADE_NOT_EXIST", "out_trade_no": out_trade_no})
+            else:
+                self._json(200, trade)
+        else:
+            self._json(404, {"error": "NOT_FOUND", "path": path})
+
+    def do_POST(self) -> None:
+        path, query = self._split()
+        try:
+            form = self._read_form()
+        except ValueError:
+            self._json(413, {"error": "BODY_TOO_LARGE"})
+            return
+        if path == "/gateway.do":
+            self._gateway({**query, **form})
+        elif path == "/sandbox/pay":
+            self._pay(form)
+        elif path.startswith("/sandbox/notify/"):
+            self._resend(urllib.parse.unquote(path.removeprefix("/sandbox/notify/")))
+        else:
+            self._json(404, {"error": "NOT_FOUND", "path": path})
+
+    # --- the gateway ------------------------------------------------------
+
+    def _check_request(self, params: Mapping[str, str]) -> ApiError | None:
+        """Alipay's checks on a merchant request: signature, then app id."""
+        if params.get("sign_type") != "RSA2":
+            return ApiError(
+                "40002",
+                "Invalid Arguments",
+                "isv.invalid-signature-type",
+                "sandbox accepts sign_type RSA2 only",
+            )
+        if not params.get("sign"):
+            return ApiError(
+                "40001", "Missing Required Arguments", "isv.missing-signature", "缺少签名参数"
+            )
+        if not verify_request(params, self.server.app_public_key):
+            return ApiError("40002", "Invalid Arguments", "isv.invalid-signature", "验签出错")
+        if params.get("app_id") != self.server.app_id:
+            return ApiError("40002", "Invalid Arguments", "isv.invalid-app-id", "无效的AppID参数")
+        return None
+
+    def _gateway(self, params: dict[str, str]) -> None:
+        method = params.get("method", "")
+        if method == PAGE_PAY_METHOD:
+            self._page_pay(params)
+        elif method in API_METHODS:
+            self._api(method, params)
+        elif not method:
+            self._api_answer(
+                "error_response",
+                ApiError(
+                    "40001", "Missing Required Arguments", "isv.missing-method", "缺少方法名参数"
+                ).payload(),
+            )
+        else:
+            self._api_answer(
+                "error_response",
+                ApiError(
+                    "40002", "Invalid Arguments", "isv.invalid-method", "不存在的方法名"
+                ).payload(),
+            )
+
+    def _biz(self, params: Mapping[str, str]) -> dict[str, Any]:
+        raw = params.get("biz_content") or "{}"
+        try:
+            biz = json.loads(raw)
+        except ValueError as exc:
+            raise ApiError(
+                "40002", "Invalid Arguments", "isv.invalid-biz-content", "biz_content is not JSON"
+            ) from exc
+        if not isinstance(biz, dict):
+            raise ApiError(
+                "40002",
+                "Invalid Arguments",
+                "isv.invalid-biz-content",
+                "biz_content is not a JSON object",
+            )
+        return biz
+
+    def _page_pay(self, params: dict[str, str]) -> None:
+        refused = self._check_request(params)
+        if refused is not None:
+            logger.warning(
+                "page pay refused",
+                extra={"event": "page_pay_refused", "sub_code": refused.sub_code},
+            )
+            self._html(400, error_page("Request refused", refused.sub_code, refused.sub_msg))
+            return
+        try:
+            view = self.server.book.open_page_pay(
+                params["app_id"],
+                self.server.seller_id,
+                self._biz(params),
+                params.get("notify_url") or None,
+                params.get("return_url") or None,
+            )
+        except ApiError as exc:
+            self._html(400, error_page("Request refused", exc.sub_code, exc.sub_msg))
+            return
+        self._html(200, cashier_page(view))
+
+    def _api(self, method: str, params: dict[str, str]) -> None:
+        name = _api_response_name(method)
+        refused = self._check_request(params)
+        if refused is not None:
+            logger.warning(
+                "api call refused",
+                extra={"event": "api_refused", "method": method, "sub_code": refused.sub_code},
+            )
+            self._api_answer(name, refused.payload())
+            return
+        book = self.server.book
+        handler = {
+            "alipay.trade.query": book.query,
+            "alipay.trade.close": book.close,
+            "alipay.trade.refund": book.refund,
+            "alipay.trade.fastpay.refund.query": book.refund_query,
+        }[method]
+        biz: dict[str, Any] = {}
+        try:
+            biz = self._biz(params)
+            answer: dict[str, Any] = handler(biz)
+        except ApiError as exc:
+            answer = exc.payload()
+            for key in ("out_trade_no", "trade_no"):
+                if key in biz:
+                    answer[key] = str(biz[key])
+        logger.info(
+            "api call",
+            extra={
+                "event": "api_call",
+                "method": method,
+                "code": answer.get("code"),
+                "sub_code": answer.get("sub_code"),
+                "out_trade_no": answer.get("out_trade_no"),
+                "trade_no": answer.get("trade_no"),
+            },
+        )
+        self._api_answer(name, answer)
+
+    def _api_answer(self, name: str, payload: Mapping[str, Any]) -> None:
+        body = render_api_response(name, payload, self.server.alipay_private_key)
+        self._send(200, body, "application/json;charset=utf-8")
+
+    # --- the buyer --------------------------------------------------------
+
+    def _pay(self, form: dict[str, str]) -> None:
+        out_trade_no = form.get("out_trade_no", "")
+        drop = form.get("notify") == "drop"
+        try:
+            paid = self.server.book.pay(out_trade_no, drop_notify=drop)
+        except PayRefused as exc:
+            self._html(exc.status, error_page("Payment refused", exc.reason, exc.detail))
+            return
+        if not drop and paid.notify_url:
+            self.server.notifier.start(out_trade_no)
+        if not paid.return_url:
+            self._html(200, paid_page(paid.out_trade_no, paid.trade_no, paid.total_amount))
+            return
+        sync = sign_params(
+            {
+                "charset": "utf-8",
+                "out_trade_no": paid.out_trade_no,
+                "method": "alipay.trade.page.pay.return",
+                "total_amount": paid.total_amount,
+                "trade_no": paid.trade_no,
+                "auth_app_id": paid.app_id,
+                "version": "1.0",
+                "app_id": paid.app_id,
+                "seller_id": paid.seller_id,
+                "timestamp": alipay_time(self.server.clock()),
+            },
+            self.server.alipay_private_key,
+        )
+        separator = "&" if urllib.parse.urlsplit(paid.return_url).query else "?"
+        location = paid.return_url + separator + urllib.parse.urlencode(sync)
+        self._send(HTTPStatus.FOUND, b"", "text/plain; charset=utf-8", {"Location": location})
+
+    def _resend(self, out_trade_no: str) -> None:
+        try:
+            attempt = self.server.notifier.send_once(out_trade_no)
+        except KeyError:
+            self._json(404, {"error": "TRADE_NOT_PAID", "out_trade_no": out_trade_no})
+            return
+        self._json(
+            200,
+            {
+                "out_trade_no": out_trade_no,
+                "status": attempt.status,
+                "answer": attempt.answer,
+                "error": attempt.error,
+                "ok": attempt.ok,
+            },
+        )
+
+
+def make_server(
+    host: str,
+    port: int,
+    keys_dir: Path,
+    notify_schedule: list[float] | None = None,
+    *,
+    app_id: str = LOCAL_APP_ID,
+    seller_id: str = LOCAL_SELLER_ID,
+    clock: Callable[[], datetime] = utc_now,
+) -> SandboxServer:
+    """A sandbox bound to ``host:port`` (0 picks a free port); call ``serve_forever``.
+
+    ``notify_schedule`` is the list of delays (seconds) between notify attempts;
+    default: env ``SANDBOX_NOTIFY_SCHEDULE``, else Alipay's schedule with a minute
+    compressed to a second. Keys are made in ``keys_dir`` when missing.
+    """
+    if notify_schedule is None:
+        env = os.environ.get(NOTIFY_SCHEDULE_ENV)
+        notify_schedule = parse_schedule(env) if env else list(DEFAULT_NOTIFY_SCHEDULE)
+    keys = ensure_keys(Path(keys_dir))
+    server = SandboxServer(
+        (host, port),
+        keys=keys,
+        app_id=app_id,
+        seller_id=seller_id,
+        notify_schedule=notify_schedule,
+        clock=clock,
+    )
+    logger.info(
+        "sandbox ready",
+        extra={
+            "event": "sandbox_ready",
+            "gateway": server.gateway_url,
+            "app_id": app_id,
+            "seller_id": seller_id,
+            "keys_dir": str(server.keys_dir),
+        },
+    )
+    return server

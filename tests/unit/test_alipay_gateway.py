@@ -1,0 +1,599 @@
+"""AlipayGateway without a network: signatures both ways, formats, error mapping.
+
+The signatures are made and checked by the sandbox's signer (``cryptography``),
+so each side checks the other's implementation of Alipay's rule.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.message
+import io
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+import urllib.response
+from collections.abc import Callable
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from chalicelib.alipay_gateway import (
+    AlipayBusinessError,
+    AlipayGateway,
+    AlipayUnavailable,
+    RefundResult,
+    TradeNotExist,
+    TradeQuery,
+    TradeStatusError,
+    format_alipay_time,
+    format_amount,
+    load_key,
+    parse_alipay_time,
+)
+from local.alipay_sandbox import LOCAL_APP_ID, LOCAL_SELLER_ID, ensure_keys
+from local.alipay_sandbox.keys import load_private_key, load_public_key
+from local.alipay_sandbox.server import render_api_response
+from local.alipay_sandbox.signer import sign_params, verify_request
+
+GATEWAY_URL = "http://alipay.test/gateway.do"
+NOTIFY_URL = "http://shop.test/alipay/notify"
+RETURN_URL = "http://shop.test/alipay/return"
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return ensure_keys(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="module")
+def other_keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return ensure_keys(tmp_path_factory.mktemp("other-keys"))
+
+
+@pytest.fixture(scope="module")
+def alipay_key(keys: dict[str, Path]) -> rsa.RSAPrivateKey:
+    return load_private_key(keys["alipay_private"])
+
+
+@pytest.fixture(scope="module")
+def gateway(keys: dict[str, Path]) -> AlipayGateway:
+    return AlipayGateway(
+        LOCAL_APP_ID,
+        LOCAL_SELLER_ID,
+        GATEWAY_URL,
+        keys["app_private"].read_text(),
+        keys["alipay_public"].read_text(),
+        NOTIFY_URL,
+        RETURN_URL,
+    )
+
+
+def notify_fields(**overrides: str) -> dict[str, str]:
+    fields = {
+        "notify_time": "2025-03-14 12:00:05",
+        "notify_type": "trade_status_sync",
+        "notify_id": "ac05099524730693a8b330c5ecf72da9786",
+        "app_id": LOCAL_APP_ID,
+        "charset": "utf-8",
+        "version": "1.0",
+        "trade_no": "2025031422001400000000000001",
+        "out_trade_no": "ORDER_1",
+        "buyer_id": "2088000000009999",
+        "seller_id": LOCAL_SELLER_ID,
+        "trade_status": "TRADE_SUCCESS",
+        "total_amount": "59.90",
+        "receipt_amount": "59.90",
+        "buyer_pay_amount": "59.90",
+        "gmt_create": "2025-03-14 12:00:00",
+        "gmt_payment": "2025-03-14 12:00:04",
+        "subject": "商品 ORDER_1",
+    }
+    fields.update(overrides)
+    return fields
+
+
+# --- verify --------------------------------------------------------------
+
+
+def test_verify_accepts_a_notify_signed_by_the_sandbox(
+    gateway: AlipayGateway, alipay_key: rsa.RSAPrivateKey
+) -> None:
+    signed = sign_params(notify_fields(), alipay_key)
+    snapshot = dict(signed)
+
+    assert gateway.verify(signed) is True
+    assert signed == snapshot, "verify must not mutate the caller's dict"
+
+
+def test_verify_accepts_a_signed_return_query(
+    gateway: AlipayGateway, alipay_key: rsa.RSAPrivateKey
+) -> None:
+    signed = sign_params(
+        {
+            "charset": "utf-8",
+            "out_trade_no": "ORDER_1",
+            "method": "alipay.trade.page.pay.return",
+            "total_amount": "59.90",
+            "trade_no": "2025031422001400000000000001",
+            "auth_app_id": LOCAL_APP_ID,
+            "version": "1.0",
+            "app_id": LOCAL_APP_ID,
+            "seller_id": LOCAL_SELLER_ID,
+            "timestamp": "2025-03-14 12:00:05",
+        },
+        alipay_key,
+    )
+    assert gateway.verify(signed) is True
+
+
+def _tampered(kind: str, signed: dict[str, str], other: rsa.RSAPrivateKey) -> dict[str, object]:
+    data: dict[str, object] = dict(signed)
+    if kind == "changed amount":
+        data["total_amount"] = "0.01"
+    elif kind == "missing sign":
+        del data["sign"]
+    elif kind == "empty sign":
+        data["sign"] = ""
+    elif kind == "sign_type RSA":
+        data["sign_type"] = "RSA"
+    elif kind == "missing sign_type":
+        del data["sign_type"]
+    elif kind == "garbage sign":
+        data["sign"] = "%%% not base64 !!!"
+    elif kind == "base64 of junk":
+        data["sign"] = base64.b64encode(b"\x00" * 256).decode()
+    elif kind == "signed by another key":
+        data = dict(sign_params(notify_fields(), other))
+    elif kind == "extra field":
+        data["refund_fee"] = "59.90"
+    elif kind == "non-string value":
+        data["total_amount"] = Decimal("59.90")
+    else:  # pragma: no cover
+        raise AssertionError(kind)
+    return data
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "changed amount",
+        "missing sign",
+        "empty sign",
+        "sign_type RSA",
+        "missing sign_type",
+        "garbage sign",
+        "base64 of junk",
+        "signed by another key",
+        "extra field",
+        "non-string value",
+    ],
+)
+def test_verify_rejects_without_raising(
+    kind: str,
+    gateway: AlipayGateway,
+    alipay_key: rsa.RSAPrivateKey,
+    other_keys: dict[str, Path],
+) -> None:
+    signed = sign_params(notify_fields(), alipay_key)
+    assert gateway.verify(signed) is True  # the untouched notify is fine
+    bad = _tampered(kind, signed, load_private_key(other_keys["alipay_private"]))
+
+    assert gateway.verify(bad) is False  # type: ignore[arg-type]
+
+
+def test_verify_of_empty_params_is_false(gateway: AlipayGateway) -> None:
+    assert gateway.verify({}) is False
+
+
+# --- page pay ------------------------------------------------------------
+
+
+def _page_pay_params(url: str) -> dict[str, str]:
+    assert url.startswith(GATEWAY_URL + "?")
+    return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query, keep_blank_values=True))
+
+
+def test_page_pay_url_formats_money_and_shanghai_time(
+    gateway: AlipayGateway, keys: dict[str, Path]
+) -> None:
+    url = gateway.page_pay_url(
+        "ORDER_1", Decimal("59.9"), "商品 ORDER_1", datetime(2025, 3, 14, 16, 30, tzinfo=UTC)
+    )
+    params = _page_pay_params(url)
+    biz = json.loads(params["biz_content"])
+
+    assert params["method"] == "alipay.trade.page.pay"
+    assert params["app_id"] == LOCAL_APP_ID
+    assert params["sign_type"] == "RSA2"
+    assert params["notify_url"] == NOTIFY_URL
+    assert params["return_url"] == RETURN_URL
+    assert biz == {
+        "out_trade_no": "ORDER_1",
+        "total_amount": "59.90",
+        "subject": "商品 ORDER_1",
+        "product_code": "FAST_INSTANT_TRADE_PAY",
+        "time_expire": "2025-03-15 00:30:00",  # 16:30 UTC is 00:30 next day in Shanghai
+    }
+    # The sandbox's cryptography-based check accepts the SDK's signature...
+    app_public = load_public_key(keys["app_public"])
+    assert verify_request(params, app_public) is True
+    # ...and notices a change.
+    assert (
+        verify_request(
+            {**params, "biz_content": params["biz_content"].replace("59.90", "0.01")}, app_public
+        )
+        is False
+    )
+
+
+def test_page_pay_url_converts_any_aware_time(gateway: AlipayGateway) -> None:
+    from datetime import timedelta, timezone
+
+    new_york_winter = timezone(timedelta(hours=-5))
+    url = gateway.page_pay_url(
+        "ORDER_2", Decimal("100"), "x", datetime(2025, 1, 1, 7, 0, tzinfo=new_york_winter)
+    )
+    biz = json.loads(_page_pay_params(url)["biz_content"])
+    assert biz["time_expire"] == "2025-01-01 20:00:00"
+    assert biz["total_amount"] == "100.00"
+
+
+@pytest.mark.parametrize(
+    ("amount", "error"),
+    [
+        (59.9, TypeError),
+        ("59.90", TypeError),
+        (Decimal("59.901"), ValueError),
+        (Decimal("0"), ValueError),
+        (Decimal("-1.00"), ValueError),
+        (Decimal("NaN"), ValueError),
+    ],
+)
+def test_page_pay_url_refuses_bad_money(
+    gateway: AlipayGateway, amount: object, error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        gateway.page_pay_url(
+            "ORDER_3",
+            amount,
+            "x",  # type: ignore[arg-type]
+            datetime(2025, 1, 1, tzinfo=UTC),
+        )
+
+
+def test_page_pay_url_refuses_naive_time(gateway: AlipayGateway) -> None:
+    with pytest.raises(ValueError, match="aware"):
+        gateway.page_pay_url("ORDER_4", Decimal("1.00"), "x", datetime(2025, 1, 1))
+
+
+@pytest.mark.parametrize(
+    ("amount", "text"),
+    [
+        (Decimal("59.9"), "59.90"),
+        (Decimal("0.01"), "0.01"),
+        (Decimal("100"), "100.00"),
+        (Decimal("1E+2"), "100.00"),
+        (Decimal("12345678.50"), "12345678.50"),
+    ],
+)
+def test_format_amount(amount: Decimal, text: str) -> None:
+    assert format_amount(amount) == text
+
+
+def test_alipay_time_round_trip() -> None:
+    moment = datetime(2025, 6, 30, 23, 59, 59, tzinfo=UTC)
+    assert format_alipay_time(moment) == "2025-07-01 07:59:59"
+    assert parse_alipay_time("2025-07-01 07:59:59") == moment
+
+
+# --- keys ----------------------------------------------------------------
+
+
+def test_load_key_accepts_pem_text_path_and_bare_base64(keys: dict[str, Path]) -> None:
+    pem = keys["alipay_public"].read_text()
+    bare = "".join(line for line in pem.splitlines() if not line.startswith("-----"))
+
+    assert load_key(pem).strip() == pem.strip()
+    assert load_key(str(keys["alipay_public"])).strip() == pem.strip()
+    assert load_key(keys["alipay_public"]).strip() == pem.strip()
+    assert load_key(pem.strip().replace("\n", "\\n")).strip() == pem.strip()
+    rebuilt = load_key(bare)
+    assert rebuilt.startswith("-----BEGIN PUBLIC KEY-----")
+    # the rebuilt PEM is the same key: a gateway made with it verifies Alipay's signatures
+    private_bare = "".join(
+        line
+        for line in keys["app_private"].read_text().splitlines()
+        if not line.startswith("-----")
+    )
+    gateway = AlipayGateway.from_settings(
+        app_id=LOCAL_APP_ID,
+        seller_id=LOCAL_SELLER_ID,
+        gateway_url=GATEWAY_URL,
+        app_private_key=private_bare,
+        alipay_public_key=bare,
+    )
+    signed = sign_params(notify_fields(), load_private_key(keys["alipay_private"]))
+    assert gateway.verify(signed) is True
+
+
+def test_bad_keys_fail_at_construction_without_echoing_them() -> None:
+    with pytest.raises(ValueError) as caught:
+        AlipayGateway(
+            LOCAL_APP_ID,
+            LOCAL_SELLER_ID,
+            GATEWAY_URL,
+            "not-a-key-SECRET",
+            "also-not-a-key",
+            None,
+            None,
+        )
+    assert "SECRET" not in str(caught.value)
+
+
+# --- server APIs over a canned urllib ------------------------------------
+
+Responder = Callable[[urllib.request.Request], tuple[int, bytes]]
+
+
+class CannedHTTP(urllib.request.BaseHandler):
+    """Answers every http request from ``respond`` (no socket is opened)."""
+
+    def __init__(self, respond: Responder) -> None:
+        self.respond = respond
+        self.requests: list[urllib.request.Request] = []
+
+    def http_open(self, request: urllib.request.Request) -> urllib.response.addinfourl:
+        self.requests.append(request)
+        status, body = self.respond(request)
+        headers = email.message.Message()
+        headers["Content-Type"] = "application/json;charset=utf-8"
+        response = urllib.response.addinfourl(io.BytesIO(body), headers, request.full_url, status)
+        response.msg = "OK" if status == 200 else "Error"  # read by HTTPErrorProcessor
+        return response
+
+
+@pytest.fixture
+def canned(monkeypatch: pytest.MonkeyPatch) -> Callable[[Responder], CannedHTTP]:
+    def install(respond: Responder) -> CannedHTTP:
+        handler = CannedHTTP(respond)
+        opener = urllib.request.OpenerDirector()
+        for h in (
+            handler,
+            urllib.request.HTTPDefaultErrorHandler(),
+            urllib.request.HTTPErrorProcessor(),
+        ):
+            opener.add_handler(h)
+        monkeypatch.setattr(urllib.request, "_opener", opener)
+        return handler
+
+    return install
+
+
+def _request_params(request: urllib.request.Request) -> dict[str, str]:
+    return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(request.full_url).query))
+
+
+def signed_answer(key: rsa.RSAPrivateKey, method: str, payload: dict[str, str]) -> Responder:
+    body = render_api_response(method.replace(".", "_") + "_response", payload, key)
+    return lambda _request: (200, body)
+
+
+def test_query_parses_a_signed_answer_and_sends_a_signed_request(
+    gateway: AlipayGateway,
+    alipay_key: rsa.RSAPrivateKey,
+    keys: dict[str, Path],
+    canned: Callable[[Responder], CannedHTTP],
+) -> None:
+    http = canned(
+        signed_answer(
+            alipay_key,
+            "alipay.trade.query",
+            {
+                "code": "10000",
+                "msg": "Success",
+                "out_trade_no": "ORDER_1",
+                "trade_no": "2025031422001400000000000001",
+                "trade_status": "TRADE_SUCCESS",
+                "total_amount": "59.90",
+                "send_pay_date": "2025-03-14 12:00:04",
+            },
+        )
+    )
+
+    result = gateway.query("ORDER_1")
+
+    assert result == TradeQuery(
+        "ORDER_1",
+        "2025031422001400000000000001",
+        "TRADE_SUCCESS",
+        Decimal("59.90"),
+        "2025-03-14 12:00:04",
+    )
+    assert result.paid
+    sent = _request_params(http.requests[0])
+    assert sent["method"] == "alipay.trade.query"
+    assert json.loads(sent["biz_content"]) == {"out_trade_no": "ORDER_1"}
+    assert verify_request(sent, load_public_key(keys["app_public"]))
+
+
+def test_refund_sends_out_request_no_and_parses_decimal(
+    gateway: AlipayGateway,
+    alipay_key: rsa.RSAPrivateKey,
+    canned: Callable[[Responder], CannedHTTP],
+) -> None:
+    http = canned(
+        signed_answer(
+            alipay_key,
+            "alipay.trade.refund",
+            {
+                "code": "10000",
+                "msg": "Success",
+                "out_trade_no": "ORDER_1",
+                "trade_no": "T1",
+                "refund_fee": "10.00",
+                "fund_change": "N",
+            },
+        )
+    )
+
+    result = gateway.refund("ORDER_1", Decimal("10"), "ORDER_1-R1")
+
+    assert result == RefundResult("ORDER_1", "T1", Decimal("10.00"), False)
+    biz = json.loads(_request_params(http.requests[0])["biz_content"])
+    assert biz == {
+        "out_trade_no": "ORDER_1",
+        "refund_amount": "10.00",
+        "out_request_no": "ORDER_1-R1",
+    }
+
+
+@pytest.mark.parametrize(
+    ("sub_code", "kind"),
+    [
+        ("ACQ.TRADE_NOT_EXIST", TradeNotExist),
+        ("ACQ.TRADE_STATUS_ERROR", TradeStatusError),
+        ("ACQ.REFUND_AMT_NOT_EQUAL_TOTAL", AlipayBusinessError),
+    ],
+)
+def test_signed_business_errors_raise_business_error(
+    sub_code: str,
+    kind: type[AlipayBusinessError],
+    gateway: AlipayGateway,
+    alipay_key: rsa.RSAPrivateKey,
+    canned: Callable[[Responder], CannedHTTP],
+) -> None:
+    canned(
+        signed_answer(
+            alipay_key,
+            "alipay.trade.close",
+            {
+                "code": "40004",
+                "msg": "Business Failed",
+                "sub_code": sub_code,
+                "sub_msg": "中文说明",
+            },
+        )
+    )
+
+    with pytest.raises(kind) as caught:
+        gateway.close("ORDER_1")
+
+    err = caught.value
+    assert type(err) is kind
+    assert (err.code, err.sub_code, err.msg, err.sub_msg) == (
+        "40004",
+        sub_code,
+        "Business Failed",
+        "中文说明",
+    )
+    assert err.is_trade_not_exist == (sub_code == "ACQ.TRADE_NOT_EXIST")
+    assert err.is_trade_status_error == (sub_code == "ACQ.TRADE_STATUS_ERROR")
+
+
+def test_unsigned_error_response_keeps_its_code(
+    gateway: AlipayGateway, canned: Callable[[Responder], CannedHTTP]
+) -> None:
+    body = json.dumps(
+        {
+            "error_response": {
+                "code": "40002",
+                "msg": "Invalid Arguments",
+                "sub_code": "isv.invalid-app-id",
+                "sub_msg": "无效的AppID参数",
+            }
+        }
+    ).encode()
+    canned(lambda _request: (200, body))
+
+    with pytest.raises(AlipayBusinessError) as caught:
+        gateway.query("ORDER_1")
+    assert (caught.value.code, caught.value.sub_code) == ("40002", "isv.invalid-app-id")
+
+
+def _raise(exc: BaseException) -> Responder:
+    def respond(_request: urllib.request.Request) -> tuple[int, bytes]:
+        raise exc
+
+    return respond
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "connection refused",
+        "timeout",
+        "http 502",
+        "not json",
+        "not utf-8",
+        "empty body",
+        "answer signed by another key",
+        "service unavailable 20000",
+        "ACQ.SYSTEM_ERROR",
+        "answer about another trade",
+        "success without fields",
+    ],
+)
+def test_unknown_outcomes_raise_unavailable(
+    case: str,
+    gateway: AlipayGateway,
+    alipay_key: rsa.RSAPrivateKey,
+    other_keys: dict[str, Path],
+    canned: Callable[[Responder], CannedHTTP],
+) -> None:
+    query = "alipay.trade.query"
+    respond: Responder = {
+        "connection refused": _raise(urllib.error.URLError(ConnectionRefusedError(111, "no"))),
+        "timeout": _raise(TimeoutError("timed out")),
+        "http 502": lambda _r: (502, b"<html>bad gateway</html>"),
+        "not json": lambda _r: (200, b"<html>maintenance</html>"),
+        "not utf-8": lambda _r: (200, b"\xff\xfe{"),
+        "empty body": lambda _r: (200, b""),
+        "answer signed by another key": signed_answer(
+            load_private_key(other_keys["alipay_private"]),
+            query,
+            {
+                "code": "10000",
+                "msg": "Success",
+                "out_trade_no": "ORDER_1",
+                "trade_status": "TRADE_SUCCESS",
+                "total_amount": "59.90",
+            },
+        ),
+        "service unavailable 20000": signed_answer(
+            alipay_key,
+            query,
+            {
+                "code": "20000",
+                "msg": "Service Currently Unavailable",
+                "sub_code": "isp.unknow-error",
+            },
+        ),
+        "ACQ.SYSTEM_ERROR": signed_answer(
+            alipay_key,
+            query,
+            {"code": "40004", "msg": "Business Failed", "sub_code": "ACQ.SYSTEM_ERROR"},
+        ),
+        "answer about another trade": signed_answer(
+            alipay_key,
+            query,
+            {
+                "code": "10000",
+                "msg": "Success",
+                "out_trade_no": "ORDER_2",
+                "trade_status": "TRADE_SUCCESS",
+                "total_amount": "59.90",
+            },
+        ),
+        "success without fields": signed_answer(
+            alipay_key, query, {"code": "10000", "msg": "Success", "out_trade_no": "ORDER_1"}
+        ),
+    }[case]
+    canned(respond)
+
+    with pytest.raises(AlipayUnavailable):
+        gateway.query("ORDER_1")
