@@ -1,0 +1,94 @@
+"""Integration fixtures: a real RabbitMQ, one fresh vhost per test.
+
+Nothing is skipped: when RabbitMQ is not running it is started
+(`rabbitmq-server -detached`) and waited for; when that fails the tests fail
+with the reason.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from urllib.parse import quote
+
+import pytest
+
+RABBIT_HOST = "127.0.0.1"
+RABBIT_PORT = 5672
+START_TIMEOUT_S = 90.0
+
+
+class RabbitURL(str):
+    """An amqp URL (a plain str) that also knows its vhost's name, for rabbitmqctl."""
+
+    vhost: str
+
+    def __new__(cls, vhost: str) -> RabbitURL:
+        url = super().__new__(
+            cls, f"amqp://guest:guest@{RABBIT_HOST}:{RABBIT_PORT}/{quote(vhost, safe='')}"
+        )
+        url.vhost = vhost
+        return url
+
+
+def rabbitmqctl(*args: str, timeout: float = 30.0, check: bool = True) -> str:
+    """Run `rabbitmqctl ARGS` and return its stdout; fail the test loudly on error."""
+    done = subprocess.run(
+        ["rabbitmqctl", *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if check and done.returncode != 0:
+        pytest.fail(
+            f"rabbitmqctl {' '.join(args)} failed ({done.returncode}): "
+            f"{done.stderr.strip() or done.stdout.strip()}",
+            pytrace=False,
+        )
+    return done.stdout
+
+
+def _rabbit_answers() -> bool:
+    try:
+        done = subprocess.run(
+            ["rabbitmqctl", "-q", "await_startup", "--timeout", "5"],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return False
+    return done.returncode == 0
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_running() -> None:
+    """RabbitMQ is up on this machine, started if needed."""
+    if shutil.which("rabbitmqctl") is None:
+        pytest.fail("rabbitmqctl is not on PATH: install RabbitMQ to run these tests")
+    if _rabbit_answers():
+        return
+    subprocess.run(["rabbitmq-server", "-detached"], capture_output=True, timeout=30, check=False)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if _rabbit_answers():
+            return
+        time.sleep(1.0)
+    pytest.fail(
+        f"RabbitMQ did not start within {START_TIMEOUT_S:.0f} s after rabbitmq-server -detached"
+    )
+
+
+@pytest.fixture
+def rmq_vhost(rabbitmq_running: None) -> Iterator[RabbitURL]:
+    """A fresh vhost for guest, deleted after the test; yields its amqp URL (a str).
+
+    The URL also has a `.vhost` attribute with the vhost's name.
+    """
+    vhost = f"pytest-{uuid.uuid4().hex[:12]}"
+    rabbitmqctl("add_vhost", vhost)
+    try:
+        rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        yield RabbitURL(vhost)
+    finally:
+        rabbitmqctl("delete_vhost", vhost, check=False)
