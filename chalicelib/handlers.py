@@ -14,6 +14,12 @@ from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 from chalicelib import orders
+from chalicelib.alipay_gateway import (
+    AlipayBusinessError,
+    AlipayError,
+    AlipayUnavailable,
+    TradeNotExist,
+)
 from chalicelib.config import Settings
 from chalicelib.orders import (
     CLOSED,
@@ -244,12 +250,6 @@ def _settle_unpaid(deps: Deps, order: Order) -> str:
     """
     gateway = deps.gateway
     if gateway is not None:
-        from chalicelib.alipay_gateway import (
-            AlipayBusinessError,
-            AlipayUnavailable,
-            TradeNotExist,
-        )
-
         try:
             try:
                 trade = gateway.query(order.id)
@@ -431,8 +431,6 @@ def _apply_payment(
 def _refund_late_payment(deps: Deps, order: Order, trade_no: str) -> str:
     """Money for a CLOSED order: send it back, with a request number derived from
     the order so that a retry is the same refund, then mark REFUNDED."""
-    from chalicelib.alipay_gateway import AlipayError
-
     if deps.gateway is None:
         raise Unavailable(f"order {order.id} needs a refund and payment is not configured")
     request_no = orders.refund_request_no(order.id)

@@ -28,16 +28,20 @@ def main(argv: list[str] | None = None) -> int:
                                       "(the .parked suffix is optional)")
     args = parser.parse_args(argv)
 
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+    logging.basicConfig(level=logging.WARNING if args.command == "run" else logging.INFO,
+                        stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if args.command == "run":
         from local import stack
 
         return stack.run()
 
-    from local.stack import apply_local_environment
+    if os.environ.get("STAGE", "local") == "local":
+        # Beside `make run`: the local stage's settings, the environment winning.
+        # Any other stage (the bridge's container in production) takes only its environment.
+        from local.stack import apply_local_environment
 
-    apply_local_environment()
+        apply_local_environment()
     if args.command == "api":
         from local.api import serve
 

@@ -132,11 +132,12 @@ def _stop_on_signals() -> Iterator[None]:
     def raise_interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    previous = {sig: signal.signal(sig, raise_interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _say(part: str, text: str) -> None:
@@ -190,7 +191,7 @@ def run() -> int:
             if bridge.poll() is not None:
                 raise RuntimeError(f"the bridge exited with {bridge.returncode}: "
                                    f"see {RUN_DIR / 'bridge.log'}")
-            _say("bridge", "consuming queue.order.check, queue.order.pay, queue.order.seckill")
+            _say("bridge", "consuming queue.order.check and queue.order.pay")
             _wait_healthy(api_port)
             from chalicelib import auth
 
