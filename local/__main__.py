@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     token = sub.add_parser("token", help="print a token for the local stage")
     token.add_argument("username")
     token.add_argument("--ttl", type=int, default=12 * 3600)
+    ddb = sub.add_parser("dynamodb", help="moto's DynamoDB server, requests one at a time")
+    ddb.add_argument("--host", default="127.0.0.1")
+    ddb.add_argument("--port", type=int, default=int(os.environ.get("DYNAMODB_PORT", "8002")))
     sub.add_parser("bridge", help="consume the check and pay queues into the handlers")
     sub.add_parser("sweep", help="check UNPAID orders past their check time, once")
     sub.add_parser("seed", help="create the tables and seed the catalogue")
@@ -35,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         from local import stack
 
         return stack.run()
+    if args.command == "dynamodb":
+        from local.dynamodb import serve
+
+        serve(args.host, args.port)
+        return 0
 
     if os.environ.get("STAGE", "local") == "local":
         # Beside `make run`: the local stage's settings, the environment winning.

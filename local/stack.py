@@ -172,8 +172,8 @@ def run() -> int:
     stack = Stack(env)
     with _stop_on_signals():
         try:
-            moto = stack.start("dynamodb", [py, "-m", "moto.server", "-H", "127.0.0.1",
-                                            "-p", str(dynamodb_port)])
+            moto = stack.start("dynamodb", [py, "-m", "local", "dynamodb", "--port",
+                                            str(dynamodb_port)])
             wait_for_port(dynamodb_port, proc=moto)
             added = seed()
             _say("dynamodb", f"{env['AWS_ENDPOINT_URL_DYNAMODB']} (moto; "

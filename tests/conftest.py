@@ -76,12 +76,11 @@ class FakePublisher:
 
 @pytest.fixture(scope="session")
 def moto_server() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
+    from local.dynamodb import start_in_thread
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_MOTO_PORT, verbose=False)
-    server.start()
+    server = start_in_thread("127.0.0.1", _MOTO_PORT)
     yield DYNAMODB_URL
-    server.stop()
+    server.shutdown()
 
 
 @pytest.fixture
