@@ -26,11 +26,17 @@ def consumer(fn: Callable[[Deps, dict[str, Any]], Any], d: Deps,
              ) -> Callable[[dict[str, Any]], None]:
     """A handler as the consume loop wants it: a message no retry can fix is parked at once."""
 
+    crash_before_ack = os.environ.get("BRIDGE_FAULT") == "kill-before-ack"
+
     def handle(msg: dict[str, Any]) -> None:
         try:
             fn(d, msg)
         except Unprocessable as exc:
             raise broker.Park(exc.message) from exc
+        if crash_before_ack:
+            # For the crash test only: die after the handler's write, before the ack.
+            log.warning("BRIDGE_FAULT=kill-before-ack: killing myself before the ack")
+            os.kill(os.getpid(), signal.SIGKILL)
 
     handle.__name__ = fn.__name__
     return handle
@@ -53,8 +59,16 @@ def sweep_forever(d: Deps, stop: threading.Event, interval: float) -> None:
             log.exception("sweep failed")
 
 
+def _retry_delays() -> tuple[int, ...]:
+    raw = os.environ.get("BRIDGE_RETRY_DELAYS_MS", "")
+    if not raw.strip():
+        return tuple(broker.DEFAULT_RETRY_DELAYS_MS)
+    return tuple(int(x) for x in raw.split(",") if x.strip())
+
+
 def run(d: Deps, stop: threading.Event, *, prefetch: int | None = None,
-        sweep_interval: float | None = None) -> None:
+        sweep_interval: float | None = None,
+        retry_delays_ms: tuple[int, ...] | None = None) -> None:
     settings = d.settings
     interval = sweep_interval if sweep_interval is not None else float(
         os.environ.get("SWEEP_INTERVAL_SECONDS", "60"))
@@ -66,6 +80,7 @@ def run(d: Deps, stop: threading.Event, *, prefetch: int | None = None,
         queue_handlers(d),
         prefetch=prefetch or settings.bridge_prefetch,
         max_attempts=settings.bridge_max_attempts,
+        retry_delays_ms=retry_delays_ms or _retry_delays(),
         check_delay_seconds=settings.check_delay_seconds,
         queue_type=settings.rmq_queue_type,
         stop=stop,

@@ -33,9 +33,14 @@ class _OneAtATime:
             return list(self._app(environ, start_response))
 
 
+class _Quiet(MotoRequestHandler):
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        """No line per request: a test run or a benchmark makes tens of thousands."""
+
+
 def make(host: str = "127.0.0.1", port: int = 8002) -> BaseWSGIServer:
     app = _OneAtATime(DomainDispatcherApplication(create_backend_app))
-    return make_server(host, port, app, threaded=True, request_handler=MotoRequestHandler)
+    return make_server(host, port, app, threaded=True, request_handler=_Quiet)
 
 
 def start_in_thread(host: str, port: int) -> BaseWSGIServer:
