@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint unit soak bench token clean
+.PHONY: run test lint unit soak bench token package clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,22 @@ unit: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# The reliability suite at full size (tests/reliability; prints its table, writes
+# reliability-results.json). `make test` runs its fast part.
+soak: $(STAMP)
+	$(VENV)/bin/pytest -q -m soak tests/reliability -p no:randomly
+
 token: $(STAMP)
 	$(PY) -m local token $(or $(USER_NAME),demo)
+
+# Every hot path beside its ceiling (README "Performance"); BENCH_ARGS="--quick drain".
+bench: $(STAMP)
+	$(PY) -m local bench $(BENCH_ARGS)
+
+# SAM template (.chalice/package/$(STAGE)/sam.json) + deployment.zip; README "Deploy to AWS".
+STAGE ?= prod
+package: $(STAMP)
+	$(PY) -m local.package --stage $(STAGE)
 
 clean:
 	rm -rf $(VENV) local/.run .pytest_cache .ruff_cache

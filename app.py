@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import html
 import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
 from chalice import AuthResponse, Chalice, Rate, Response, UnauthorizedError
 
-from chalicelib import auth, deps, handlers
+from chalicelib import auth, deps, handlers, logs, seckill
 from chalicelib.orders import BadRequest, ShopError, Unavailable
 
+logs.configure()  # JSON lines; formats only, opens nothing
 app = Chalice(app_name="shop-pay")
 app.log.setLevel(logging.INFO)
 log = logging.getLogger("shop-pay")
@@ -35,9 +39,43 @@ def api(fn: Callable[..., Any]) -> Callable[..., Any]:
         except ShopError as exc:
             if exc.status >= 500:
                 log.warning("%s: %s", fn.__name__, exc.message)
-            return _error(exc.status, exc.code, exc.message, **exc.extra)
+            response = _error(exc.status, exc.code, exc.message, **exc.extra)
+            response.headers.update(exc.headers)  # e.g. Retry-After of a 429
+            return response
 
     return wrapper
+
+
+# --- the storefront -------------------------------------------------------------
+
+_STOREFRONT = Path(__file__).resolve().parent / "chalicelib" / "storefront.html"
+
+
+@functools.lru_cache(maxsize=1)
+def _storefront_html() -> str:
+    return _STOREFRONT.read_text(encoding="utf-8")
+
+
+@app.route("/")
+def storefront() -> Response:
+    """A small shop page over the JSON API: goods, cart, orders, pay."""
+    return Response(status_code=200, body=_storefront_html(),
+                    headers={"Content-Type": "text/html; charset=utf-8"})
+
+
+_OPENAPI = Path(__file__).resolve().parent / "chalicelib" / "openapi.json"
+
+
+@functools.lru_cache(maxsize=1)
+def _openapi_text() -> str:
+    return _OPENAPI.read_text(encoding="utf-8")
+
+
+@app.route("/openapi.json")
+def openapi() -> Response:
+    """The API as an OpenAPI 3.1 document (kept in step with the routes by a test)."""
+    return Response(status_code=200, body=_openapi_text(),
+                    headers={"Content-Type": "application/json; charset=utf-8"})
 
 
 # --- auth ---------------------------------------------------------------------
@@ -151,6 +189,28 @@ def pay_order(order_id: str) -> Any:
     return handlers.start_payment(deps.get(), current_user(), order_id)
 
 
+# --- flash sales (chalicelib/seckill.py) ------------------------------------------
+
+
+@app.route("/seckill", methods=["GET"])
+@api
+def list_sales() -> Any:
+    return seckill.list_sales(deps.get())
+
+
+@app.route("/seckill/{sale_id}", methods=["POST"], authorizer=jwt_auth)
+@api
+def request_seckill(sale_id: str) -> Any:
+    ticket = seckill.request_ticket(deps.get(), current_user(), sale_id)
+    return Response(status_code=202, body=ticket)
+
+
+@app.route("/seckill/tickets/{ticket_id}", methods=["GET"], authorizer=jwt_auth)
+@api
+def get_seckill_ticket(ticket_id: str) -> Any:
+    return seckill.get_ticket(deps.get(), current_user(), ticket_id)
+
+
 # --- Alipay -------------------------------------------------------------------
 
 
@@ -174,19 +234,69 @@ def _plain(text: str, status: int = 200) -> Response:
                     headers={"Content-Type": "text/plain; charset=utf-8"})
 
 
-@app.route("/alipay/notify", methods=["POST"],
-           content_types=["application/x-www-form-urlencoded"])
-def alipay_notify() -> Response:
-    form = _form(app.current_request.raw_body or b"")
+def notify_answer(raw: bytes) -> str:
+    """Alipay's async notify, however it arrived: `success` or `failure`.
+
+    The one path behind both the API route and the function URL below."""
+    form = _form(raw)
     if form is None:
         log.warning("notify refused: not a well-formed form")
-        return _plain("failure")
+        return "failure"
+    ctx = {"orderId": form.get("out_trade_no"), "tradeNo": form.get("trade_no"),
+           "notifyId": form.get("notify_id")}
     try:
         ok = handlers.on_notify(deps.get(), form)
     except Unavailable as exc:
-        log.warning("notify: %s", exc)
+        log.warning("notify: %s", exc, extra=ctx)
         ok = False
-    return _plain("success" if ok else "failure")
+    return "success" if ok else "failure"
+
+
+@app.route("/alipay/notify", methods=["POST"],
+           content_types=["application/x-www-form-urlencoded"])
+def alipay_notify() -> Response:
+    return _plain(notify_answer(app.current_request.raw_body or b""))
+
+
+def _function_url_body(event: dict[str, Any]) -> bytes | None:
+    """The raw body of a Lambda function URL event (payload 2.0), None when unusable."""
+    body = event.get("body")
+    if not isinstance(body, str):
+        return None
+    if event.get("isBase64Encoded"):
+        try:
+            return base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            return None
+    try:
+        return body.encode("ascii")
+    except UnicodeEncodeError:
+        return None  # a form is percent-encoded ASCII
+
+
+@app.lambda_function(name="alipay_notify_url")
+def alipay_notify_url(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    """The notify behind a Lambda function URL: the `notify_url` given to Alipay in
+    production (no API Gateway stage path, no authorizer in front)."""
+
+    def answer(text: str, status: int = 200) -> dict[str, Any]:
+        return {"statusCode": status, "headers": {"Content-Type": "text/plain"}, "body": text}
+
+    if not isinstance(event, dict):
+        return answer("failure")
+    method = ((event.get("requestContext") or {}).get("http") or {}).get("method", "POST")
+    if str(method).upper() != "POST":
+        return answer("failure", 405)
+    headers = {str(k).lower(): str(v) for k, v in (event.get("headers") or {}).items()}
+    content_type = headers.get("content-type", "application/x-www-form-urlencoded")
+    if content_type.split(";")[0].strip().lower() != "application/x-www-form-urlencoded":
+        log.warning("notify refused: content type %r", content_type)
+        return answer("failure")
+    raw = _function_url_body(event)
+    if raw is None:
+        log.warning("notify refused: no usable body")
+        return answer("failure")
+    return answer(notify_answer(raw))
 
 
 @app.route("/alipay/return", methods=["GET"])
@@ -198,23 +308,47 @@ def alipay_return() -> Response:
         status = 400 if exc.status in (400, 404) else exc.status
         return _page(status, "Payment", f"<p>{html.escape(exc.message)}</p>")
     order = view["order"]
+    status = html.escape(order["status"])
+    waiting = order["status"] == "UNPAID"
     body = (
-        f"<p>Order <code>{html.escape(order['id'])}</code></p>"
+        f"<p class='muted'>Order</p><p><code id='order-id'>{html.escape(order['id'])}</code></p>"
         f"<p>Amount: {html.escape(order['totalMoney'])}</p>"
-        f"<p class='status'>Status: <strong>{html.escape(view['label'])}</strong></p>"
-        f"<script>window.orderStatus = {json.dumps(order['status'])};</script>"
+        f"<p class='status'>Status: <strong>{html.escape(view['label'])}</strong> "
+        f"<span id='order-status' class='badge {status}'>{status}</span></p>"
+        + ("<p class='muted'>Waiting for Alipay's confirmation; this page reloads itself.</p>"
+           if waiting else "")
+        + f"<script>window.orderStatus = {json.dumps(order['status'])};</script>"
     )
-    return _page(200, "Payment", body)
+    # Only the notify (or the trade query) marks an order paid; while it is on its
+    # way the page reloads, re-verifying the same signed query each time.
+    return _page(200, "Payment", body, refresh=2 if waiting else None)
 
 
-def _page(status: int, title: str, body: str) -> Response:
+_PAGE_STYLE = (
+    "body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;background:#f5f6f8;"
+    "color:#1f2933;margin:0}main{max-width:34rem;margin:4rem auto;background:#fff;"
+    "border-radius:12px;box-shadow:0 1px 3px rgba(0,0,0,.08),0 8px 24px rgba(0,0,0,.05);"
+    "padding:2rem 2.25rem}h1{margin:0 0 1rem;font-size:1.5rem}"
+    "code{background:#f0f2f5;padding:.15rem .4rem;border-radius:4px}"
+    ".muted{color:#6b7280;margin-bottom:.2rem}.status strong{font-size:1.3rem}"
+    ".badge{display:inline-block;margin-left:.4rem;padding:.15rem .6rem;border-radius:999px;"
+    "font-size:.85rem;font-weight:600;background:#e5e7eb}.badge.PAID{background:#d1fae5;"
+    "color:#065f46}.badge.UNPAID{background:#fef3c7;color:#92400e}"
+    ".badge.CLOSED,.badge.REFUNDED{background:#fee2e2;color:#991b1b}"
+    "a.button{display:inline-block;margin-top:1rem;padding:.55rem 1.1rem;border-radius:8px;"
+    "background:#1677ff;color:#fff;text-decoration:none;font-weight:600}"
+)
+
+
+def _page(status: int, title: str, body: str, refresh: int | None = None) -> Response:
     page = (
         "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>{html.escape(title)}</title>"
-        "<style>body{font-family:system-ui,sans-serif;max-width:40rem;margin:3rem auto;"
-        "padding:0 1rem;color:#222}code{background:#f3f3f3;padding:.1rem .3rem}"
-        ".status strong{font-size:1.3rem}</style></head>"
-        f"<body><h1>{html.escape(title)}</h1>{body}</body></html>"
+        "<meta name='viewport' content='width=device-width,initial-scale=1'>"
+        + (f"<meta http-equiv='refresh' content='{int(refresh)}'>" if refresh else "")
+        + f"<title>{html.escape(title)}</title><style>{_PAGE_STYLE}</style></head>"
+        f"<body><main><h1>{html.escape(title)}</h1>{body}"
+        # Relative: the shop is `/` locally and `/api/` behind API Gateway's stage.
+        "<p><a class='button' href='../'>Back to the shop</a></p></main></body></html>"
     )
     return Response(status_code=status, body=page,
                     headers={"Content-Type": "text/html; charset=utf-8"})

@@ -703,6 +703,7 @@ class _Dispatcher:
                 self._max_attempts,
                 _error_text(exc, 200),
                 delay,
+                extra=_message_ids(body),
             )
 
     def _park(
@@ -732,6 +733,7 @@ class _Dispatcher:
                 target,
                 attempt,
                 _error_text(exc, 300),
+                extra=_message_ids(body),
             )
 
     def _move(
@@ -767,6 +769,17 @@ def _attempts(headers: Mapping[str, Any]) -> int:
 
 def _fresh_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in headers.items() if k not in _BROKER_DEATH_HEADERS}
+
+
+def _message_ids(body: bytes) -> dict[str, str]:
+    """orderId, tradeNo and notifyId of a message, for its log lines (chalicelib.logs)."""
+    try:
+        msg = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    if not isinstance(msg, dict):
+        return {}
+    return {k: str(msg[k]) for k in ("orderId", "tradeNo", "notifyId") if msg.get(k)}
 
 
 def _error_text(exc: BaseException, limit: int = MAX_ERROR_CHARS) -> str:

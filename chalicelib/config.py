@@ -25,6 +25,19 @@ def _int(name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
 
 
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from exc
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, got {raw!r}")
+    return value
+
+
 def _secret(name: str, file_name: str) -> str:
     """A secret as text: `NAME` holds it, or `NAME_FILE` names a file that does."""
     value = os.environ.get(name, "")
@@ -54,6 +67,13 @@ class Settings:
     alipay_return_url: str
     bridge_prefetch: int
     bridge_max_attempts: int
+    # flash sales (chalicelib/seckill.py)
+    sales_table: str = "shop-local-sales"
+    seckill_table: str = "shop-local-seckill"  # tickets and per-user-per-sale markers
+    seckill_orders_per_second: float = 200.0  # the bridge's drain rate of queue.order.seckill
+    seckill_max_queue_depth: int = 10000  # deeper: POST /seckill/{id} answers 429
+    seckill_cache_ms: int = 150  # how long the API reuses a sale and a queue depth it read
+    bridge_pay_per_second: float = 0.0  # 0: queue.order.pay is drained as fast as it comes
 
     @property
     def alipay_app_private_key(self) -> str:
@@ -87,6 +107,12 @@ def load() -> Settings:
         alipay_return_url=os.environ.get("ALIPAY_RETURN_URL", ""),
         bridge_prefetch=_int("BRIDGE_PREFETCH", 20),
         bridge_max_attempts=_int("BRIDGE_MAX_ATTEMPTS", 5),
+        sales_table=os.environ.get("SALES_TABLE", f"{prefix}-sales"),
+        seckill_table=os.environ.get("SECKILL_TABLE", f"{prefix}-seckill"),
+        seckill_orders_per_second=_float("SECKILL_ORDERS_PER_SECOND", 200.0),
+        seckill_max_queue_depth=_int("SECKILL_MAX_QUEUE_DEPTH", 10000),
+        seckill_cache_ms=_int("SECKILL_CACHE_MS", 150),
+        bridge_pay_per_second=_float("BRIDGE_PAY_PER_SECOND", 0.0),
     )
 
 

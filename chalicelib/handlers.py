@@ -55,6 +55,10 @@ class Publisher(Protocol):
 
     def publish_pay(self, msg: Mapping[str, Any]) -> None: ...
 
+    def publish_seckill(self, msg: Mapping[str, Any]) -> None: ...
+
+    def queue_depth(self, queue: str) -> int: ...
+
 
 class Gateway(Protocol):
     app_id: str
@@ -169,8 +173,9 @@ def create_order(deps: Deps, username: str, source_type: Any = None) -> dict[str
     return order.to_wire()
 
 
-def _new_order(deps: Deps, username: str, source_type: str, lines: list[Line]) -> Order:
-    now = deps.clock()
+def _new_order(deps: Deps, username: str, source_type: str, lines: list[Line],
+               now: datetime | None = None) -> Order:
+    now = now or deps.clock()
     return Order(
         id=orders.new_order_id(now),
         username=username,
@@ -375,6 +380,7 @@ def on_notify(deps: Deps, params: Mapping[str, str]) -> bool:
         log.warning("notify not published, answering failure so Alipay retries: %s", exc,
                     extra=ctx)
         return False
+    log.info("notify verified and published for order %s", order_id, extra=ctx)
     return True
 
 
@@ -389,6 +395,19 @@ def on_paid(deps: Deps, msg: Mapping[str, Any]) -> str:
     fen = parse_amount(msg.get("totalAmount", ""))
     if fen is None:
         raise Unprocessable(f"pay message for {order_id} with a bad totalAmount")
+    try:
+        pay_time = orders.parse_iso(msg["payTime"]) if msg.get("payTime") else deps.clock()
+    except ValueError:
+        pay_time = deps.clock()
+    notify_id = msg.get("notifyId")
+    # The common case in one write, no read first: the write's condition (UNPAID and
+    # due exactly this amount) is the whole rule. Only when it fails does the read
+    # below say why: unknown order, another amount, already PAID, CLOSED.
+    if deps.store.mark_paid(order_id, total_fen=fen, trade_no=trade_no, pay_time=pay_time,
+                            notify_id=notify_id, now=deps.clock()):
+        log.info("order %s PAID", order_id,
+                 extra={"orderId": order_id, "tradeNo": trade_no, "notifyId": notify_id})
+        return PAID
     order = deps.store.get_order(order_id)
     if order is None:
         raise Unprocessable(f"pay message for unknown order {order_id}")
@@ -397,17 +416,13 @@ def on_paid(deps: Deps, msg: Mapping[str, Any]) -> str:
             f"pay message for {order_id}: {money_str(fen)} paid, "
             f"{money_str(order.total_fen)} due; never marked paid"
         )
-    try:
-        pay_time = orders.parse_iso(msg["payTime"]) if msg.get("payTime") else deps.clock()
-    except ValueError:
-        pay_time = deps.clock()
-    return _apply_payment(deps, order, trade_no, fen, pay_time, msg.get("notifyId"))
+    return _apply_payment(deps, order, trade_no, fen, pay_time, notify_id)
 
 
 def _apply_payment(
     deps: Deps, order: Order, trade_no: str, fen: int, pay_time: datetime, notify_id: str | None
 ) -> str:
-    ctx = {"orderId": order.id, "tradeNo": trade_no}
+    ctx = {"orderId": order.id, "tradeNo": trade_no, "notifyId": notify_id}
     if order.status == UNPAID:
         if deps.store.mark_paid(order.id, total_fen=fen, trade_no=trade_no, pay_time=pay_time,
                                 notify_id=notify_id, now=deps.clock()):

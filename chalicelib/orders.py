@@ -54,6 +54,7 @@ class ShopError(Exception):
         super().__init__(message)
         self.message = message
         self.extra = extra
+        self.headers: dict[str, str] = {}  # extra HTTP headers of the answer
 
 
 class BadRequest(ShopError):
@@ -82,6 +83,17 @@ class OutOfStock(Conflict):
 class Unavailable(ShopError):
     status = 503
     code = "ServiceUnavailable"
+
+
+class TooManyRequests(ShopError):
+    """Back-pressure: come back after `retry_after` seconds (the `Retry-After` header)."""
+
+    status = 429
+    code = "TooManyRequests"
+
+    def __init__(self, message: str, retry_after: int, **extra: Any) -> None:
+        super().__init__(message, retryAfter=retry_after, **extra)
+        self.headers = {"Retry-After": str(retry_after)}
 
 
 class Unprocessable(ShopError):
@@ -175,6 +187,7 @@ class Order:
     consign_time: datetime | None = None
     transaction_id: str | None = None
     refund_request_no: str | None = None
+    sale_id: str | None = None  # a flash-sale order: its stock is the sale's, not the goods'
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -231,3 +244,20 @@ class Order:
 def refund_request_no(order_id: str) -> str:
     """Derived from the order, so that a retried refund is the same refund."""
     return f"REFUND_{order_id}"
+
+
+# --- flash-sale tickets (chalicelib/seckill.py) -------------------------------
+
+TICKET_QUEUED = "QUEUED"
+TICKET_ORDERED = "ORDERED"
+TICKET_SOLD_OUT = "SOLD_OUT"
+TICKET_DUPLICATE = "DUPLICATE"
+TICKET_FAILED = "FAILED"
+TICKET_FINAL = (TICKET_ORDERED, TICKET_SOLD_OUT, TICKET_DUPLICATE, TICKET_FAILED)
+
+TICKET_ID_RE = re.compile(r"^TICKET_[0-9]{13}_[0-9a-f]{16}$")
+SALE_ID_RE = GOODS_ID_RE
+
+
+def new_ticket_id(now: datetime) -> str:
+    return f"TICKET_{int(now.timestamp() * 1000):013d}_{secrets.token_hex(8)}"

@@ -54,6 +54,10 @@ from chalicelib.orders import (
     CLOSED,
     PAID,
     REFUNDED,
+    TICKET_DUPLICATE,
+    TICKET_ORDERED,
+    TICKET_QUEUED,
+    TICKET_SOLD_OUT,
     UNPAID,
     Conflict,
     Line,
@@ -148,12 +152,73 @@ class OrderModel(Model):
     notify_id = UnicodeAttribute(null=True)
     refund_request_no = UnicodeAttribute(null=True)
     unpaid = UnicodeAttribute(null=True)
+    sale_id = UnicodeAttribute(null=True)  # a flash-sale order (its stock is the sale's)
 
     by_user = UserOrdersIndex()
     unpaid_due = UnpaidIndex()
 
 
-MODELS: tuple[type[Model], ...] = (GoodsModel, CartLineModel, OrderModel)
+# --- flash sales (chalicelib/seckill.py) --------------------------------------------
+
+
+class SaleModel(Model):
+    """A goods on sale for a while, with its own stock (the goods' stock is not touched)."""
+
+    class Meta(_Meta):
+        table_name = _settings.sales_table
+
+    id = UnicodeAttribute(hash_key=True)
+    goods_id = UnicodeAttribute()
+    name = UnicodeAttribute()
+    price_fen = NumberAttribute()
+    stock = NumberAttribute()
+    start_time = UnicodeAttribute()
+    end_time = UnicodeAttribute()
+
+
+class TicketModel(Model):
+    """A queued request to buy in a flash sale: QUEUED until the bridge decides."""
+
+    class Meta(_Meta):
+        table_name = _settings.seckill_table
+
+    id = UnicodeAttribute(hash_key=True)  # TICKET_...
+    username = UnicodeAttribute()
+    sale_id = UnicodeAttribute()
+    status = UnicodeAttribute()
+    order_id = UnicodeAttribute(null=True)
+    create_time = UnicodeAttribute()
+    update_time = UnicodeAttribute()
+
+
+class SeckillMarkerModel(Model):
+    """Per user and sale, in the tickets' table (sale ids hold no `#`):
+
+    `CLAIM#<sale>#<user>`  the user holds a live ticket, or one that ordered: the
+                           API's guard, a conditional put beside the ticket's.
+    `ORDER#<sale>#<user>`  the user has an order of the sale: the real guard, a
+                           conditional put in the order's own transaction.
+    """
+
+    class Meta(_Meta):
+        table_name = _settings.seckill_table
+
+    id = UnicodeAttribute(hash_key=True)
+    ticket_id = UnicodeAttribute()
+    order_id = UnicodeAttribute(null=True)
+    create_time = UnicodeAttribute()
+
+
+def _claim_key(sale_id: str, username: str) -> str:
+    return f"CLAIM#{sale_id}#{username}"
+
+
+def _bought_key(sale_id: str, username: str) -> str:
+    return f"ORDER#{sale_id}#{username}"
+
+
+MODELS: tuple[type[Model], ...] = (
+    GoodsModel, CartLineModel, OrderModel, SaleModel, TicketModel, SeckillMarkerModel)
 
 _DYNAMO_ERRORS = (
     PynamoDBConnectionError,
@@ -173,6 +238,30 @@ class Goods:
     name: str
     price_fen: int
     stock: int
+
+
+@dataclass(frozen=True)
+class Sale:
+    """A flash sale: one goods, its own stock, a window, one unit per user."""
+
+    id: str
+    goods_id: str
+    name: str
+    price_fen: int
+    stock: int
+    start_time: datetime
+    end_time: datetime
+
+
+@dataclass(frozen=True)
+class Ticket:
+    id: str
+    username: str
+    sale_id: str
+    status: str
+    order_id: str | None
+    create_time: datetime
+    update_time: datetime
 
 
 def _order_from_model(m: OrderModel) -> Order:
@@ -199,6 +288,7 @@ def _order_from_model(m: OrderModel) -> Order:
         consign_time=opt(m.consign_time),
         transaction_id=m.transaction_id,
         refund_request_no=m.refund_request_no,
+        sale_id=m.sale_id,
     )
 
 
@@ -219,6 +309,7 @@ def _model_from_order(o: Order) -> OrderModel:
         expire_time=iso(o.expire_time),
         check_time=iso(o.check_time),
         unpaid=_UNPAID_FLAG if o.status == UNPAID else None,
+        sale_id=o.sale_id,
     )
 
 
@@ -344,7 +435,8 @@ class Store:
                 if retryable and attempt < attempts:
                     time.sleep(random.uniform(0.02, 0.1) * attempt)
                     continue
-                log.warning("create order %s failed: %s %s", order.id, reasons, exc)
+                log.warning("create order %s failed: %s %s", order.id, reasons, exc,
+                            extra={"orderId": order.id})
                 raise Unavailable("the order could not be written; try again") from exc
             except _DYNAMO_ERRORS as exc:
                 raise Unavailable("dynamodb is not answering") from exc
@@ -378,9 +470,14 @@ class Store:
         notify_id: str | None,
         now: datetime,
     ) -> bool:
-        """UNPAID -> PAID for exactly this amount. False when the order was not UNPAID."""
+        """UNPAID -> PAID for exactly this amount. False when the order was not UNPAID
+        (or does not exist: a failed condition never creates the item)."""
         try:
-            OrderModel(order_id).update(
+            # The table's own call rather than Model.update, which asks for ALL_NEW and
+            # decodes the whole item that nobody reads here (a quarter of this write's
+            # time on moto, see local/bench.py stage 1).
+            OrderModel._get_connection().update_item(
+                order_id,
                 actions=[
                     OrderModel.status.set(PAID),
                     OrderModel.transaction_id.set(trade_no),
@@ -415,7 +512,12 @@ class Store:
                     condition=OrderModel.status == UNPAID,
                 )
                 for line in order.lines:
-                    tx.update(GoodsModel(line.goods_id), actions=[GoodsModel.stock.add(line.num)])
+                    if order.sale_id:  # a flash-sale order gives its unit back to the sale
+                        tx.update(SaleModel(order.sale_id),
+                                  actions=[SaleModel.stock.add(line.num)])
+                    else:
+                        tx.update(GoodsModel(line.goods_id),
+                                  actions=[GoodsModel.stock.add(line.num)])
             return True
         except TransactWriteError as exc:
             if _reasons(exc)[:1] == ["ConditionalCheckFailed"]:
@@ -457,3 +559,187 @@ class Store:
             ]
         except _DYNAMO_ERRORS as exc:
             raise Unavailable("dynamodb is not answering") from exc
+
+    # --- flash sales (chalicelib/seckill.py) ----------------------------------
+
+    def put_sale(self, sale: Sale) -> None:
+        SaleModel(sale.id, goods_id=sale.goods_id, name=sale.name, price_fen=sale.price_fen,
+                  stock=sale.stock, start_time=iso(sale.start_time),
+                  end_time=iso(sale.end_time)).save()
+
+    def list_sales(self) -> list[Sale]:
+        try:
+            return sorted((_sale(m) for m in SaleModel.scan()), key=lambda s: s.id)
+        except _DYNAMO_ERRORS as exc:
+            raise Unavailable("dynamodb is not answering") from exc
+
+    def get_sale(self, sale_id: str, *, consistent: bool = False) -> Sale | None:
+        """Eventually consistent by default: the API's sold-out fast path only; the
+        order's transaction is the real guard."""
+        try:
+            return _sale(SaleModel.get(sale_id, consistent_read=consistent))
+        except DoesNotExist:
+            return None
+        except _DYNAMO_ERRORS as exc:
+            raise Unavailable("dynamodb is not answering") from exc
+
+    def claim_ticket(self, ticket: Ticket) -> str | None:
+        """The user's claim on the sale and the QUEUED ticket, both or neither.
+
+        None when written; otherwise the id of the ticket that holds the claim
+        already ("" if it went meanwhile). A user holds one live ticket per sale.
+        """
+        claim = SeckillMarkerModel(_claim_key(ticket.sale_id, ticket.username),
+                                   ticket_id=ticket.id, create_time=iso(ticket.create_time))
+        try:
+            with TransactWrite(connection=self.connection) as tx:
+                tx.save(claim, condition=SeckillMarkerModel.id.does_not_exist())
+                tx.save(_ticket_model(ticket), condition=TicketModel.id.does_not_exist())
+            return None
+        except TransactWriteError as exc:
+            reasons = _reasons(exc)
+            if reasons[:1] == ["ConditionalCheckFailed"]:
+                try:
+                    held = SeckillMarkerModel.get(claim.id, consistent_read=True)
+                    return str(held.ticket_id)
+                except DoesNotExist:
+                    return ""
+                except _DYNAMO_ERRORS as exc2:
+                    raise Unavailable("dynamodb is not answering") from exc2
+            if "ConditionalCheckFailed" in reasons:
+                raise Conflict(f"ticket {ticket.id} exists already") from exc
+            raise Unavailable(f"the ticket could not be written: {reasons}") from exc
+        except _DYNAMO_ERRORS as exc:
+            raise Unavailable("dynamodb is not answering") from exc
+
+    def drop_ticket(self, ticket: Ticket) -> None:
+        """Undo claim_ticket (its message could not be published)."""
+        try:
+            with TransactWrite(connection=self.connection) as tx:
+                tx.delete(SeckillMarkerModel(_claim_key(ticket.sale_id, ticket.username)),
+                          condition=SeckillMarkerModel.ticket_id == ticket.id)
+                tx.delete(TicketModel(ticket.id), condition=TicketModel.status == TICKET_QUEUED)
+        except (TransactWriteError, *_DYNAMO_ERRORS) as exc:
+            log.error("ticket %s could not be dropped after a failed publish: %s", ticket.id, exc)
+            raise Unavailable("dynamodb is not answering") from exc
+
+    def get_ticket(self, ticket_id: str) -> Ticket | None:
+        try:
+            return _ticket(TicketModel.get(ticket_id, consistent_read=True))
+        except DoesNotExist:
+            return None
+        except _DYNAMO_ERRORS as exc:
+            raise Unavailable("dynamodb is not answering") from exc
+
+    def has_bought(self, sale_id: str, username: str) -> bool:
+        try:
+            SeckillMarkerModel.get(_bought_key(sale_id, username), consistent_read=True)
+            return True
+        except DoesNotExist:
+            return False
+        except _DYNAMO_ERRORS as exc:
+            raise Unavailable("dynamodb is not answering") from exc
+
+    def create_seckill_order(self, order: Order, ticket: Ticket) -> str:
+        """The cart order's transaction for a flash sale, all or nothing:
+
+            put the order              (it does not exist)
+            put ORDER#<sale>#<user>    (it does not exist: one order per user and sale)
+            sale stock -= 1            (stock >= 1)
+            ticket QUEUED -> ORDERED   (still QUEUED: a redelivery changes nothing)
+
+        Returns TICKET_ORDERED, or why nothing changed: TICKET_DUPLICATE,
+        TICKET_SOLD_OUT, or TICKET_QUEUED's absence as "NOT_QUEUED" (decided already).
+        """
+        assert order.sale_id == ticket.sale_id and len(order.lines) == 1
+        now = iso(order.create_time)
+        bought = SeckillMarkerModel(_bought_key(ticket.sale_id, ticket.username),
+                                    ticket_id=ticket.id, order_id=order.id, create_time=now)
+        attempts = 3
+        for attempt in range(1, attempts + 1):
+            try:
+                with TransactWrite(connection=self.connection) as tx:
+                    # pynamodb sends puts before updates: reasons are in this order.
+                    tx.save(_model_from_order(order), condition=OrderModel.id.does_not_exist())
+                    tx.save(bought, condition=SeckillMarkerModel.id.does_not_exist())
+                    tx.update(SaleModel(ticket.sale_id),
+                              actions=[SaleModel.stock.add(-order.lines[0].num)],
+                              condition=SaleModel.stock >= order.lines[0].num)
+                    tx.update(TicketModel(ticket.id),
+                              actions=[TicketModel.status.set(TICKET_ORDERED),
+                                       TicketModel.order_id.set(order.id),
+                                       TicketModel.update_time.set(now)],
+                              condition=TicketModel.status == TICKET_QUEUED)
+                return TICKET_ORDERED
+            except TransactWriteError as exc:
+                failed = [r == "ConditionalCheckFailed" for r in _reasons(exc)] + [False] * 4
+                if failed[3]:
+                    return "NOT_QUEUED"
+                if failed[1]:
+                    return TICKET_DUPLICATE
+                if failed[2]:
+                    return TICKET_SOLD_OUT
+                if failed[0]:
+                    raise Conflict(f"order {order.id} exists already") from exc
+                if _retryable(exc) and attempt < attempts:
+                    time.sleep(random.uniform(0.02, 0.1) * attempt)
+                    continue
+                log.warning("flash-sale order %s failed: %s %s", order.id, _reasons(exc), exc)
+                raise Unavailable("the order could not be written; try again") from exc
+            except _DYNAMO_ERRORS as exc:
+                raise Unavailable("dynamodb is not answering") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def finish_ticket(self, ticket: Ticket, status: str, *, release_claim: bool,
+                      now: datetime) -> bool:
+        """QUEUED -> `status` (no order). With `release_claim` the user's claim on the
+        sale goes in the same transaction, so that they may ask again. False when
+        the ticket was not QUEUED any more."""
+        update = {"actions": [TicketModel.status.set(status),
+                              TicketModel.update_time.set(iso(now))],
+                  "condition": TicketModel.status == TICKET_QUEUED}
+        try:
+            if release_claim:
+                try:
+                    with TransactWrite(connection=self.connection) as tx:
+                        # deletes go before updates: reasons are [claim, ticket]
+                        tx.delete(SeckillMarkerModel(_claim_key(ticket.sale_id, ticket.username)),
+                                  condition=SeckillMarkerModel.ticket_id == ticket.id)
+                        tx.update(TicketModel(ticket.id), **update)
+                    return True
+                except TransactWriteError as exc:
+                    reasons = _reasons(exc) + [None, None]
+                    if reasons[1] == "ConditionalCheckFailed":
+                        return False
+                    if reasons[0] != "ConditionalCheckFailed":
+                        raise Unavailable(f"ticket {ticket.id}: {reasons[:2]}") from exc
+                    # the claim is not this ticket's: leave it, finish the ticket alone
+            TicketModel(ticket.id).update(**update)
+            return True
+        except UpdateError as exc:
+            if exc.cause_response_code == "ConditionalCheckFailedException":
+                return False
+            raise Unavailable("dynamodb is not answering") from exc
+        except _DYNAMO_ERRORS as exc:
+            raise Unavailable("dynamodb is not answering") from exc
+
+
+def _retryable(exc: TransactWriteError) -> bool:
+    return exc.cause_response_code == "TransactionInProgressException" or any(
+        r in ("TransactionConflict", "ThrottlingError") for r in _reasons(exc))
+
+
+def _sale(m: SaleModel) -> Sale:
+    return Sale(m.id, m.goods_id, m.name, int(m.price_fen), int(m.stock),
+                parse_iso(m.start_time), parse_iso(m.end_time))
+
+
+def _ticket(m: TicketModel) -> Ticket:
+    return Ticket(m.id, m.username, m.sale_id, m.status, m.order_id,
+                  parse_iso(m.create_time), parse_iso(m.update_time))
+
+
+def _ticket_model(t: Ticket) -> TicketModel:
+    return TicketModel(t.id, username=t.username, sale_id=t.sale_id, status=t.status,
+                       order_id=t.order_id, create_time=iso(t.create_time),
+                       update_time=iso(t.update_time))

@@ -1,9 +1,15 @@
 """The bridge: the container's entry point (`python -m local bridge`).
 
-Consumes queue.order.check and queue.order.pay into the same handler functions
-the HTTP routes use, acking only after the handler's write (see
-chalicelib.broker.run_consumer), and runs the sweeper for lost delay messages
-every `SWEEP_INTERVAL_SECONDS`. SIGTERM or SIGINT: finish the message in hand, stop.
+Consumes queue.order.check, queue.order.pay and queue.order.seckill into the
+same handler functions the HTTP routes use, acking only after the handler's
+write (see chalicelib.broker.run_consumer), and runs the sweeper for lost delay
+messages every `SWEEP_INTERVAL_SECONDS`. SIGTERM or SIGINT: finish the message
+in hand, stop.
+
+A queue may be drained at a fixed rate (`rate_limits`, messages a second; from
+SECKILL_ORDERS_PER_SECOND and BRIDGE_PAY_PER_SECOND by default): a token bucket
+(chalicelib/ratelimit.py) paces its handler, in a consumer of its own (its own
+connection and thread), so that its waiting never holds up the other queues.
 """
 
 from __future__ import annotations
@@ -12,12 +18,13 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from chalicelib import broker, config, deps, handlers
+from chalicelib import broker, config, deps, handlers, seckill
 from chalicelib.handlers import Deps
 from chalicelib.orders import Unprocessable
+from chalicelib.ratelimit import TokenBucket
 
 log = logging.getLogger("local.bridge")
 
@@ -46,7 +53,28 @@ def queue_handlers(d: Deps) -> dict[str, Callable[[dict[str, Any]], None]]:
     return {
         broker.QUEUE_CHECK: consumer(handlers.on_check, d),
         broker.QUEUE_PAY: consumer(handlers.on_paid, d),
+        broker.QUEUE_SECKILL: consumer(seckill.on_seckill, d),
     }
+
+
+def rate_limits_from(settings: config.Settings) -> dict[str, float]:
+    """Messages a second per queue, from the settings; a queue not named is not paced."""
+    limits = {broker.QUEUE_SECKILL: settings.seckill_orders_per_second,
+              broker.QUEUE_PAY: settings.bridge_pay_per_second}
+    return {queue: rate for queue, rate in limits.items() if rate > 0}
+
+
+def throttled(handle: Callable[[dict[str, Any]], None], bucket: TokenBucket,
+              stop: threading.Event) -> Callable[[dict[str, Any]], None]:
+    """`handle`, called at most `bucket.rate` times a second."""
+
+    def paced(msg: dict[str, Any]) -> None:
+        if not bucket.take(stop):
+            bucket.take()  # stopping: the message in hand is finished, still within the rate
+        handle(msg)
+
+    paced.__name__ = getattr(handle, "__name__", "paced")
+    return paced
 
 
 def sweep_forever(d: Deps, stop: threading.Event, interval: float) -> None:
@@ -68,25 +96,62 @@ def _retry_delays() -> tuple[int, ...]:
 
 def run(d: Deps, stop: threading.Event, *, prefetch: int | None = None,
         sweep_interval: float | None = None,
-        retry_delays_ms: tuple[int, ...] | None = None) -> None:
+        retry_delays_ms: tuple[int, ...] | None = None,
+        rate_limits: Mapping[str, float] | None = None) -> None:
+    """Consume until `stop` is set. `rate_limits`: queue name -> messages a second
+    (None: from the settings; a rate of 0 or a queue not named: not paced)."""
     settings = d.settings
     interval = sweep_interval if sweep_interval is not None else float(
         os.environ.get("SWEEP_INTERVAL_SECONDS", "60"))
+    every = queue_handlers(d)
+    limits = rate_limits_from(settings) if rate_limits is None else {
+        queue: float(rate) for queue, rate in rate_limits.items() if rate}
+    if set(limits) - set(every):
+        raise ValueError(f"rate_limits must name some of {sorted(every)}, not {sorted(limits)}")
+
+    def consume(chosen: dict[str, Callable[[dict[str, Any]], None]]) -> None:
+        broker.run_consumer(
+            settings.rmq_url,
+            chosen,
+            prefetch=prefetch or settings.bridge_prefetch,
+            max_attempts=settings.bridge_max_attempts,
+            retry_delays_ms=retry_delays_ms or _retry_delays(),
+            check_delay_seconds=settings.check_delay_seconds,
+            queue_type=settings.rmq_queue_type,
+            stop=stop,
+        )
+
+    failures: list[BaseException] = []
+
+    def drain(queue: str, rate: float) -> None:
+        try:
+            consume({queue: throttled(every[queue], TokenBucket(rate), stop)})
+        except BaseException as exc:  # noqa: BLE001 - re-raised by run() below
+            failures.append(exc)
+            stop.set()
+
     sweeper = threading.Thread(target=sweep_forever, args=(d, stop, interval),
                                name="sweeper", daemon=True)
     sweeper.start()
-    broker.run_consumer(
-        settings.rmq_url,
-        queue_handlers(d),
-        prefetch=prefetch or settings.bridge_prefetch,
-        max_attempts=settings.bridge_max_attempts,
-        retry_delays_ms=retry_delays_ms or _retry_delays(),
-        check_delay_seconds=settings.check_delay_seconds,
-        queue_type=settings.rmq_queue_type,
-        stop=stop,
-    )
-    stop.set()
-    sweeper.join(5)
+    drains = [threading.Thread(target=drain, args=(queue, rate), name=f"drain {queue}",
+                               daemon=True) for queue, rate in limits.items()]
+    for thread in drains:
+        thread.start()
+    if limits:
+        log.info("paced: %s", ", ".join(f"{q} {r:g}/s" for q, r in limits.items()))
+    try:
+        rest = {queue: h for queue, h in every.items() if queue not in limits}
+        if rest:
+            consume(rest)
+        else:
+            stop.wait()
+    finally:
+        stop.set()
+        for thread in drains:
+            thread.join(10)
+        sweeper.join(5)
+    if failures:
+        raise failures[0]
 
 
 def main() -> int:

@@ -35,6 +35,25 @@ CATALOGUE = [
     ("puer-1999", "Pu'er cake, 1999 harvest", 99900, 1),
 ]
 
+# The demo flash sale: sale id, goods id, name, price (fen), stock, hours open.
+DEMO_SALE = ("teapot-flash", "teapot", "Yixing clay teapot, flash sale", 990, 100, 24)
+
+
+def seed_sale(force: bool = False) -> bool:
+    """The demo flash sale, open from now on; (re)made when missing or over. True if made."""
+    from datetime import UTC, datetime, timedelta
+
+    from chalicelib.store import Sale, Store
+
+    store = Store()
+    sale_id, goods_id, name, price, stock, hours = DEMO_SALE
+    now = datetime.now(UTC)
+    current = store.get_sale(sale_id, consistent=True)
+    if current is not None and current.end_time > now and not force:
+        return False
+    store.put_sale(Sale(sale_id, goods_id, name, price, stock, now, now + timedelta(hours=hours)))
+    return True
+
 
 def local_environment() -> dict[str, str]:
     """The local stage's settings, with the environment winning, and the ports applied."""
@@ -94,6 +113,7 @@ def seed(force: bool = False) -> int:
 
     store = Store()
     store.create_tables()
+    seed_sale(force)
     if store.list_goods() and not force:
         return 0
     for gid, name, price, stock in CATALOGUE:
@@ -191,7 +211,8 @@ def run() -> int:
             if bridge.poll() is not None:
                 raise RuntimeError(f"the bridge exited with {bridge.returncode}: "
                                    f"see {RUN_DIR / 'bridge.log'}")
-            _say("bridge", "consuming queue.order.check and queue.order.pay")
+            _say("bridge", "consuming queue.order.check, queue.order.pay and queue.order.seckill "
+                           f"({env.get('SECKILL_ORDERS_PER_SECOND', '200')} orders/s)")
             _wait_healthy(api_port)
             from chalicelib import auth
 

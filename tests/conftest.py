@@ -57,6 +57,9 @@ class FakePublisher:
     def __init__(self) -> None:
         self.checks: list[str] = []
         self.pays: list[dict[str, Any]] = []
+        self.seckills: list[dict[str, Any]] = []
+        self.depths: dict[str, int] = {}  # what queue_depth answers (0 when not set)
+        self.depth_reads = 0
         self.down = False
 
     def publish_check(self, order_id: str) -> None:
@@ -68,6 +71,17 @@ class FakePublisher:
         if self.down:
             raise Unavailable("broker down (fake)")
         self.pays.append(dict(msg))
+
+    def publish_seckill(self, msg: Any) -> None:
+        if self.down:
+            raise Unavailable("broker down (fake)")
+        self.seckills.append(dict(msg))
+
+    def queue_depth(self, queue: str) -> int:
+        if self.down:
+            raise Unavailable("broker down (fake)")
+        self.depth_reads += 1
+        return self.depths.get(queue, 0)
 
     def ping(self) -> None:
         if self.down:

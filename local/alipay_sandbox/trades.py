@@ -355,6 +355,7 @@ class TradeBook:
                     "event": "trade_paid",
                     "out_trade_no": out_trade_no,
                     "trade_no": trade.trade_no,
+                    "notify_id": trade.notify_id,
                     "total_amount": money(trade.total_amount),
                     "notify_dropped": drop_notify,
                 },

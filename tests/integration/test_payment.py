@@ -13,7 +13,6 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,32 +29,9 @@ from local.alipay_sandbox import LOCAL_APP_ID, LOCAL_SELLER_ID, make_server
 from local.alipay_sandbox.keys import ensure_keys, load_private_key
 from local.alipay_sandbox.signer import sign_params
 from tests.conftest import bearer
+from tests.counting import CountingStore
 
 pytestmark = pytest.mark.rabbitmq
-
-
-class CountingStore(Store):
-    """The real store, counting the transitions that won their conditional write."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.transitions: list[tuple[str, str]] = []
-        self._lock = threading.Lock()
-
-    def _count(self, kind: str, order_id: str, won: bool) -> bool:
-        if won:
-            with self._lock:
-                self.transitions.append((kind, order_id))
-        return won
-
-    def mark_paid(self, order_id: str, **kw: Any) -> bool:
-        return self._count("PAID", order_id, super().mark_paid(order_id, **kw))
-
-    def close_order(self, order: Any, *, now: datetime) -> bool:
-        return self._count("CLOSED", order.id, super().close_order(order, now=now))
-
-    def mark_refunded(self, order_id: str, **kw: Any) -> bool:
-        return self._count("REFUNDED", order_id, super().mark_refunded(order_id, **kw))
 
 
 @dataclasses.dataclass

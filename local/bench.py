@@ -1,0 +1,1262 @@
+"""`python -m local bench [--quick] [--out FILE] [STAGE ...]`: every hot path beside its ceiling.
+
+Each stage measures a baseline (the bare component: pika on the local RabbitMQ,
+pynamodb's low-level calls on the same moto endpoint, a bare import) and the
+project's path, in the same run, with the same sizes, and prints both with
+their ratio. Absolute times drift on shared machines; the ratios are the result.
+
+Stages (by name or number): 1 drain, 2 notify, 3 create, 4 timeout, 5 e2e,
+6 cold, 7 shave. Default: all. The bench starts what it needs and removes it
+afterwards: moto's DynamoDB server (`python -m local dynamodb`, the one `make run`
+uses, on a free port, in its own process so that it does not share a GIL with
+the code under test), a fresh RabbitMQ vhost per stage (rabbitmqctl), the
+Alipay sandbox's keys in a temporary directory. The service's own logs (JSON
+lines) go to a file in that directory, not to the terminal.
+
+Orders that a stage needs in bulk (10,000 UNPAID orders for the drain and the
+timeout stages) are written with pynamodb's batch_write, in the store's own
+format (with the sparse `unpaid` index attribute), and the goods' stock is set
+to match: creating them through 10,000 transactions on moto would take minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import inspect
+import json
+import logging
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("drain", "notify", "create", "timeout", "e2e", "cold", "shave")
+CHECK_DELAY_S = 5  # the delay queue's TTL in every stage (stage 4's "5 s delay")
+RMQ_HOST = "127.0.0.1"
+RMQ_PORT = 5672
+JWT_SECRET = "bench-secret-0123456789abcdef0123456789"
+
+FULL = {
+    "drain_n": 10_000, "scale_n": 2_000, "scale_workers": (1, 2, 4),
+    "notify_n": 1_000, "notify_rounds": 4,
+    "create_n": 400, "create_rounds": 4,
+    "timeout_n": 10_000, "timeout_rate": 50.0,
+    "e2e_seconds": 12.0, "e2e_rate": 50.0,
+    "cold_reps": 7,
+    "shave_n": 5_000, "shave_rate": 60.0,
+}
+QUICK = {
+    "drain_n": 300, "scale_n": 150, "scale_workers": (1, 2),
+    "notify_n": 60, "notify_rounds": 2,
+    "create_n": 40, "create_rounds": 2,
+    "timeout_n": 200, "timeout_rate": 100.0,
+    "e2e_seconds": 2.0, "e2e_rate": 50.0,
+    "cold_reps": 2,
+    "shave_n": 200, "shave_rate": 50.0,
+}
+
+_T0 = time.perf_counter()
+
+
+def progress(text: str) -> None:
+    sys.stderr.write(f"[bench {time.perf_counter() - _T0:6.1f}s] {text}\n")
+    sys.stderr.flush()
+
+
+# --- results -------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Row:
+    stage: str
+    metric: str
+    baseline: float | None
+    project: float | None
+    unit: str
+    target: str = ""
+    met: bool | None = None
+    ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.ratio is None and self.baseline and self.project is not None:
+            self.ratio = self.project / self.baseline
+
+
+@dataclasses.dataclass
+class StageResult:
+    name: str
+    rows: list[Row]
+    notes: list[str] = dataclasses.field(default_factory=list)
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _fmt(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if unit in ("ms", "s") or abs(value) < 10:
+        text = f"{value:.2f}" if abs(value) < 100 else f"{value:.0f}"
+    else:
+        text = f"{value:,.0f}"
+    return f"{text} {unit}".strip()
+
+
+def render_table(results: Sequence[StageResult]) -> str:
+    header = ("stage", "metric", "baseline", "project", "ratio", "target", "met")
+    lines: list[tuple[str, ...]] = []
+    for res in results:
+        for row in res.rows:
+            met = "-" if row.met is None else ("yes" if row.met else "NO")
+            lines.append((row.stage, row.metric, _fmt(row.baseline, row.unit),
+                          _fmt(row.project, row.unit),
+                          "-" if row.ratio is None else f"{row.ratio:.2f}", row.target or "-", met))
+    widths = [max(len(h), *(len(x[i]) for x in lines)) if lines else len(h)
+              for i, h in enumerate(header)]
+
+    def fmt(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    out = [fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [fmt(x) for x in lines]
+    return "\n".join(out)
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = max(0, min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1)))))
+    return ordered[k]
+
+
+# --- the environment -------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _prepare_environment(moto_port: int, tmp: Path) -> None:
+    """Settings are read once, lazily: set them before anything of chalicelib is imported."""
+    for name in list(os.environ):
+        if name.startswith("ALIPAY_") or name in ("GOODS_TABLE", "CARTS_TABLE", "ORDERS_TABLE",
+                                                  "TABLE_PREFIX", "BRIDGE_FAULT"):
+            del os.environ[name]
+    os.environ.update({
+        "STAGE": "bench",
+        "AWS_ENDPOINT_URL_DYNAMODB": f"http://127.0.0.1:{moto_port}",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "JWT_SECRET": JWT_SECRET,
+        "ORDER_CHECK_DELAY_SECONDS": str(CHECK_DELAY_S),
+        "ORDER_PAY_TIMEOUT_SECONDS": "1800",
+        "SWEEP_INTERVAL_SECONDS": "3600",
+        "LOG_LEVEL": "INFO",
+        "RMQ_URL": f"amqp://guest:guest@{RMQ_HOST}:{RMQ_PORT}/%2F",
+    })
+    if "PYTHONPATH" not in os.environ or str(REPO) not in os.environ["PYTHONPATH"].split(":"):
+        os.environ["PYTHONPATH"] = ":".join(
+            x for x in (str(REPO), os.environ.get("PYTHONPATH", "")) if x)
+    # The service's JSON lines to a file: logs.configure() keeps a handler it finds.
+    from chalicelib.logs import JsonFormatter
+
+    handler = logging.FileHandler(tmp / "service.log")
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    for noisy in ("pika", "botocore", "urllib3", "werkzeug"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _rabbitmqctl(*args: str, check: bool = True) -> str:
+    done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60,
+                          check=False)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {done.stderr.strip() or done.stdout}")
+    return done.stdout
+
+
+@contextlib.contextmanager
+def vhost(stage: str) -> Iterator[str]:
+    """A fresh vhost for guest, deleted afterwards; yields its amqp URL."""
+    name = f"bench-{stage}-{uuid.uuid4().hex[:8]}"
+    _rabbitmqctl("add_vhost", name)
+    try:
+        _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        url = f"amqp://guest:guest@{RMQ_HOST}:{RMQ_PORT}/{urllib.parse.quote(name, safe='')}"
+        os.environ["RMQ_URL"] = url
+        yield url
+    finally:
+        _rabbitmqctl("delete_vhost", name, check=False)
+
+
+def _start_moto(port: int, tmp: Path) -> subprocess.Popen[bytes]:
+    from local.stack import wait_for_port
+
+    log = (tmp / "moto.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "local", "dynamodb", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=REPO, env={**os.environ}, stdout=log, stderr=subprocess.STDOUT)
+    wait_for_port(port, 60, proc)
+    return proc
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+# --- fixtures: goods, orders, carts, notifies ------------------------------------------
+
+
+@dataclasses.dataclass
+class World:
+    tmp: Path
+    keys: dict[str, Path]
+    sizes: dict[str, Any]
+    moto_port: int
+
+
+BENCH_GOODS = (("bench-a", "Bench cup", 1990), ("bench-b", "Bench teapot", 5990))
+BIG_STOCK = 10**9
+SEED_TOTAL_FEN = 2 * BENCH_GOODS[0][2]  # a seeded order: 2 x bench-a
+
+
+def put_goods() -> None:
+    from chalicelib.store import Goods, Store
+
+    store = Store()
+    for gid, name, price in BENCH_GOODS:
+        store.put_goods(Goods(gid, name, price, BIG_STOCK))
+
+
+def seed_orders(n: int, user_prefix: str, check_in_s: float) -> list[Any]:
+    """n UNPAID orders (one line, 2 x bench-a) by batch_write, in the store's format,
+    and the stock taken for them, as n create-order transactions would leave it."""
+    from chalicelib.orders import UNPAID, Line, Order, new_order_id
+    from chalicelib.store import GoodsModel, OrderModel, _model_from_order
+
+    now = datetime.now(UTC)
+    gid, name, price = BENCH_GOODS[0]
+    made = [
+        Order(id=new_order_id(now), username=f"{user_prefix}{i}", status=UNPAID,
+              source_type="1", lines=[Line(gid, name, price, 2)], create_time=now,
+              update_time=now, expire_time=now + timedelta(seconds=1800),
+              check_time=now + timedelta(seconds=check_in_s))
+        for i in range(n)
+    ]
+    with OrderModel.batch_write() as batch:
+        for order in made:
+            batch.save(_model_from_order(order))
+    GoodsModel(gid).update(actions=[GoodsModel.stock.add(-2 * n)])
+    return made
+
+
+def seed_carts(users: Sequence[str]) -> None:
+    from chalicelib.store import CartLineModel
+
+    with CartLineModel.batch_write() as batch:
+        for user in users:
+            batch.save(CartLineModel(user, BENCH_GOODS[0][0], num=1))
+            batch.save(CartLineModel(user, BENCH_GOODS[1][0], num=2))
+
+
+def pay_message(order: Any, i: int) -> dict[str, Any]:
+    from chalicelib.orders import iso, money_str
+
+    return {"orderId": order.id, "tradeNo": f"2026{i:024d}",
+            "totalAmount": money_str(order.total_fen), "payTime": iso(datetime.now(UTC)),
+            "notifyId": f"bench-{i}"}
+
+
+def signed_notifies(world: World, orders: Sequence[Any]) -> list[bytes]:
+    """Alipay's trade_status_sync notify for each order, signed by the sandbox's key
+    (Alipay's cost, so done before any clock starts)."""
+    from chalicelib.orders import money_str
+    from local.alipay_sandbox import LOCAL_APP_ID, LOCAL_SELLER_ID
+    from local.alipay_sandbox.constants import LOCAL_BUYER_ID
+    from local.alipay_sandbox.keys import load_private_key
+    from local.alipay_sandbox.signer import alipay_time, sign_params
+
+    key = load_private_key(world.keys["alipay_private"])
+    now = alipay_time(datetime.now(UTC))
+    bodies = []
+    for i, order in enumerate(orders):
+        amount = money_str(order.total_fen)
+        fields = {
+            "notify_time": now, "notify_type": "trade_status_sync",
+            "notify_id": f"bench{uuid.uuid4().hex}", "app_id": LOCAL_APP_ID, "charset": "utf-8",
+            "version": "1.0", "trade_no": f"2026{i:024d}", "out_trade_no": order.id,
+            "buyer_id": LOCAL_BUYER_ID, "seller_id": LOCAL_SELLER_ID,
+            "trade_status": "TRADE_SUCCESS", "total_amount": amount, "receipt_amount": amount,
+            "buyer_pay_amount": amount, "gmt_create": now, "gmt_payment": now,
+            "subject": order.lines[0].name,
+        }
+        bodies.append(urllib.parse.urlencode(sign_params(fields, key)).encode("ascii"))
+    return bodies
+
+
+# --- the project's pieces ------------------------------------------------------------
+
+
+def make_store() -> Any:
+    from chalicelib.store import Store
+
+    class TimingStore(Store):
+        """The real store; notes when each order's UNPAID -> PAID write was won."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.paid: dict[str, float] = {}
+
+        def mark_paid(self, order_id: str, **kw: Any) -> bool:
+            won = super().mark_paid(order_id, **kw)
+            if won:
+                self.paid[order_id] = time.perf_counter()
+            return bool(won)
+
+    return TimingStore()
+
+
+def make_deps(world: World, url: str, store: Any | None = None) -> Any:
+    from chalicelib import broker, config
+    from chalicelib.alipay_gateway import AlipayGateway
+    from chalicelib.handlers import Deps
+    from local.alipay_sandbox import LOCAL_APP_ID, LOCAL_SELLER_ID
+
+    settings = dataclasses.replace(config.load(), rmq_url=url, check_delay_seconds=CHECK_DELAY_S)
+    gateway = AlipayGateway(
+        LOCAL_APP_ID, LOCAL_SELLER_ID, "http://127.0.0.1:9/gateway.do",  # never called here
+        world.keys["app_private"].read_text(), world.keys["alipay_public"].read_text(),
+        None, None, timeout=5.0)
+    return Deps(settings=settings, store=store or make_store(),
+                broker=broker.Broker(url, CHECK_DELAY_S, settings.rmq_queue_type),
+                gateway=gateway)
+
+
+def bridge_supports(name: str) -> bool:
+    from local import bridge
+
+    return name in inspect.signature(bridge.run).parameters
+
+
+@contextlib.contextmanager
+def running_bridge(d: Any, *, workers: int = 1, pay_rate: float | None = None,
+                   ) -> Iterator[dict[str, Any]]:
+    """local.bridge.run in a thread of this process (as the tests run it)."""
+    from chalicelib import broker, handlers
+    from local import bridge
+
+    stop = threading.Event()
+    info: dict[str, Any] = {"started": time.perf_counter(), "capped_by": None}
+    kwargs: dict[str, Any] = {"sweep_interval": 3600.0}
+    if workers != 1:
+        kwargs["workers"] = workers
+    target: Callable[..., None] = bridge.run
+    args: tuple[Any, ...] = (d, stop)
+    if pay_rate is not None:
+        if bridge_supports("rate_limits"):
+            kwargs["rate_limits"] = {broker.QUEUE_PAY: pay_rate}
+            info["capped_by"] = "local.bridge.run(rate_limits=...)"
+        else:
+            # Last resort: the cap in the bench's own handler wrapper.
+            info["capped_by"] = "the bench's handler wrapper (bridge.run has no rate_limits)"
+            paced = _paced(bridge.consumer(handlers.on_paid, d), pay_rate, stop)
+            settings = d.settings
+
+            def target(d: Any, stop: threading.Event) -> None:  # noqa: F811
+                broker.run_consumer(
+                    settings.rmq_url, {broker.QUEUE_PAY: paced},
+                    prefetch=settings.bridge_prefetch, max_attempts=settings.bridge_max_attempts,
+                    check_delay_seconds=settings.check_delay_seconds,
+                    queue_type=settings.rmq_queue_type, stop=stop)
+
+            kwargs = {}
+    thread = threading.Thread(target=target, args=args, kwargs=kwargs, name="bench-bridge",
+                              daemon=True)
+    thread.start()
+    try:
+        yield info
+    finally:
+        stop.set()
+        thread.join(15)
+
+
+def _paced(fn: Callable[[dict[str, Any]], None], rate: float, stop: threading.Event,
+           ) -> Callable[[dict[str, Any]], None]:
+    interval = 1.0 / rate
+    state = {"next": 0.0}
+
+    def handle(msg: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        wait = state["next"] - now
+        if wait > 0:
+            stop.wait(wait)
+        state["next"] = max(now, state["next"]) + interval
+        fn(msg)
+
+    return handle
+
+
+def test_client(world: World) -> Any:
+    from chalice.test import Client
+
+    from app import app
+
+    return Client(app, stage_name="bench", project_dir=str(world.tmp))
+
+
+# --- bare pika -------------------------------------------------------------------------
+
+
+def connect(url: str) -> Any:
+    import pika
+
+    return pika.BlockingConnection(pika.URLParameters(url))
+
+
+def declare_project_topology(url: str) -> None:
+    from chalicelib import broker
+
+    conn = connect(url)
+    try:
+        broker.declare_topology(conn.channel(), CHECK_DELAY_S * 1000)
+    finally:
+        conn.close()
+
+
+def fill_queue(url: str, exchange: str, routing_key: str, bodies: Sequence[bytes],
+               queue: str) -> None:
+    """Persistent messages, published without waiting for each confirm (set-up, not measured);
+    returns once the queue holds them all."""
+    import pika
+
+    conn = connect(url)
+    try:
+        ch = conn.channel()
+        props = pika.BasicProperties(content_type="application/json", delivery_mode=2)
+        for body in bodies:
+            ch.basic_publish(exchange, routing_key, body, props)
+        deadline = time.monotonic() + 60
+        while depth(ch, queue) < len(bodies):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{queue} did not fill up")
+            time.sleep(0.05)
+    finally:
+        conn.close()
+
+
+def depth(channel: Any, queue: str) -> int:
+    return int(channel.queue_declare(queue, passive=True).method.message_count)
+
+
+def bare_consume(url: str, queue: str, n: int, prefetch: int,
+                 on_body: Callable[[bytes], None] | None = None) -> float:
+    """Consume n messages with manual ack at `prefetch`; seconds from the first delivery
+    request to the last ack."""
+    conn = connect(url)
+    try:
+        ch = conn.channel()
+        ch.basic_qos(prefetch_count=prefetch)
+        done = {"n": 0}
+
+        def cb(channel: Any, method: Any, properties: Any, body: bytes) -> None:
+            if on_body is not None:
+                on_body(body)
+            channel.basic_ack(method.delivery_tag)
+            done["n"] += 1
+
+        start = time.perf_counter()
+        ch.basic_consume(queue, cb, auto_ack=False)
+        while done["n"] < n:
+            conn.process_data_events(time_limit=0.1)
+        return time.perf_counter() - start
+    finally:
+        conn.close()
+
+
+def bare_confirmed_channel(url: str) -> tuple[Any, Any]:
+    conn = connect(url)
+    ch = conn.channel()
+    ch.confirm_delivery()
+    return conn, ch
+
+
+def bare_publish(ch: Any, exchange: str, key: str, body: bytes) -> None:
+    import pika
+
+    ch.basic_publish(exchange, key, body,
+                     pika.BasicProperties(content_type="application/json", delivery_mode=2),
+                     mandatory=True)
+
+
+def purge(url: str, *queues: str) -> None:
+    conn = connect(url)
+    try:
+        ch = conn.channel()
+        for q in queues:
+            ch.queue_purge(q)
+    finally:
+        conn.close()
+
+
+# --- bare DynamoDB (pynamodb's low-level calls, the same endpoint) ------------------------
+
+
+def bare_conditional_update(order_id: str) -> None:
+    from chalicelib.orders import UNPAID, iso
+    from chalicelib.store import OrderModel
+
+    OrderModel._get_connection().update_item(
+        order_id, actions=[OrderModel.update_time.set(iso(datetime.now(UTC)))],
+        condition=OrderModel.status == UNPAID)
+
+
+def bare_pay_update(order_id: str) -> None:
+    """The bridge's UNPAID -> PAID write, the same actions and condition, bare."""
+    from chalicelib.orders import PAID, UNPAID, iso
+    from chalicelib.store import OrderModel
+
+    now = iso(datetime.now(UTC))
+    OrderModel._get_connection().update_item(
+        order_id, actions=[OrderModel.status.set(PAID), OrderModel.transaction_id.set("T1"),
+                           OrderModel.pay_time.set(now), OrderModel.notify_id.set("n1"),
+                           OrderModel.update_time.set(now), OrderModel.unpaid.remove()],
+        condition=(OrderModel.status == UNPAID) & (OrderModel.total_fen == SEED_TOTAL_FEN))
+
+
+def bare_read(order_id: str) -> dict[str, Any]:
+    from chalicelib.store import OrderModel
+
+    return dict(OrderModel._get_connection().get_item(order_id, consistent_read=True))
+
+
+def in_threads(items: Sequence[Any], fn: Callable[[Any], None], concurrency: int) -> float:
+    """fn over items from `concurrency` threads; wall seconds."""
+    chunks = [items[i::concurrency] for i in range(concurrency)]
+    errors: list[BaseException] = []
+
+    def work(chunk: Sequence[Any]) -> None:
+        try:
+            for item in chunk:
+                fn(item)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(c,)) for c in chunks]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return time.perf_counter() - start
+
+
+def wait_paid(store: Any, ids: Sequence[str], timeout: float) -> float:
+    """Waits until every id was marked PAID by the bridge; returns the last one's time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = sum(1 for oid in ids if oid not in store.paid)
+        if not missing:
+            return max(store.paid[oid] for oid in ids)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{missing} of {len(ids)} orders not PAID within {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def statuses(ids: Sequence[str], attrs: Sequence[str] = ("id", "status")) -> dict[str, Any]:
+    from chalicelib.store import OrderModel
+
+    found: dict[str, Any] = {}
+    for i in range(0, len(ids), 100):
+        for m in OrderModel.batch_get(list(ids[i:i + 100]), consistent_read=True,
+                                      attributes_to_get=list(attrs)):
+            found[m.id] = m
+    return found
+
+
+# --- stage 1: the bridge drains the pay queue ----------------------------------------------
+
+
+def stage_drain(world: World) -> StageResult:
+    from chalicelib import broker, config
+
+    n = world.sizes["drain_n"]
+    prefetch = config.load().bridge_prefetch
+    res = StageResult("drain", [])
+    with vhost("drain") as url:
+        declare_project_topology(url)
+        progress(f"1 drain: seeding 2 x {n:,} UNPAID orders (batch_write, not transactions)")
+        made = seed_orders(n, "drain-", 3600)
+        spare = [o.id for o in seed_orders(n, "drain-bare-", 3600)]
+        bodies = [json.dumps(pay_message(o, i)).encode() for i, o in enumerate(made)]
+        ids = [o.id for o in made]
+
+        progress(f"1 drain: baseline, bare pika consume + ack of {n:,} at prefetch {prefetch}")
+        conn = connect(url)
+        conn.channel().queue_declare("bench.consume", durable=True)
+        conn.close()
+        fill_queue(url, "", "bench.consume", bodies, "bench.consume")
+        consume_rate = n / bare_consume(url, "bench.consume", n, prefetch)
+
+        progress(f"1 drain: baseline, {n:,} bare UNPAID -> PAID updates (concurrency 1)")
+        update_rate = n / in_threads(spare, bare_pay_update, 1)
+        m = min(n, world.sizes["scale_n"])
+        progress(f"1 drain: {m:,} minimal conditional updates (SET one attribute), for scale")
+        minimal_rate = m / in_threads(ids[:m], bare_conditional_update, 1)
+
+        progress(f"1 drain: the bridge drains {n:,} pay messages")
+        fill_queue(url, broker.EXCHANGE_PAY, broker.QUEUE_PAY, bodies, broker.QUEUE_PAY)
+        d = make_deps(world, url)
+        with running_bridge(d) as info:
+            last = wait_paid(d.store, ids, timeout=max(120.0, n / 20))
+        bridge_rate = n / (last - info["started"])
+        d.broker.close()
+        paid = sum(1 for m in statuses(ids).values() if m.status == "PAID")
+        lower = min(consume_rate, update_rate)
+        res.rows += [
+            Row("1 drain", f"pay msg/s vs bare consume+ack (prefetch {prefetch})",
+                consume_rate, bridge_rate, "/s"),
+            Row("1 drain", "pay msg/s vs bare PAID update, same write", update_rate,
+                bridge_rate, "/s"),
+            Row("1 drain", "pay msg/s vs minimal update (SET 1 attr)", minimal_rate,
+                bridge_rate, "/s"),
+            Row("1 drain", "pay msg/s vs the lower of the two", lower, bridge_rate, "/s",
+                ">= 0.80", bridge_rate / lower >= 0.8),
+            Row("1 drain", "orders PAID", n, paid, "", "all", paid == n),
+        ]
+        res.data.update(n=n, prefetch=prefetch, consume_rate=consume_rate,
+                        update_rate=update_rate, minimal_update_rate=minimal_rate,
+                        bridge_rate=bridge_rate, paid=paid)
+
+    if bridge_supports("workers"):
+        res.data["scaling"] = _drain_scaling(world)
+        for point in res.data["scaling"]:
+            w = point["workers"]
+            res.rows.append(Row("1 drain", f"{w} worker(s), msg/s vs bare updates x{w}",
+                                point["update_rate"], point["bridge_rate"], "/s"))
+    else:
+        res.notes.append("1 drain: local.bridge.run takes no `workers`: one consumer only.")
+    res.notes.append(
+        f"1 drain: 2 x {n:,} orders seeded with batch_write in the store's format; the bare "
+        "update is the bridge's own write (SET status, transactionId, payTime, notifyId, "
+        "updateTime, REMOVE unpaid IF status = UNPAID AND totalFen = x) through pynamodb's "
+        "low-level UpdateItem on the other half; the minimal update (SET one attribute) is "
+        "shown for scale. The bridge runs in a thread of the bench (local.bridge.run), moto "
+        "in its own process.")
+    return res
+
+
+def _drain_scaling(world: World) -> list[dict[str, Any]]:
+    from chalicelib import broker
+
+    n = world.sizes["scale_n"]
+    points = []
+    for workers in world.sizes["scale_workers"]:
+        with vhost(f"scale{workers}") as url:
+            declare_project_topology(url)
+            progress(f"1 drain: {workers} worker(s), {n:,} messages, and bare updates x{workers}")
+            made = seed_orders(n, f"scale{workers}-", 3600)
+            ids = [o.id for o in made]
+            spare = [o.id for o in seed_orders(n, f"scale{workers}-bare-", 3600)]
+            update_rate = n / in_threads(spare, bare_pay_update, workers)
+            fill_queue(url, broker.EXCHANGE_PAY, broker.QUEUE_PAY,
+                       [json.dumps(pay_message(o, i)).encode() for i, o in enumerate(made)],
+                       broker.QUEUE_PAY)
+            d = make_deps(world, url)
+            with running_bridge(d, workers=workers) as info:
+                last = wait_paid(d.store, ids, timeout=max(120.0, n / 20))
+            d.broker.close()
+            points.append({"workers": workers, "n": n, "update_rate": update_rate,
+                           "bridge_rate": n / (last - info["started"])})
+    return points
+
+
+# --- stage 2: the notify route -------------------------------------------------------
+
+
+def stage_notify(world: World) -> StageResult:
+    from chalicelib import broker, deps
+
+    n, rounds = world.sizes["notify_n"], world.sizes["notify_rounds"]
+    res = StageResult("notify", [])
+    with vhost("notify") as url:
+        declare_project_topology(url)
+        progress(f"2 notify: seeding {n:,} orders, signing {n:,} notifies (Alipay's side)")
+        made = seed_orders(n, "notify-", 3600)
+        bodies = signed_notifies(world, made)
+        msgs = [json.dumps(pay_message(o, i)).encode() for i, o in enumerate(made)]
+        d = make_deps(world, url)
+        deps.use(d)
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        base_s = proj_s = 0.0
+        answers: dict[str, int] = {}
+        conn, ch = bare_confirmed_channel(url)
+        try:
+            with test_client(world) as client:
+                client.http.post("/alipay/notify", headers=headers, body=bodies[0])  # warm
+                d.broker.ping()
+                step = -(-n // rounds)
+                for r in range(rounds):
+                    part = range(r * step, min(n, (r + 1) * step))
+                    progress(f"2 notify: round {r + 1}/{rounds}: {len(part)} bare read+publish, "
+                             f"{len(part)} through the route")
+                    start = time.perf_counter()
+                    for i in part:
+                        bare_read(made[i].id)
+                        bare_publish(ch, broker.EXCHANGE_PAY, broker.QUEUE_PAY, msgs[i])
+                    base_s += time.perf_counter() - start
+                    start = time.perf_counter()
+                    for i in part:
+                        answer = client.http.post("/alipay/notify", headers=headers,
+                                                  body=bodies[i]).body.decode()
+                        answers[answer] = answers.get(answer, 0) + 1
+                    proj_s += time.perf_counter() - start
+        finally:
+            conn.close()
+            deps.use(None)
+            d.broker.close()
+        base, proj = n / base_s, n / proj_s
+        ok = answers.get("success", 0)
+        res.rows += [
+            Row("2 notify", "notifies/s vs bare read + confirmed publish", base, proj, "/s",
+                ">= 0.75", proj / base >= 0.75),
+            Row("2 notify", "answered success", n, ok, "", "all", ok == n),
+        ]
+        res.data.update(n=n, rounds=rounds, baseline_rate=base, project_rate=proj,
+                        answers=answers)
+    res.notes.append("2 notify: chalice's test client in-process; RSA2 verify "
+                     "(python-alipay-sdk), "
+                     "consistent order read and confirmed publish; the baseline does the read "
+                     "(pynamodb GetItem) and the confirmed publish (bare pika), alternating "
+                     "rounds.")
+    return res
+
+
+# --- stage 3: create order -------------------------------------------------------------
+
+
+def stage_create(world: World) -> StageResult:
+    from pynamodb.transactions import TransactWrite
+
+    from chalicelib import auth, deps
+    from chalicelib.orders import UNPAID, Line, Order, new_order_id
+    from chalicelib.store import CartLineModel, GoodsModel, OrderModel, _model_from_order
+
+    n, rounds = world.sizes["create_n"], world.sizes["create_rounds"]
+    res = StageResult("create", [])
+    with vhost("create") as url:
+        declare_project_topology(url)
+        progress(f"3 create: {2 * n:,} carts of 2 lines (batch_write)")
+        base_users = [f"cb{i}" for i in range(n)]
+        proj_users = [f"cp{i}" for i in range(n)]
+        seed_carts(base_users + proj_users)
+        tokens = {u: auth.issue(JWT_SECRET, u, 3600) for u in proj_users}
+        d = make_deps(world, url)
+        deps.use(d)
+        conn = d.store.connection
+        lines = [Line(g, name, price, num) for (g, name, price), num in zip(BENCH_GOODS, (1, 2),
+                                                                              strict=True)]
+        cart = {"bench-a": 1, "bench-b": 2}
+
+        def bare_transaction(user: str) -> None:
+            now = datetime.now(UTC)
+            order = Order(id=new_order_id(now), username=user, status=UNPAID, source_type="1",
+                          lines=lines, create_time=now, update_time=now,
+                          expire_time=now + timedelta(seconds=1800),
+                          check_time=now + timedelta(seconds=CHECK_DELAY_S))
+            with TransactWrite(connection=conn) as tx:
+                tx.save(_model_from_order(order), condition=OrderModel.id.does_not_exist())
+                for line in lines:
+                    tx.update(GoodsModel(line.goods_id), actions=[GoodsModel.stock.add(-line.num)],
+                              condition=GoodsModel.stock >= line.num)
+                for gid, num in cart.items():
+                    tx.delete(CartLineModel(user, gid), condition=CartLineModel.num == num)
+
+        codes: dict[int, int] = {}
+        base_s = proj_s = 0.0
+        try:
+            with test_client(world) as client:
+                client.http.get("/goods")  # warm: connections, the model's table meta
+                d.broker.ping()
+                step = -(-n // rounds)
+                for r in range(rounds):
+                    part = range(r * step, min(n, (r + 1) * step))
+                    progress(f"3 create: round {r + 1}/{rounds}: {len(part)} bare TransactWrite, "
+                             f"{len(part)} POST /orders")
+                    start = time.perf_counter()
+                    for i in part:
+                        bare_transaction(base_users[i])
+                    base_s += time.perf_counter() - start
+                    start = time.perf_counter()
+                    for i in part:
+                        user = proj_users[i]
+                        got = client.http.post("/orders", body=b"{}", headers={
+                            "Authorization": f"Bearer {tokens[user]}",
+                            "Content-Type": "application/json"})
+                        codes[got.status_code] = codes.get(got.status_code, 0) + 1
+                    proj_s += time.perf_counter() - start
+        finally:
+            deps.use(None)
+            d.broker.close()
+        base, proj = n / base_s, n / proj_s
+        res.rows += [
+            Row("3 create", "orders/s vs bare TransactWrite (same shape)", base, proj, "/s",
+                ">= 0.80", proj / base >= 0.8),
+            Row("3 create", "answered 201", n, codes.get(201, 0), "", "all", codes.get(201) == n),
+        ]
+        res.data.update(n=n, baseline_rate=base, project_rate=proj, codes=codes)
+    res.notes.append("3 create: POST /orders through chalice's test client (JWT, cart query, "
+                     "goods batch_get, one TransactWrite: put + 2 stock updates + 2 cart "
+                     "deletes, confirmed delay publish); the baseline is that TransactWrite alone.")
+    return res
+
+
+# --- stage 4: timeout precision at scale --------------------------------------------------
+
+
+def _vm(pid: int, field: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024.0  # kB -> MiB
+    return float("nan")
+
+
+def stage_timeout(world: World) -> StageResult:
+    import pika
+
+    from chalicelib import broker
+    from chalicelib.orders import parse_iso
+
+    n, rate = world.sizes["timeout_n"], world.sizes["timeout_rate"]
+    res = StageResult("timeout", [])
+    with vhost("timeout") as url:
+        declare_project_topology(url)
+        conn = connect(url)
+        ch = conn.channel()
+        ch.queue_declare("bench.ttl.dead", durable=True)
+        ch.queue_declare("bench.ttl", durable=True, arguments={
+            "x-message-ttl": CHECK_DELAY_S * 1000, "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": "bench.ttl.dead"})
+        progress(f"4 timeout: seeding {n:,} UNPAID orders (batch_write)")
+        made = seed_orders(n, "timeout-", CHECK_DELAY_S + n / rate)
+
+        progress("4 timeout: starting the bridge as a subprocess (python -m local bridge)")
+        log = (world.tmp / "bridge-timeout.log").open("wb")
+        proc = subprocess.Popen([sys.executable, "-m", "local", "bridge"], cwd=REPO,
+                                env={**os.environ, "RMQ_URL": url}, stdout=log,
+                                stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while int(ch.queue_declare(broker.QUEUE_CHECK, passive=True).method.consumer_count) < 1:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the bridge did not start; see bridge-timeout.log")
+                time.sleep(0.1)
+            idle_mb = _vm(proc.pid, "VmHWM")
+
+            # The bare TTL: same pacing, same seconds, a bare consumer on the dead-letter queue.
+            bare_late: list[float] = []
+            stop = threading.Event()
+
+            def bare_consumer() -> None:
+                c = connect(url)
+                cch = c.channel()
+                cch.basic_qos(prefetch_count=50)
+
+                def cb(channel: Any, method: Any, props: Any, body: bytes) -> None:
+                    bare_late.append(time.time() - (float(body) + CHECK_DELAY_S))
+                    channel.basic_ack(method.delivery_tag)
+
+                cch.basic_consume("bench.ttl.dead", cb)
+                while len(bare_late) < n and not stop.is_set():
+                    c.process_data_events(time_limit=0.1)
+                c.close()
+
+            consumer = threading.Thread(target=bare_consumer, daemon=True)
+            consumer.start()
+            publisher = make_deps(world, url).broker
+            published: dict[str, float] = {}
+            progress(f"4 timeout: publishing {n:,} delay messages at {rate:g}/s "
+                     f"(and {n:,} to a bare TTL queue beside them)")
+            props = pika.BasicProperties(delivery_mode=2)
+            start = time.perf_counter()
+            for i, order in enumerate(made):
+                wait = start + i / rate - time.perf_counter()
+                if wait > 0:
+                    time.sleep(wait)
+                t = time.time()
+                publisher.publish_check(order.id)  # the project's confirmed publish
+                published[order.id] = t
+                ch.basic_publish("", "bench.ttl", repr(t).encode(), props)
+                if i and i % max(1, n // 5) == 0:
+                    progress(f"4 timeout: {i:,} published, bridge VmRSS "
+                             f"{_vm(proc.pid, 'VmRSS'):.0f} MiB")
+            publisher.close()
+            progress("4 timeout: waiting for the last closes")
+            closed: dict[str, Any] = {}
+            deadline = time.monotonic() + CHECK_DELAY_S + 60 + n / 50
+            while time.monotonic() < deadline:
+                time.sleep(1.0)
+                if depth(ch, broker.QUEUE_DELAY) or depth(ch, broker.QUEUE_CHECK):
+                    continue
+                found = statuses(list(published), ("id", "status", "close_time"))
+                closed = {k: m for k, m in found.items() if m.status == "CLOSED"}
+                if len(closed) == n:
+                    break
+            peak_mb = _vm(proc.pid, "VmHWM")
+            consumer.join(10)
+            stop.set()
+            consumer.join(5)
+        finally:
+            _stop(proc)
+            conn.close()
+        late = sorted(parse_iso(m.close_time).timestamp() - (published[k] + CHECK_DELAY_S)
+                      for k, m in closed.items())
+        late_ms = [x * 1000 for x in late]
+        bare_ms = [x * 1000 for x in bare_late]
+        p = {q: pct(late_ms, q) for q in (50, 99, 100)}
+        b = {q: pct(bare_ms, q) for q in (50, 99, 100)}
+        res.rows += [
+            Row("4 timeout", "close lateness p50 vs bare TTL", b[50], p[50], "ms"),
+            Row("4 timeout", "close lateness p99 vs bare TTL", b[99], p[99], "ms", "< 1000 ms",
+                p[99] < 1000),
+            Row("4 timeout", "close lateness max vs bare TTL", b[100], p[100], "ms"),
+            Row("4 timeout", "bridge peak RSS (VmHWM) vs idle", idle_mb, peak_mb, "MiB",
+                "< 150 MiB", peak_mb < 150),
+            Row("4 timeout", "orders CLOSED", n, len(closed), "", "all", len(closed) == n),
+        ]
+        res.data.update(n=n, rate=rate, lateness_ms=late_ms, bare_lateness_ms=bare_ms,
+                        idle_rss_mb=idle_mb, peak_rss_mb=peak_mb, closed=len(closed))
+    res.notes.append(
+        f"4 timeout: {n:,} orders seeded with batch_write; their delay messages published with "
+        f"the project's confirmed publish at {rate:g}/s (the rate orders would be created), "
+        "beside the same number into a bare 5 s TTL queue read by a bare consumer; lateness = "
+        "the order's closeTime - (publish + 5 s), every value in the JSON. The bridge is "
+        "`python -m local bridge` in a subprocess (no Alipay configured: the check's trade "
+        "query and close are not in this figure); memory is its VmHWM.")
+    return res
+
+
+# --- stage 5: end to end ------------------------------------------------------------------
+
+
+def stage_e2e(world: World) -> StageResult:
+    from chalicelib import config, deps
+
+    seconds, rate = world.sizes["e2e_seconds"], world.sizes["e2e_rate"]
+    n = int(seconds * rate)
+    prefetch = config.load().bridge_prefetch
+    res = StageResult("e2e", [])
+    with vhost("e2e") as url:
+        declare_project_topology(url)
+        progress(f"5 e2e: seeding {n:,} orders, signing their notifies")
+        made = seed_orders(n, "e2e-", 3600)
+        spare = seed_orders(n, "e2e-bare-", 3600)
+        bodies = signed_notifies(world, made)
+
+        # Baseline: a bare read + confirmed publish, a bare consumer doing a bare conditional
+        # update then ack, at the same pace.
+        progress(f"5 e2e: baseline, bare pipeline at {rate:g}/s for {seconds:g} s")
+        conn = connect(url)
+        conn.channel().queue_declare("bench.e2e", durable=True)
+        conn.close()
+        sent: dict[str, float] = {}
+        done: dict[str, float] = {}
+
+        def on_body(body: bytes) -> None:
+            oid = body.decode()
+            bare_pay_update(oid)
+            done[oid] = time.perf_counter()
+
+        consumer = threading.Thread(target=bare_consume,
+                                    args=(url, "bench.e2e", n, prefetch, on_body), daemon=True)
+        consumer.start()
+        pconn, pch = bare_confirmed_channel(url)
+        start = time.perf_counter()
+        for i, order in enumerate(spare):
+            wait = start + i / rate - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            sent[order.id] = time.perf_counter()
+            bare_read(order.id)
+            bare_publish(pch, "", "bench.e2e", order.id.encode())
+        consumer.join(60)
+        pconn.close()
+        base_ms = [(done[k] - sent[k]) * 1000 for k in sent if k in done]
+
+        progress(f"5 e2e: notify -> PAID through the route and the bridge at {rate:g}/s")
+        d = make_deps(world, url)
+        deps.use(d)
+        received: dict[str, float] = {}
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        try:
+            with test_client(world) as client, running_bridge(d):
+                d.broker.ping()
+                time.sleep(0.5)
+                start = time.perf_counter()
+                for i, order in enumerate(made):
+                    wait = start + i / rate - time.perf_counter()
+                    if wait > 0:
+                        time.sleep(wait)
+                    received[order.id] = time.perf_counter()
+                    client.http.post("/alipay/notify", headers=headers, body=bodies[i])
+                wait_paid(d.store, list(received), 60)
+        finally:
+            deps.use(None)
+            d.broker.close()
+        proj_ms = [(d.store.paid[k] - received[k]) * 1000 for k in received]
+        res.rows += [
+            Row("5 e2e", f"notify -> PAID p50 at {rate:g}/s", pct(base_ms, 50), pct(proj_ms, 50),
+                "ms"),
+            Row("5 e2e", f"notify -> PAID p99 at {rate:g}/s", pct(base_ms, 99), pct(proj_ms, 99),
+                "ms", "< 100 ms", pct(proj_ms, 99) < 100),
+        ]
+        res.data.update(n=n, rate=rate, latency_ms=proj_ms, bare_latency_ms=base_ms)
+    res.notes.append("5 e2e: from the notify's arrival at the route to the bridge's won "
+                     "UNPAID -> PAID write; the baseline is a bare read + confirmed publish, "
+                     "a bare consumer doing the conditional update then ack, at the same pace.")
+    return res
+
+
+# --- stage 6: cold start ------------------------------------------------------------------
+
+_IMPORT_PROBE = r"""
+import socket, sys, time
+opened = []
+_real = socket.socket.connect
+def _connect(self, *a, **k):
+    opened.append(repr(a))
+    return _real(self, *a, **k)
+socket.socket.connect = _connect
+socket.socket.connect_ex = lambda self, *a, **k: opened.append(repr(a)) or 111
+start = time.perf_counter()
+for name in sys.argv[1].split(","):
+    __import__(name)
+took = time.perf_counter() - start
+print(repr((took, len(opened))))
+"""
+
+DEPENDENCIES = ("chalice", "pynamodb.models", "pynamodb.connection", "pynamodb.transactions",
+                "pynamodb.attributes", "pynamodb.indexes", "pika", "alipay", "jwt")
+
+
+def _import_time(modules: Sequence[str]) -> tuple[float, int]:
+    env = {**os.environ, "AWS_ENDPOINT_URL_DYNAMODB": "http://127.0.0.1:9"}
+    done = subprocess.run([sys.executable, "-c", _IMPORT_PROBE, ",".join(modules)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=60, check=True)
+    took, sockets = eval(done.stdout.strip().splitlines()[-1], {})  # noqa: S307 - our own output
+    return float(took), int(sockets)
+
+
+def stage_cold(world: World) -> StageResult:
+    reps = world.sizes["cold_reps"]
+    progress(f"6 cold: importing the dependencies alone and `app`, {reps} times each, alternating")
+    base: list[float] = []
+    proj: list[float] = []
+    sockets = 0
+    for _ in range(reps):
+        base.append(_import_time(DEPENDENCIES)[0])
+        took, opened = _import_time(("app",))
+        proj.append(took)
+        sockets += opened
+    b, p = statistics.median(base), statistics.median(proj)
+    res = StageResult("cold", [
+        Row("6 cold", "import s, median (deps alone vs app)", b, p, "s", "<= 1.15", p / b <= 1.15),
+        Row("6 cold", "sockets opened while importing app", 0, sockets, "", "0", sockets == 0),
+    ])
+    res.data.update(baseline_s=base, project_s=proj, sockets=sockets,
+                    dependencies=list(DEPENDENCIES))
+    res.notes.append("6 cold: a fresh interpreter per import (time of the imports only); "
+                     f"dependencies = {', '.join(DEPENDENCIES)}; socket.connect is watched.")
+    return res
+
+
+# --- stage 7: peak shaving ----------------------------------------------------------------
+
+
+def stage_shave(world: World) -> StageResult:
+    from chalicelib import broker, deps
+
+    n, cap = world.sizes["shave_n"], world.sizes["shave_rate"]
+    res = StageResult("shave", [])
+    with vhost("shave") as url:
+        declare_project_topology(url)
+        progress(f"7 shave: seeding {n:,} orders, signing their notifies")
+        made = seed_orders(n, "shave-", 3600)
+        bodies = signed_notifies(world, made)
+        d = make_deps(world, url)
+        deps.use(d)
+        samples: list[tuple[float, int]] = []
+        stop = threading.Event()
+
+        def watch() -> None:
+            c = connect(url)
+            wch = c.channel()
+            while not stop.is_set():
+                samples.append((time.perf_counter(), depth(wch, broker.QUEUE_PAY)))
+                stop.wait(0.1)
+            c.close()
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        answers: dict[str, int] = {}
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        try:
+            with test_client(world) as client, running_bridge(d, pay_rate=cap) as info:
+                d.broker.ping()
+                watcher.start()
+                time.sleep(0.3)
+                progress(f"7 shave: a burst of {n:,} notifies against a bridge capped at "
+                         f"{cap:g}/s ({info['capped_by']})")
+                start = time.perf_counter()
+                for body in bodies:
+                    answer = client.http.post("/alipay/notify", headers=headers,
+                                              body=body).body.decode()
+                    answers[answer] = answers.get(answer, 0) + 1
+                burst_s = time.perf_counter() - start
+                progress(f"7 shave: burst answered in {burst_s:.1f} s; draining")
+                last = wait_paid(d.store, [o.id for o in made], n / cap * 3 + 60)
+                time.sleep(0.3)
+        finally:
+            stop.set()
+            watcher.join(5)
+            deps.use(None)
+            d.broker.close()
+        conn = connect(url)
+        parked = depth(conn.channel(), broker.QUEUE_PAY_PARKED)
+        conn.close()
+        drain_s = last - start
+        peak = max((x for _, x in samples), default=0)
+        final = samples[-1][1] if samples else -1
+        paid = sum(1 for o in made if o.id in d.store.paid)
+        ok = answers.get("success", 0)
+        ideal = n / cap
+        res.rows += [
+            Row("7 shave", "notifies answered success", n, ok, "", "all", ok == n),
+            Row("7 shave", "API answer rate during the burst vs the cap", cap, n / burst_s, "/s"),
+            Row("7 shave", "peak queue depth (and back to 0)", None, peak, "", "rises, falls",
+                peak > 0 and final == 0),
+            Row("7 shave", "drain s: n/cap vs measured", ideal, drain_s, "s"),
+            Row("7 shave", "orders PAID, none lost or parked", n, paid, "", "all",
+                paid == n and parked == 0),
+        ]
+        res.data.update(n=n, cap=cap, capped_by=info["capped_by"], burst_s=burst_s,
+                        drain_s=drain_s, peak_depth=peak, final_depth=final, parked=parked,
+                        answers=answers, depth=[(round(t - start, 2), x) for t, x in samples])
+    res.notes.append(
+        f"7 shave: {n:,} signed notifies through the route as fast as one client sends them; "
+        f"the bridge's pay queue capped at {cap:g}/s by {res.data['capped_by']}; depth sampled "
+        "every 0.1 s (series in the JSON); drain time from the burst's first notify to the "
+        "last order PAID.")
+    return res
+
+
+# --- main ---------------------------------------------------------------------------------
+
+RUNNERS: dict[str, Callable[[World], StageResult]] = {
+    "drain": stage_drain, "notify": stage_notify, "create": stage_create,
+    "timeout": stage_timeout, "e2e": stage_e2e, "cold": stage_cold, "shave": stage_shave,
+}
+
+
+def _stage_names(given: Sequence[str]) -> list[str]:
+    if not given:
+        return list(STAGES)
+    names = []
+    for item in given:
+        name = STAGES[int(item) - 1] if item.isdigit() and 1 <= int(item) <= 7 else item
+        if name not in STAGES:
+            raise SystemExit(f"unknown stage {item!r}: one of {', '.join(STAGES)} or 1-7")
+        names.append(name)
+    return sorted(set(names), key=STAGES.index)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m local bench", description=__doc__.split(
+        "\n")[0])
+    parser.add_argument("stages", nargs="*", help=f"{', '.join(STAGES)} or 1-7 (default: all)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    parser.add_argument("--out", default="bench-results.json", help="the JSON result file")
+    parser.add_argument("--shave-rate", type=float, help="stage 7: the bridge's cap, msg/s")
+    parser.add_argument("--timeout-rate", type=float,
+                        help="stage 4: how fast the delay messages are published, msg/s")
+    args = parser.parse_args(argv)
+    names = _stage_names(args.stages)
+    sizes = dict(QUICK if args.quick else FULL)
+    if args.shave_rate:
+        sizes["shave_rate"] = args.shave_rate
+    if args.timeout_rate:
+        sizes["timeout_rate"] = args.timeout_rate
+
+    results: list[StageResult] = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="shop-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        moto_port = _free_port()
+        _prepare_environment(moto_port, tmp)
+        progress(f"starting moto's DynamoDB on 127.0.0.1:{moto_port}; stages: {', '.join(names)}"
+                 f"{' (quick)' if args.quick else ''}")
+        moto = _start_moto(moto_port, tmp)
+        try:
+            from local.alipay_sandbox.keys import ensure_keys
+
+            world = World(tmp=tmp, keys=ensure_keys(tmp / "keys"), sizes=sizes,
+                          moto_port=moto_port)
+            from chalicelib.store import Store
+
+            Store.create_tables()
+            put_goods()
+            for name in names:
+                t = time.perf_counter()
+                result = RUNNERS[name](world)
+                result.seconds = time.perf_counter() - t
+                progress(f"{name}: done in {result.seconds:.1f} s")
+                results.append(result)
+        finally:
+            _stop(moto)
+
+    table = render_table(results)
+    notes = [n for r in results for n in r.notes]
+    total = time.perf_counter() - started
+    sys.stdout.write(table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+                     + f"\n{len(names)} stage(s) in {total:.0f} s"
+                     + f" on {platform.python_implementation()} {platform.python_version()},"
+                     + f" {os.cpu_count()} CPUs; results in {args.out}\n")
+    out = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "quick": args.quick, "seconds": total, "cpus": os.cpu_count(),
+        "python": platform.python_version(), "sizes": sizes, "table": table,
+        "stages": {r.name: {"rows": [dataclasses.asdict(x) for x in r.rows], "notes": r.notes,
+                            "seconds": r.seconds, "data": r.data} for r in results},
+    }
+    Path(args.out).write_text(json.dumps(out, indent=1, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
