@@ -74,6 +74,7 @@ class Settings:
     seckill_max_queue_depth: int = 10000  # deeper: POST /seckill/{id} answers 429
     seckill_cache_ms: int = 150  # how long the API reuses a sale and a queue depth it read
     bridge_pay_per_second: float = 0.0  # 0: queue.order.pay is drained as fast as it comes
+    bridge_workers: int = 4  # consumers (a connection each) on the unpaced queues
 
     @property
     def alipay_app_private_key(self) -> str:
@@ -113,6 +114,7 @@ def load() -> Settings:
         seckill_max_queue_depth=_int("SECKILL_MAX_QUEUE_DEPTH", 10000),
         seckill_cache_ms=_int("SECKILL_CACHE_MS", 150),
         bridge_pay_per_second=_float("BRIDGE_PAY_PER_SECOND", 0.0),
+        bridge_workers=max(1, _int("BRIDGE_WORKERS", 4)),
     )
 
 

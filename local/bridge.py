@@ -97,9 +97,13 @@ def _retry_delays() -> tuple[int, ...]:
 def run(d: Deps, stop: threading.Event, *, prefetch: int | None = None,
         sweep_interval: float | None = None,
         retry_delays_ms: tuple[int, ...] | None = None,
-        rate_limits: Mapping[str, float] | None = None) -> None:
+        rate_limits: Mapping[str, float] | None = None,
+        workers: int | None = None) -> None:
     """Consume until `stop` is set. `rate_limits`: queue name -> messages a second
-    (None: from the settings; a rate of 0 or a queue not named: not paced)."""
+    (None: from the settings; a rate of 0 or a queue not named: not paced).
+    `workers`: consumers on the unpaced queues, each with its own connection, so that
+    one message's reads and writes overlap another's (None: BRIDGE_WORKERS). Every
+    handler is a conditional write, so two workers on one order still make one winner."""
     settings = d.settings
     interval = sweep_interval if sweep_interval is not None else float(
         os.environ.get("SWEEP_INTERVAL_SECONDS", "60"))
@@ -133,14 +137,26 @@ def run(d: Deps, stop: threading.Event, *, prefetch: int | None = None,
     sweeper = threading.Thread(target=sweep_forever, args=(d, stop, interval),
                                name="sweeper", daemon=True)
     sweeper.start()
+    def work(chosen: dict[str, Callable[[dict[str, Any]], None]]) -> None:
+        try:
+            consume(chosen)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by run() below
+            failures.append(exc)
+            stop.set()
+
+    rest = {queue: h for queue, h in every.items() if queue not in limits}
+    count = max(1, workers if workers is not None else settings.bridge_workers)
     drains = [threading.Thread(target=drain, args=(queue, rate), name=f"drain {queue}",
                                daemon=True) for queue, rate in limits.items()]
+    drains += [threading.Thread(target=work, args=(rest,), name=f"worker {i}", daemon=True)
+               for i in range(1, count) if rest]
     for thread in drains:
         thread.start()
     if limits:
         log.info("paced: %s", ", ".join(f"{q} {r:g}/s" for q, r in limits.items()))
+    if rest:
+        log.info("%d worker(s) on %s", count, ", ".join(rest))
     try:
-        rest = {queue: h for queue, h in every.items() if queue not in limits}
         if rest:
             consume(rest)
         else:
