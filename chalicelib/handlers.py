@@ -42,7 +42,7 @@ from chalicelib.orders import (
     money_str,
     parse_amount,
 )
-from chalicelib.store import Store
+from chalicelib.store import PriceChanged, Store
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +133,10 @@ def set_cart_item(deps: Deps, username: str, goods_id: str, num: Any) -> dict[st
     if isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= MAX_NUM:
         raise BadRequest(f"num must be an integer from 1 to {MAX_NUM}")
     _goods_id(goods_id)
-    if goods_id not in deps.store.get_goods([goods_id]):
+    goods = deps.store.get_goods([goods_id]).get(goods_id)
+    if goods is None:
         raise NotFound(f"no goods {goods_id!r}")
-    deps.store.set_cart_line(username, goods_id, num)
+    deps.store.set_cart_line(username, goods_id, num, goods)
     return get_cart(deps, username)
 
 
@@ -153,7 +154,7 @@ def create_order(deps: Deps, username: str, source_type: Any = None) -> dict[str
     source_type = "1" if source_type is None else source_type
     if source_type not in SOURCE_TYPES:
         raise BadRequest('sourceType must be "1" (PC) or "2" (mobile)')
-    cart = deps.store.get_cart(username)
+    cart = sorted(deps.store.get_cart_lines(username), key=lambda c: c.goods_id)
     if not cart:
         raise BadRequest("the cart is empty")
     if len(cart) > MAX_CART_LINES:
@@ -161,14 +162,26 @@ def create_order(deps: Deps, username: str, source_type: Any = None) -> dict[str
             f"the cart holds {len(cart)} different goods; one order takes at most "
             f"{MAX_CART_LINES} (a DynamoDB transaction holds 100 actions)"
         )
-    goods = deps.store.get_goods(cart)
+    # The price each line was put with; the transaction takes the stock only while
+    # the goods still has that price, so the order never records a stale one. Lines
+    # put before prices were kept on them are priced from a read of the goods.
+    unpriced = [c.goods_id for c in cart if c.price_fen is None or c.name is None]
+    goods = deps.store.get_goods(unpriced) if unpriced else {}
     lines = []
-    for gid, num in sorted(cart.items()):
-        if gid not in goods:
-            raise OutOfStock(gid)
-        lines.append(Line(gid, goods[gid].name, goods[gid].price_fen, num))
+    for c in cart:
+        if c.price_fen is not None and c.name is not None:
+            lines.append(Line(c.goods_id, c.name, c.price_fen, c.num))
+        elif c.goods_id in goods:
+            g = goods[c.goods_id]
+            lines.append(Line(c.goods_id, g.name, g.price_fen, c.num))
+        else:
+            raise OutOfStock(c.goods_id)
     order = _new_order(deps, username, source_type, lines)
-    deps.store.create_order(order, cart)
+    try:
+        deps.store.create_order(order, {c.goods_id: c.num for c in cart})
+    except PriceChanged as exc:
+        deps.store.refresh_cart_line(username, exc.goods)  # the next order takes it
+        raise
     _schedule_check(deps, order.id)
     return order.to_wire()
 

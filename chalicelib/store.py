@@ -65,6 +65,7 @@ from chalicelib.orders import (
     OutOfStock,
     Unavailable,
     iso,
+    money_str,
     parse_iso,
 )
 
@@ -100,6 +101,10 @@ class CartLineModel(Model):
     username = UnicodeAttribute(hash_key=True)
     goods_id = UnicodeAttribute(range_key=True)
     num = NumberAttribute()
+    # The goods' price and name when the line was put: create-order charges this
+    # price on the condition, inside its transaction, that the goods still has it.
+    price_fen = NumberAttribute(null=True)
+    name = UnicodeAttribute(null=True)
 
 
 class OrderLineAttribute(MapAttribute[str, Any]):
@@ -241,6 +246,25 @@ class Goods:
 
 
 @dataclass(frozen=True)
+class CartLine:
+    goods_id: str
+    num: int
+    price_fen: int | None  # as it was when the line was put (None: an older line)
+    name: str | None
+
+
+class PriceChanged(Conflict):
+    """The goods' price is not the one the cart line was put with: nothing was written."""
+
+    code = "PriceChanged"
+
+    def __init__(self, goods_id: str, goods: Goods) -> None:
+        super().__init__(f"the price of goods {goods_id} changed to {money_str(goods.price_fen)}; "
+                         "the cart shows the new price, order again", goodsId=goods_id)
+        self.goods = goods
+
+
+@dataclass(frozen=True)
 class Sale:
     """A flash sale: one goods, its own stock, a window, one unit per user."""
 
@@ -371,17 +395,39 @@ class Store:
 
     # --- cart ---------------------------------------------------------------
 
-    def get_cart(self, username: str) -> dict[str, int]:
+    def get_cart_lines(self, username: str) -> list[CartLine]:
         try:
-            return {
-                line.goods_id: int(line.num) for line in CartLineModel.query(username)
-            }
+            return [
+                CartLine(m.goods_id, int(m.num),
+                         int(m.price_fen) if m.price_fen is not None else None, m.name)
+                for m in CartLineModel.query(username)
+            ]
         except _DYNAMO_ERRORS as exc:
             raise Unavailable("dynamodb is not answering") from exc
 
-    def set_cart_line(self, username: str, goods_id: str, num: int) -> None:
+    def get_cart(self, username: str) -> dict[str, int]:
+        return {line.goods_id: line.num for line in self.get_cart_lines(username)}
+
+    def set_cart_line(self, username: str, goods_id: str, num: int,
+                      goods: Goods | None = None) -> None:
+        """`goods`: the goods as just read, its price and name kept on the line."""
         try:
-            CartLineModel(username, goods_id, num=num).save()
+            CartLineModel(username, goods_id, num=num,
+                          price_fen=goods.price_fen if goods else None,
+                          name=goods.name if goods else None).save()
+        except _DYNAMO_ERRORS as exc:
+            raise Unavailable("dynamodb is not answering") from exc
+
+    def refresh_cart_line(self, username: str, goods: Goods) -> None:
+        """The goods' current price and name onto the user's line, if it still exists."""
+        try:
+            CartLineModel(username, goods.id).update(
+                actions=[CartLineModel.price_fen.set(goods.price_fen),
+                         CartLineModel.name.set(goods.name)],
+                condition=CartLineModel.num.exists())
+        except UpdateError as exc:
+            if exc.cause_response_code != "ConditionalCheckFailedException":
+                raise Unavailable("dynamodb is not answering") from exc
         except _DYNAMO_ERRORS as exc:
             raise Unavailable("dynamodb is not answering") from exc
 
@@ -409,7 +455,8 @@ class Store:
                         tx.update(
                             GoodsModel(line.goods_id),
                             actions=[GoodsModel.stock.add(-line.num)],
-                            condition=GoodsModel.stock >= line.num,
+                            condition=(GoodsModel.stock >= line.num)
+                            & (GoodsModel.price_fen == line.price_fen),
                         )
                     for goods_id, num in (cart or {}).items():
                         tx.delete(
@@ -425,6 +472,10 @@ class Store:
                     kinds += [("stock", line.goods_id) for line in order.lines]
                     kind, key = kinds[reasons.index("ConditionalCheckFailed")]
                     if kind == "stock":
+                        line = next(x for x in order.lines if x.goods_id == key)
+                        now = self.get_goods([key]).get(key)
+                        if now is not None and now.price_fen != line.price_fen:
+                            raise PriceChanged(key, now) from exc
                         raise OutOfStock(key) from exc
                     if kind == "order":
                         raise Conflict(f"order {key} exists already") from exc

@@ -211,3 +211,21 @@ def test_health_names_what_failed(client: Any, app_deps: Any) -> None:
 
 def test_catalogue_fixture_matches(app_deps: Any) -> None:
     assert {g.id for g in app_deps.store.list_goods()} == {g.id for g in CATALOGUE}
+
+
+def test_a_price_changed_since_the_cart_is_409_and_the_next_order_takes_the_new_price(
+    client: Any, app_deps: Any
+) -> None:
+    put_item(client, "alice", "g1", 2)  # 19.90 when put
+    put_item(client, "alice", "g2", 1)
+    app_deps.store.put_goods(Goods("g1", "Tea cup", 2190, 100))  # now 21.90
+    before = snapshot(app_deps.store, "alice")
+    r = client.http.post("/orders", headers=bearer("alice"), body=b"{}")
+    assert r.status_code == 409
+    assert body(r)["Code"] == "PriceChanged" and body(r)["goodsId"] == "g1"
+    assert snapshot(app_deps.store, "alice") == before  # nothing taken, nothing ordered
+    assert body(client.http.get("/cart", headers=bearer("alice")))["totalMoney"] == "103.70"
+    r = client.http.post("/orders", headers=bearer("alice"), body=b"{}")
+    assert r.status_code == 201, r.body
+    assert body(r)["totalMoney"] == "103.70"
+    assert body(r)["items"][0] == {"goodsId": "g1", "name": "Tea cup", "price": "21.90", "num": 2}
