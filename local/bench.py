@@ -281,8 +281,9 @@ def seed_carts(users: Sequence[str]) -> None:
 
     with CartLineModel.batch_write() as batch:
         for user in users:
-            batch.save(CartLineModel(user, BENCH_GOODS[0][0], num=1))
-            batch.save(CartLineModel(user, BENCH_GOODS[1][0], num=2))
+            # as PUT /cart/items/{id} leaves them: with the goods' price and name
+            for (gid, name, price), num in zip(BENCH_GOODS, (1, 2), strict=True):
+                batch.save(CartLineModel(user, gid, num=num, price_fen=price, name=name))
 
 
 def pay_message(order: Any, i: int) -> dict[str, Any]:
@@ -795,7 +796,8 @@ def stage_create(world: World) -> StageResult:
                 tx.save(_model_from_order(order), condition=OrderModel.id.does_not_exist())
                 for line in lines:
                     tx.update(GoodsModel(line.goods_id), actions=[GoodsModel.stock.add(-line.num)],
-                              condition=GoodsModel.stock >= line.num)
+                              condition=(GoodsModel.stock >= line.num)
+                              & (GoodsModel.price_fen == line.price_fen))
                 for gid, num in cart.items():
                     tx.delete(CartLineModel(user, gid), condition=CartLineModel.num == num)
 
@@ -833,8 +835,9 @@ def stage_create(world: World) -> StageResult:
         ]
         res.data.update(n=n, baseline_rate=base, project_rate=proj, codes=codes)
     res.notes.append("3 create: POST /orders through chalice's test client (JWT, cart query, "
-                     "goods batch_get, one TransactWrite: put + 2 stock updates + 2 cart "
-                     "deletes, confirmed delay publish); the baseline is that TransactWrite alone.")
+                     "one TransactWrite: put + 2 stock updates conditioned on stock and the "
+                     "cart line's price + 2 cart deletes, confirmed delay publish); the baseline "
+                     "is that TransactWrite alone.")
     return res
 
 
