@@ -46,35 +46,28 @@ def api(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-# --- the storefront -------------------------------------------------------------
+# --- files served as they are ---------------------------------------------------
 
-_STOREFRONT = Path(__file__).resolve().parent / "chalicelib" / "storefront.html"
+_ASSETS = Path(__file__).resolve().parent / "chalicelib"
 
 
-@functools.lru_cache(maxsize=1)
-def _storefront_html() -> str:
-    return _STOREFRONT.read_text(encoding="utf-8")
+@functools.cache
+def _asset(name: str) -> str:
+    """A file of chalicelib/, read once per process (on first use, not at import)."""
+    return (_ASSETS / name).read_text(encoding="utf-8")
 
 
 @app.route("/")
 def storefront() -> Response:
     """A small shop page over the JSON API: goods, cart, orders, pay."""
-    return Response(status_code=200, body=_storefront_html(),
+    return Response(status_code=200, body=_asset("storefront.html"),
                     headers={"Content-Type": "text/html; charset=utf-8"})
-
-
-_OPENAPI = Path(__file__).resolve().parent / "chalicelib" / "openapi.json"
-
-
-@functools.lru_cache(maxsize=1)
-def _openapi_text() -> str:
-    return _OPENAPI.read_text(encoding="utf-8")
 
 
 @app.route("/openapi.json")
 def openapi() -> Response:
     """The API as an OpenAPI 3.1 document (kept in step with the routes by a test)."""
-    return Response(status_code=200, body=_openapi_text(),
+    return Response(status_code=200, body=_asset("openapi.json"),
                     headers={"Content-Type": "application/json; charset=utf-8"})
 
 

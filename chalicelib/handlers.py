@@ -11,7 +11,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
-from zoneinfo import ZoneInfo
 
 from chalicelib import orders
 from chalicelib.alipay_gateway import (
@@ -19,6 +18,7 @@ from chalicelib.alipay_gateway import (
     AlipayError,
     AlipayUnavailable,
     TradeNotExist,
+    parse_alipay_time,
 )
 from chalicelib.config import Settings
 from chalicelib.orders import (
@@ -47,7 +47,6 @@ from chalicelib.store import PriceChanged, Store
 log = logging.getLogger(__name__)
 
 PAID_TRADE_STATES = ("TRADE_SUCCESS", "TRADE_FINISHED")
-_SHANGHAI = ZoneInfo("Asia/Shanghai")
 
 
 class Publisher(Protocol):
@@ -314,14 +313,11 @@ def sweep(deps: Deps, limit: int = 500) -> dict[str, int]:
 
 
 def _alipay_time(text: str | None) -> datetime | None:
-    """'2026-11-26 15:20:00' (Asia/Shanghai, Alipay's clock) -> aware UTC."""
-    if not text:
-        return None
+    """Alipay's clock (Asia/Shanghai) as aware UTC; None when absent or malformed."""
     try:
-        local = datetime.strptime(text, "%Y-%m-%d %H:%M:%S").replace(tzinfo=_SHANGHAI)
+        return parse_alipay_time(text) if text else None
     except ValueError:
         return None
-    return local.astimezone(UTC)
 
 
 def start_payment(deps: Deps, username: str, order_id: str) -> dict[str, Any]:
