@@ -19,9 +19,11 @@ def build(settings: config.Settings | None = None) -> Deps:
     from chalicelib.broker import Broker
 
     settings = settings or config.get()
+    store = Store()
+    store.warm()  # one DynamoDB client for all tables (built here, on first use; no request)
     return Deps(
         settings=settings,
-        store=Store(),
+        store=store,
         broker=Broker(settings.rmq_url, settings.check_delay_seconds, settings.rmq_queue_type),
         gateway=_gateway(settings),
     )

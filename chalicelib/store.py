@@ -350,7 +350,12 @@ class Store:
     @property
     def connection(self) -> Connection:
         if self._connection is None:
-            self._connection = Connection(region=_REGION)
+            self._connection = Connection(
+                region=_REGION,
+                connect_timeout_seconds=_Meta.connect_timeout_seconds,
+                read_timeout_seconds=_Meta.read_timeout_seconds,
+                max_retry_attempts=_Meta.max_retry_attempts,
+            )
         return self._connection
 
     # --- set-up -------------------------------------------------------------
@@ -360,6 +365,18 @@ class Store:
         for model in MODELS:
             if not model.exists():
                 model.create_table(billing_mode="PAY_PER_REQUEST", wait=True)
+
+    def warm(self) -> None:
+        """One botocore client for every model and the transactions, built now.
+
+        pynamodb builds a client per model class on first use (about 10 MB each,
+        and threads that first use a class together each build one). A botocore
+        client is safe to share between threads once built, and every model has the
+        same region, endpoint and timeouts, so they all get this one. The bridge
+        calls this before it starts its workers."""
+        client = self.connection.client
+        for model in MODELS:
+            model._get_connection().connection._client = client
 
     def ping(self) -> None:
         try:

@@ -146,6 +146,7 @@ def run(d: Deps, stop: threading.Event, *, prefetch: int | None = None,
 
     rest = {queue: h for queue, h in every.items() if queue not in limits}
     count = max(1, workers if workers is not None else settings.bridge_workers)
+    d.store.warm()  # one set of DynamoDB clients for every thread below
     drains = [threading.Thread(target=drain, args=(queue, rate), name=f"drain {queue}",
                                daemon=True) for queue, rate in limits.items()]
     drains += [threading.Thread(target=work, args=(rest,), name=f"worker {i}", daemon=True)
