@@ -21,7 +21,8 @@ import logging
 import os
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -337,6 +338,16 @@ def _model_from_order(o: Order) -> OrderModel:
     )
 
 
+@contextmanager
+def _dynamo() -> Iterator[None]:
+    """DynamoDB not answering (connection lost, timeouts, retries spent): Unavailable,
+    which the routes answer with 503 and the bridge retries."""
+    try:
+        yield
+    except _DYNAMO_ERRORS as exc:
+        raise Unavailable("dynamodb is not answering") from exc
+
+
 def _reasons(exc: TransactWriteError) -> list[str | None]:
     return [r.code if r is not None else None for r in exc.cancellation_reasons]
 
@@ -390,37 +401,31 @@ class Store:
         GoodsModel(goods.id, name=goods.name, price_fen=goods.price_fen, stock=goods.stock).save()
 
     def list_goods(self) -> list[Goods]:
-        try:
+        with _dynamo():
             return sorted(
                 (Goods(g.id, g.name, int(g.price_fen), int(g.stock)) for g in GoodsModel.scan()),
                 key=lambda g: g.id,
             )
-        except _DYNAMO_ERRORS as exc:
-            raise Unavailable("dynamodb is not answering") from exc
 
     def get_goods(self, ids: Iterable[str]) -> dict[str, Goods]:
         keys = sorted(set(ids))
         if not keys:
             return {}
-        try:
+        with _dynamo():
             return {
                 g.id: Goods(g.id, g.name, int(g.price_fen), int(g.stock))
                 for g in GoodsModel.batch_get(keys)
             }
-        except _DYNAMO_ERRORS as exc:
-            raise Unavailable("dynamodb is not answering") from exc
 
     # --- cart ---------------------------------------------------------------
 
     def get_cart_lines(self, username: str) -> list[CartLine]:
-        try:
+        with _dynamo():
             return [
                 CartLine(m.goods_id, int(m.num),
                          int(m.price_fen) if m.price_fen is not None else None, m.name)
                 for m in CartLineModel.query(username)
             ]
-        except _DYNAMO_ERRORS as exc:
-            raise Unavailable("dynamodb is not answering") from exc
 
     def get_cart(self, username: str) -> dict[str, int]:
         return {line.goods_id: line.num for line in self.get_cart_lines(username)}
@@ -428,12 +433,10 @@ class Store:
     def set_cart_line(self, username: str, goods_id: str, num: int,
                       goods: Goods | None = None) -> None:
         """`goods`: the goods as just read, its price and name kept on the line."""
-        try:
+        with _dynamo():
             CartLineModel(username, goods_id, num=num,
                           price_fen=goods.price_fen if goods else None,
                           name=goods.name if goods else None).save()
-        except _DYNAMO_ERRORS as exc:
-            raise Unavailable("dynamodb is not answering") from exc
 
     def refresh_cart_line(self, username: str, goods: Goods) -> None:
         """The goods' current price and name onto the user's line, if it still exists."""
@@ -449,10 +452,8 @@ class Store:
             raise Unavailable("dynamodb is not answering") from exc
 
     def delete_cart_line(self, username: str, goods_id: str) -> None:
-        try:
+        with _dynamo():
             CartLineModel(username, goods_id).delete()
-        except _DYNAMO_ERRORS as exc:
-            raise Unavailable("dynamodb is not answering") from exc
 
     # --- orders -------------------------------------------------------------
 
@@ -518,15 +519,13 @@ class Store:
             raise Unavailable("dynamodb is not answering") from exc
 
     def list_orders(self, username: str, limit: int = 100) -> list[Order]:
-        try:
+        with _dynamo():
             return [
                 _order_from_model(m)
                 for m in OrderModel.by_user.query(
                     username, scan_index_forward=False, limit=limit
                 )
             ]
-        except _DYNAMO_ERRORS as exc:
-            raise Unavailable("dynamodb is not answering") from exc
 
     def mark_paid(
         self,
@@ -618,15 +617,13 @@ class Store:
 
     def unpaid_due(self, now: datetime, limit: int = 500) -> list[str]:
         """Ids of UNPAID orders whose check time has passed, oldest first, from the sparse index."""
-        try:
+        with _dynamo():
             return [
                 m.id
                 for m in OrderModel.unpaid_due.query(
                     _UNPAID_FLAG, OrderModel.check_time <= iso(now), limit=limit
                 )
             ]
-        except _DYNAMO_ERRORS as exc:
-            raise Unavailable("dynamodb is not answering") from exc
 
     # --- flash sales (chalicelib/seckill.py) ----------------------------------
 
@@ -636,10 +633,8 @@ class Store:
                   end_time=iso(sale.end_time)).save()
 
     def list_sales(self) -> list[Sale]:
-        try:
+        with _dynamo():
             return sorted((_sale(m) for m in SaleModel.scan()), key=lambda s: s.id)
-        except _DYNAMO_ERRORS as exc:
-            raise Unavailable("dynamodb is not answering") from exc
 
     def get_sale(self, sale_id: str, *, consistent: bool = False) -> Sale | None:
         """Eventually consistent by default: the API's sold-out fast path only; the
