@@ -231,12 +231,10 @@ def cancel_order(deps: Deps, username: str, order_id: str) -> dict[str, Any]:
     order = _own_order(deps, username, order_id)
     if order.status != UNPAID:
         raise Conflict(f"order {order_id} is {order.status}, only an UNPAID order can be cancelled")
-    _settle_unpaid(deps, order)
-    order = deps.store.get_order(order_id)
-    assert order is not None
-    if order.status != CLOSED:
-        raise Conflict(f"order {order_id} is {order.status}: it was paid before it could close")
-    return order.to_wire()
+    status = _settle_unpaid(deps, order)
+    if status != CLOSED:
+        raise Conflict(f"order {order_id} is {status}: it was paid before it could close")
+    return _own_order(deps, username, order_id).to_wire()
 
 
 # --- the timeout --------------------------------------------------------------
@@ -438,7 +436,8 @@ def _apply_payment(
             log.info("order %s PAID", order.id, extra=ctx)
             return PAID
         current = deps.store.get_order(order.id)  # lost a race: see who won
-        assert current is not None
+        if current is None:
+            raise Unprocessable(f"order {order.id} is gone")
         order = current
     if order.status == PAID:
         if order.transaction_id != trade_no:
