@@ -541,24 +541,31 @@ class BridgeProcess:
         }
         self.proc: subprocess.Popen[bytes] | None = None
         self.kills = 0
+        self._log_from = 0  # where this run's lines start in the log file
 
     def start(self, *, ready: bool = False) -> None:
         """Start it; `ready`: and wait until it consumes (its signal handlers are set)."""
         assert self.proc is None or self.proc.poll() is not None
-        seen = self.log_file.stat().st_size if self.log_file.exists() else 0
+        self._log_from = self.log_file.stat().st_size if self.log_file.exists() else 0
         with open(self.log_file, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "tests.reliability.bridge_proc", str(self.count_file)],
                 cwd=PROJECT, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True)
         if ready:
-            def consuming() -> bool:
-                assert self.proc is not None and self.proc.poll() is None, self.tail()
-                with open(self.log_file, "rb") as log_:
-                    log_.seek(seen)
-                    return b"consuming " in log_.read()
+            self._wait_consuming()
 
-            wait_until(consuming, 60, "the restarted bridge consumes", step=0.1)
+    def _consuming(self) -> bool:
+        with open(self.log_file, "rb") as log_:
+            log_.seek(self._log_from)
+            return b"consuming " in log_.read()
+
+    def _wait_consuming(self) -> None:
+        def consuming() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, self.tail()
+            return self._consuming()
+
+        wait_until(consuming, 60, "the restarted bridge consumes", step=0.1)
 
     def kill(self) -> None:
         """SIGKILL: no clean shutdown, whatever it had in hand is unacked."""
@@ -568,9 +575,13 @@ class BridgeProcess:
         self.kills += 1
 
     def stop(self) -> int:
-        """SIGTERM: finish the message in hand and stop; returns the exit code."""
+        """SIGTERM: finish the message in hand and stop; returns the exit code.
+        A bridge still booting (the killer thread may have just restarted it) is let
+        reach its consume loop first: before its handlers are set, SIGTERM is the
+        interpreter's default, death by signal, which is not what is being tested."""
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
+        self._wait_consuming()
         self.proc.terminate()
         try:
             return self.proc.wait(30)
