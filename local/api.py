@@ -1,9 +1,17 @@
-"""`chalice local --stage local --no-autoreload`, with one difference: a value set in
-the environment wins over the stage's value in .chalice/config.json (plain
-`chalice local` copies the stage's values over the environment)."""
+"""`chalice local --stage local --no-autoreload`, with two differences:
+
+- a value set in the environment wins over the stage's value in
+  .chalice/config.json (plain `chalice local` copies the stage's values over the
+  environment);
+- the gateway's own errors (a request with no Authorization header never reaches
+  the authorizer) answer what the deployed API Gateway answers: the bodies of the
+  GatewayResponse resources in .chalice/resources.json, the contract's
+  {"Code","Message"} shape, instead of chalice local's {"message":"Unauthorized"}.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -13,17 +21,38 @@ from typing import Any
 
 from chalice.cli import create_local_server
 from chalice.cli.factory import CLIFactory
-from chalice.local import ChaliceRequestHandler
+from chalice.local import ChaliceRequestHandler, LocalDevServer, LocalGatewayException
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 _ORDER_IN_PATH = re.compile(r"ORDER_[0-9]{13}_[0-9a-f]{16}")
 access_log = logging.getLogger("local.api.access")
 
 
-def _log_request(self: ChaliceRequestHandler, fmt: str, *args: Any) -> None:
-    """chalice local's access line through logging (JSON lines), with the orderId in it."""
-    found = _ORDER_IN_PATH.search(getattr(self, "path", "") or "")
-    access_log.info(fmt, *args, extra={"orderId": found.group(0)} if found else None)
+def gateway_responses() -> dict[int, bytes]:
+    """Status -> body of the GatewayResponse resources the deploy template adds."""
+    template = json.loads((PROJECT_DIR / ".chalice" / "resources.json").read_text("utf-8"))
+    return {
+        int(r["Properties"]["StatusCode"]):
+            r["Properties"]["ResponseTemplates"]["application/json"].encode()
+        for r in template["Resources"].values()
+        if r.get("Type") == "AWS::ApiGateway::GatewayResponse"
+    }
+
+
+class LocalHandler(ChaliceRequestHandler):
+    """chalice local's request handler, logging through `logging` (JSON lines, with the
+    orderId of the path) and answering the gateway's own errors as deployed."""
+
+    gateway_bodies = gateway_responses()
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base's name
+        found = _ORDER_IN_PATH.search(getattr(self, "path", "") or "")
+        access_log.info(format, *args, extra={"orderId": found.group(0)} if found else None)
+
+    def _send_error_response(self, error: LocalGatewayException) -> None:
+        if error.CODE in self.gateway_bodies:
+            error.body = self.gateway_bodies[error.CODE]
+        super()._send_error_response(error)
 
 
 class _EnvironmentWins(CLIFactory):
@@ -38,9 +67,12 @@ class _EnvironmentWins(CLIFactory):
             }
         return super().load_chalice_app(environment_variables, validate_feature_flags)
 
+    def create_local_server(self, app_obj: Any, config: Any, host: str, port: int,
+                            ) -> LocalDevServer:
+        return LocalDevServer(app_obj, config, host, port, handler_cls=LocalHandler)
+
 
 def serve(host: str, port: int, stage: str = "local") -> None:
     os.chdir(PROJECT_DIR)
     factory = _EnvironmentWins(str(PROJECT_DIR), environ=os.environ)
-    ChaliceRequestHandler.log_message = _log_request  # type: ignore[method-assign]
     create_local_server(factory, host, port, stage).serve_forever()

@@ -376,8 +376,9 @@ class Http:
 
 
 class Stack:
-    """The API (chalice's local server) and the Alipay sandbox in this process, a
-    real Broker on `rmq_url`, a CountingStore, and, when asked, the bridge as a thread."""
+    """The API (chalice's local server, with `make run`'s handler) and the Alipay
+    sandbox in this process, a real Broker on `rmq_url`, a CountingStore, and, when
+    asked, the bridge as a thread."""
 
     def __init__(self, *, keys: Mapping[str, Path], rmq_url: str, check_delay: int = 60,
                  notify_schedule: list[float] | None = None,
@@ -387,6 +388,7 @@ class Stack:
         from chalice.local import LocalDevServer
 
         from app import app
+        from local.api import LocalHandler
 
         self.keys = keys
         self.retry_delays_ms = retry_delays_ms
@@ -394,7 +396,7 @@ class Stack:
         self.sandbox = make_server("127.0.0.1", 0, keys["app_private"].parent,
                                    notify_schedule or [0.3] * 7)
         self.api_server = LocalDevServer(app, Config.create(), "127.0.0.1", 0,
-                                         server_cls=_Backlog)
+                                         handler_cls=LocalHandler, server_cls=_Backlog)
         self.api_url = f"http://127.0.0.1:{self.api_server.server.server_address[1]}"
         self._threads = [threading.Thread(target=s, daemon=True) for s in
                          (self.sandbox.serve_forever, self.api_server.server.serve_forever)]

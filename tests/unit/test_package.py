@@ -198,3 +198,18 @@ def test_no_secret_in_the_template_or_the_zip(built: Any) -> None:
                     and not n.startswith("certifi/")]
         app_text = zf.read("app.py").decode() + zf.read("chalicelib/config.py").decode()
         assert "-----BEGIN" not in app_text
+
+
+def test_a_request_without_a_token_gets_the_contracts_401(built: Any) -> None:
+    """API Gateway answers a request with no Authorization header itself, before the
+    authorizer runs; its GatewayResponse keeps the contract's {"Code","Message"}.
+    `make run` serves the same body (local/api.py reads it from the template)."""
+    template, _, _ = built
+    found = resources(template, "AWS::ApiGateway::GatewayResponse")
+    unauthorized = [r["Properties"] for r in found.values()
+                    if r["Properties"]["ResponseType"] == "UNAUTHORIZED"]
+    assert len(unauthorized) == 1
+    props = unauthorized[0]
+    assert props["RestApiId"] == {"Ref": "RestAPI"} and props["StatusCode"] == "401"
+    body = json.loads(props["ResponseTemplates"]["application/json"])
+    assert set(body) == {"Code", "Message"} and body["Code"] == "UnauthorizedError"
