@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -92,3 +94,28 @@ def rmq_vhost(rabbitmq_running: None) -> Iterator[RabbitURL]:
         yield RabbitURL(vhost)
     finally:
         rabbitmqctl("delete_vhost", vhost, check=False)
+
+
+@pytest.fixture
+def bridge_threads() -> Iterator[Callable[..., threading.Event]]:
+    """`start(deps, **run_kwargs)`: local.bridge.run in a thread (short retry delays, no
+    sweeps unless asked); returns its stop event. Every bridge is stopped, and must
+    have stopped, when the test ends."""
+    from local import bridge
+
+    stops: list[tuple[threading.Event, threading.Thread]] = []
+
+    def start(d: Any, **kwargs: Any) -> threading.Event:
+        stop = threading.Event()
+        kwargs.setdefault("retry_delays_ms", (100, 200))
+        kwargs.setdefault("sweep_interval", 3600)
+        t = threading.Thread(target=bridge.run, args=(d, stop), kwargs=kwargs, daemon=True)
+        t.start()
+        stops.append((stop, t))
+        return stop
+
+    yield start
+    for stop, t in stops:
+        stop.set()
+        t.join(10)
+        assert not t.is_alive(), "the bridge did not stop"

@@ -19,7 +19,6 @@ import pytest
 from chalicelib import broker, config, handlers
 from chalicelib.alipay_gateway import AlipayUnavailable, TradeNotExist
 from chalicelib.handlers import Deps
-from local import bridge
 from tests.conftest import FakePublisher
 from tests.integration.conftest import rabbitmqctl
 
@@ -54,24 +53,10 @@ def Broker(settings: config.Settings) -> broker.Broker:  # noqa: N802 - a factor
 
 
 @pytest.fixture
-def run_bridge(rdeps: Deps) -> Iterator[Callable[..., threading.Event]]:
-    stops: list[tuple[threading.Event, threading.Thread]] = []
-
-    def start(d: Deps | None = None, **kwargs: Any) -> threading.Event:
-        stop = threading.Event()
-        kwargs.setdefault("retry_delays_ms", (100, 200))
-        kwargs.setdefault("sweep_interval", 3600)
-        t = threading.Thread(target=bridge.run, args=(d or rdeps, stop), kwargs=kwargs,
-                             daemon=True)
-        t.start()
-        stops.append((stop, t))
-        return stop
-
-    yield start
-    for stop, t in stops:
-        stop.set()
-        t.join(10)
-        assert not t.is_alive(), "the bridge did not stop"
+def run_bridge(rdeps: Deps, bridge_threads: Callable[..., threading.Event],
+               ) -> Callable[..., threading.Event]:
+    """`run_bridge(deps=rdeps, **run_kwargs)`."""
+    return lambda d=None, **kwargs: bridge_threads(d or rdeps, **kwargs)
 
 
 def order_for(d: Deps, user: str, **cart: int) -> dict[str, Any]:

@@ -24,7 +24,6 @@ from chalicelib import broker, config, deps
 from chalicelib.handlers import Deps
 from chalicelib.orders import TICKET_FINAL, parse_iso
 from chalicelib.store import OrderModel, Sale, TicketModel
-from local import bridge
 from tests.conftest import bearer, body
 
 pytestmark = pytest.mark.rabbitmq
@@ -54,23 +53,10 @@ def sdeps(rmq_vhost: str, app_deps: Deps) -> Iterator[Deps]:
 
 
 @pytest.fixture
-def run_bridge(sdeps: Deps) -> Iterator[Callable[[float], threading.Event]]:
-    stops: list[tuple[threading.Event, threading.Thread]] = []
-
-    def start(rate: float) -> threading.Event:
-        stop = threading.Event()
-        t = threading.Thread(target=bridge.run, args=(sdeps, stop), daemon=True, kwargs={
-            "rate_limits": {broker.QUEUE_SECKILL: rate}, "retry_delays_ms": (100, 200),
-            "sweep_interval": 3600})
-        t.start()
-        stops.append((stop, t))
-        return stop
-
-    yield start
-    for stop, t in stops:
-        stop.set()
-        t.join(10)
-        assert not t.is_alive(), "the bridge did not stop"
+def run_bridge(sdeps: Deps, bridge_threads: Callable[..., threading.Event],
+               ) -> Callable[[float], threading.Event]:
+    """`run_bridge(rate)`: the bridge, draining queue.order.seckill at `rate` a second."""
+    return lambda rate: bridge_threads(sdeps, rate_limits={broker.QUEUE_SECKILL: rate})
 
 
 class DepthSampler:
