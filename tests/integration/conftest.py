@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
+
+from tests import rabbit_node
 
 RABBIT_HOST = "127.0.0.1"
 RABBIT_PORT = 5672
@@ -119,3 +123,28 @@ def bridge_threads() -> Iterator[Callable[..., threading.Event]]:
         stop.set()
         t.join(10)
         assert not t.is_alive(), "the bridge did not stop"
+
+
+@pytest.fixture(scope="session")
+def private_rabbit() -> Iterator[rabbit_node.PrivateRabbit]:
+    """A RabbitMQ node of this session's own, to stop, kill and restart: the machine's
+    RabbitMQ is shared (other tests, benchmarks, other projects) and never stopped."""
+    why = rabbit_node.available()
+    if why:
+        pytest.fail(f"cannot start a private RabbitMQ node: {why}", pytrace=False)
+    node = rabbit_node.PrivateRabbit(Path(tempfile.mkdtemp(prefix="rel-rabbit-")))
+    try:
+        node.start()
+        yield node
+    finally:
+        node.stop()
+
+
+@pytest.fixture
+def private_vhost(private_rabbit: rabbit_node.PrivateRabbit) -> Iterator[str]:
+    """A fresh vhost on the private node, deleted after the test; yields its amqp URL."""
+    vhost = f"kill-{uuid.uuid4().hex[:8]}"
+    private_rabbit.ctl("add_vhost", vhost)
+    private_rabbit.ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    yield f"amqp://guest:guest@127.0.0.1:{private_rabbit.port}/{quote(vhost, safe='')}"
+    private_rabbit.ctl("delete_vhost", vhost, check=False)

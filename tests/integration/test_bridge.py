@@ -20,7 +20,7 @@ from chalicelib import broker, config, handlers
 from chalicelib.alipay_gateway import AlipayUnavailable, TradeNotExist
 from chalicelib.handlers import Deps
 from tests.conftest import FakePublisher
-from tests.integration.conftest import rabbitmqctl
+from tests.rabbit_node import PrivateRabbit
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -236,24 +236,31 @@ def test_poison_messages_are_parked_and_the_rest_flows(
 
 
 def test_rabbitmq_restarted_while_the_bridge_runs(
-    rdeps: Deps, run_bridge: Callable[..., threading.Event]
+    rdeps: Deps, private_rabbit: PrivateRabbit, private_vhost: str,
+    run_bridge: Callable[..., threading.Event],
 ) -> None:
-    run_bridge()
-    first = order_for(rdeps, "alice", g1=1)
-    rdeps.broker.publish_pay(pay_msg(first))
-    wait_until(lambda: status(rdeps, first) == "PAID", 10, "paid before the restart")
-    rabbitmqctl("stop_app", timeout=60)
+    """On a private node (tests/rabbit_node.py): the machine's RabbitMQ is never stopped."""
+    settings = dataclasses.replace(rdeps.settings, rmq_url=private_vhost)
+    d = dataclasses.replace(rdeps, settings=settings, broker=Broker(settings))
     try:
-        time.sleep(2)
+        run_bridge(d)
+        first = order_for(d, "alice", g1=1)
+        d.broker.publish_pay(pay_msg(first))
+        wait_until(lambda: status(d, first) == "PAID", 10, "paid before the restart")
+        private_rabbit.ctl("stop_app", timeout=60)
+        try:
+            time.sleep(2)
+        finally:
+            private_rabbit.ctl("start_app", timeout=120)
+            private_rabbit.ctl("await_startup", timeout=120)
+        after = [order_for(d, f"u{i}", g1=1) for i in range(5)]  # publisher reconnects
+        for order in after:
+            d.broker.publish_pay(pay_msg(order))
+        for order in after:
+            wait_until(lambda o=order: status(d, o) == "PAID", 40, "drained after the restart")
+        assert d.broker.queue_depth(broker.QUEUE_PAY) == 0
     finally:
-        rabbitmqctl("start_app", timeout=120)
-        rabbitmqctl("await_startup", timeout=120)
-    after = [order_for(rdeps, f"u{i}", g1=1) for i in range(5)]  # publisher reconnects
-    for order in after:
-        rdeps.broker.publish_pay(pay_msg(order))
-    for order in after:
-        wait_until(lambda o=order: status(rdeps, o) == "PAID", 40, "drained after the restart")
-    assert rdeps.broker.queue_depth(broker.QUEUE_PAY) == 0
+        d.broker.close()
 
 
 def test_sweeper_closes_an_order_whose_delay_message_was_never_published(

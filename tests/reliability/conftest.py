@@ -8,16 +8,18 @@ transitions, invariant violations, 5xx answers) and asserts the zeros itself;
 from __future__ import annotations
 
 import json
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from chalicelib.store import Store
 from local.alipay_sandbox.keys import ensure_keys
-from tests.integration.conftest import rabbitmq_running, rmq_vhost  # noqa: F401 - fixtures
-from tests.reliability import rabbit_node
+from tests.integration.conftest import (  # noqa: F401 - fixtures
+    private_rabbit,
+    private_vhost,
+    rabbitmq_running,
+    rmq_vhost,
+)
 from tests.reliability.harness import SCOREBOARD
 
 RESULTS_FILE = "reliability-results.json"
@@ -51,20 +53,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatu
 @pytest.fixture(scope="session")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return ensure_keys(tmp_path_factory.mktemp("reliability-keys"))
-
-
-@pytest.fixture(scope="session")
-def private_rabbit() -> Iterator[rabbit_node.PrivateRabbit]:
-    """A RabbitMQ node of this session's own, to kill and restart; never the shared one."""
-    why = rabbit_node.available()
-    if why:
-        pytest.fail(f"cannot start a private RabbitMQ node: {why}", pytrace=False)
-    node = rabbit_node.PrivateRabbit(Path(tempfile.mkdtemp(prefix="rel-rabbit-")))
-    try:
-        node.start()
-        yield node
-    finally:
-        node.stop()
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """RabbitMQ killed with SIGKILL and restarted while orders are in flight.
 
-A private node of this session's own (tests/reliability/rabbit_node.py), never the
+A private node of this session's own (tests/rabbit_node.py), never the
 machine's shared RabbitMQ. Orders are created and paid all along, through the
 outage: a delay message that could not be published is found by the bridge's
 sweeper (every second here; the check delay is 4 s); a notify that could not be
@@ -14,30 +14,19 @@ from __future__ import annotations
 import random
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import pytest
 
+from tests.rabbit_node import PrivateRabbit
 from tests.reliability.harness import SCOREBOARD, Row, Stack, audit, settle
-from tests.reliability.rabbit_node import PrivateRabbit
 
 pytestmark = pytest.mark.rabbitmq
 
 WAYS = ("pay", "abandon", "lost notify")
-
-
-@pytest.fixture
-def private_vhost(private_rabbit: PrivateRabbit) -> Iterator[str]:
-    vhost = f"kill-{uuid.uuid4().hex[:8]}"
-    private_rabbit.ctl("add_vhost", vhost)
-    private_rabbit.ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    yield f"amqp://guest:guest@127.0.0.1:{private_rabbit.port}/{quote(vhost, safe='')}"
-    private_rabbit.ctl("delete_vhost", vhost, check=False)
 
 
 @pytest.fixture

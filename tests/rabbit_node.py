@@ -1,4 +1,4 @@
-"""A private RabbitMQ node for the broker-kill scenario.
+"""A private RabbitMQ node for the tests that stop or kill a broker.
 
 The machine's RabbitMQ (127.0.0.1:5672) is shared with other tests and
 benchmarks, so it is never stopped or killed here. This starts a node of its
