@@ -229,9 +229,12 @@ def load_key(value_or_path: str | os.PathLike[str]) -> str:
             text = text.replace("\\n", "\n")
         return text + "\n"
     if "\n" not in text and len(text) < 4096:
-        path = Path(text).expanduser()
-        if path.is_file():
-            return load_key(path.read_text(encoding="utf-8"))
+        try:  # bare base64 is no path: a run of 256 characters without "/" is ENAMETOOLONG
+            is_file = Path(text).expanduser().is_file()
+        except OSError:
+            is_file = False
+        if is_file:
+            return load_key(Path(text).expanduser().read_text(encoding="utf-8"))
     try:
         der = base64.b64decode("".join(text.split()), validate=True)
         key = RSA.import_key(der)

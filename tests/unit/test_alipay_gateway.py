@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import email.message
+import errno
 import io
 import json
 import urllib.error
@@ -20,6 +21,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from chalicelib.alipay_gateway import (
@@ -292,6 +294,29 @@ def test_alipay_time_round_trip() -> None:
 
 
 # --- keys ----------------------------------------------------------------
+
+
+def test_load_key_takes_bare_base64_that_is_no_possible_file_name(
+    keys: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key as Alipay's console gives it is tried as a file name first. When its base64
+    starts with 256 characters without a "/" (about 1 key in 55), asking whether that
+    file exists raises ENAMETOOLONG, which must not stop the key from loading."""
+    with pytest.raises(OSError) as raised:
+        Path("A" * 256).is_file()
+    assert raised.value.errno == errno.ENAMETOOLONG
+    pem = keys["app_private"].read_text()
+    bare = "".join(line for line in pem.splitlines() if not line.startswith("-----"))
+
+    def too_long(self: Path) -> bool:
+        raise OSError(errno.ENAMETOOLONG, "File name too long", str(self))
+
+    monkeypatch.setattr(Path, "is_file", too_long)
+    rebuilt = load_key(bare)
+    assert rebuilt.startswith("-----BEGIN")
+    again = serialization.load_pem_private_key(rebuilt.encode(), password=None)
+    assert isinstance(again, rsa.RSAPrivateKey)
+    assert again.private_numbers() == load_private_key(keys["app_private"]).private_numbers()
 
 
 def test_load_key_accepts_pem_text_path_and_bare_base64(keys: dict[str, Path]) -> None:
