@@ -229,12 +229,13 @@ def load_key(value_or_path: str | os.PathLike[str]) -> str:
             text = text.replace("\\n", "\n")
         return text + "\n"
     if "\n" not in text and len(text) < 4096:
+        path = Path(text).expanduser()
         try:  # bare base64 is no path: a run of 256 characters without "/" is ENAMETOOLONG
-            is_file = Path(text).expanduser().is_file()
+            is_file = path.is_file()
         except OSError:
             is_file = False
         if is_file:
-            return load_key(Path(text).expanduser().read_text(encoding="utf-8"))
+            return load_key(path.read_text(encoding="utf-8"))
     try:
         der = base64.b64decode("".join(text.split()), validate=True)
         key = RSA.import_key(der)
