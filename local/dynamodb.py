@@ -6,22 +6,14 @@ lose an update, which real DynamoDB never does (conditions and ADD are atomic
 per item, transactions serializable). The server below keeps moto's threaded
 HTTP front (keep-alive connections) and serializes the calls into the backend,
 so the stock conditions tested here hold as they do on AWS.
-
-Two costs of moto that DynamoDB does not have are cut, with the same answers:
-a transaction no longer deep-copies whole tables for its rollback, and the
-answers of the item operations (their results are already DynamoDB's wire JSON)
-are written with json.dumps instead of moto's shape-walking serializer, which
-took about 30% of a GetItem. `FAST_ANSWERS.check = True` (the tests' server)
-also makes moto's answer for every new shape of answer and records any difference.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import signal
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from moto.moto_server.werkzeug_app import (
@@ -125,81 +117,6 @@ def _cheap_transactions() -> None:
         backend.transact_write_items = patched  # type: ignore[method-assign]
 
 
-# Item operations: moto's result for these is DynamoDB's wire JSON already.
-_WIRE_READY = frozenset({
-    "GetItem", "PutItem", "UpdateItem", "DeleteItem", "Query", "Scan", "BatchGetItem",
-    "BatchWriteItem", "TransactGetItems", "TransactWriteItems",
-})
-_JSON_HEADERS = {"Content-Type": "application/x-amz-json-1.0"}
-
-
-class _FastAnswers:
-    """`check`: compare the fast answer with moto's for every new shape of answer (its
-    operation and the set of key paths in it; a difference is one of shape, the values
-    are moto's own) and for one in `every` of the rest; the fast answer is served."""
-
-    def __init__(self) -> None:
-        self.check = False
-        self.every = 25
-        self.compared = 0
-        self.differences: list[str] = []
-        self._seen: dict[tuple[str, frozenset[str]], int] = {}
-
-    def wants(self, operation: str, result: Mapping[str, Any]) -> bool:
-        key = (operation, frozenset(_paths(result, "")))
-        seen = self._seen.get(key, 0)
-        self._seen[key] = seen + 1
-        return seen % self.every == 0
-
-
-def _paths(value: Any, prefix: str) -> Iterable[str]:
-    """Key paths of a JSON value; list items share their list's path."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            path = f"{prefix}.{k}"
-            yield path
-            yield from _paths(v, path)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _paths(v, prefix + "[]")
-
-
-FAST_ANSWERS = _FastAnswers()
-
-
-def _fast_item_answers(original: Callable[..., Any]) -> Callable[..., Any]:
-    def execute_result(self: Any, context: Any) -> Any:
-        operation = context.operation_model.name
-        if (context.service_model.service_name != "dynamodb" or operation not in _WIRE_READY
-                or isinstance(self.result, BaseException)):
-            return original(self, context)
-        members = context.operation_model.output_shape.members
-        try:  # moto's serializer keeps the output shape's members only
-            answer = {k: v for k, v in self.result.items() if k in members}
-            body = json.dumps(answer, separators=(",", ":"))
-        except (AttributeError, TypeError, ValueError):  # not a dict, or bytes: moto's way
-            return original(self, context)
-        if FAST_ANSWERS.check and FAST_ANSWERS.wants(operation, answer):
-            status, headers, moto_body = original(self, context)
-            FAST_ANSWERS.compared += 1
-            if (status, dict(headers), json.loads(moto_body)) != (200, _JSON_HEADERS, answer):
-                FAST_ANSWERS.differences.append(
-                    f"{operation}: moto {status} {dict(headers)} {moto_body[:400]!r}, "
-                    f"fast {body[:400]!r}")
-        return 200, dict(_JSON_HEADERS), body
-
-    execute_result._wire_json = True  # type: ignore[attr-defined]
-    return execute_result
-
-
-def _fast_answers() -> None:
-    from moto.core.responses import ActionResult
-
-    if not getattr(ActionResult.execute_result, "_wire_json", False):
-        ActionResult.execute_result = _fast_item_answers(  # type: ignore[method-assign]
-            ActionResult.execute_result)
-
-
 class _Quiet(MotoRequestHandler):
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         """No line per request: a test run or a benchmark makes tens of thousands."""
@@ -207,7 +124,6 @@ class _Quiet(MotoRequestHandler):
 
 def make(host: str = "127.0.0.1", port: int = 8002) -> BaseWSGIServer:
     _cheap_transactions()
-    _fast_answers()
     app = _OneAtATime(DomainDispatcherApplication(create_backend_app))
     return make_server(host, port, app, threaded=True, request_handler=_Quiet)
 
