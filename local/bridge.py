@@ -65,12 +65,12 @@ def rate_limits_from(settings: config.Settings) -> dict[str, float]:
 
 
 def throttled(handle: Callable[[dict[str, Any]], None], bucket: TokenBucket,
-              stop: threading.Event) -> Callable[[dict[str, Any]], None]:
-    """`handle`, called at most `bucket.rate` times a second."""
+              ) -> Callable[[dict[str, Any]], None]:
+    """`handle`, called at most `bucket.rate` times a second (also the message in hand
+    when stopping: it is finished within the rate)."""
 
     def paced(msg: dict[str, Any]) -> None:
-        if not bucket.take(stop):
-            bucket.take()  # stopping: the message in hand is finished, still within the rate
+        bucket.take()
         handle(msg)
 
     paced.__name__ = getattr(handle, "__name__", "paced")
@@ -109,17 +109,22 @@ def run(d: Deps, stop: threading.Event, *, prefetch: int | None = None,
         os.environ.get("SWEEP_INTERVAL_SECONDS", "60"))
     every = queue_handlers(d)
     limits = rate_limits_from(settings) if rate_limits is None else {
-        queue: float(rate) for queue, rate in rate_limits.items() if rate}
+        queue: float(rate) for queue, rate in rate_limits.items() if rate > 0}
+    if rate_limits is not None and any(rate < 0 for rate in rate_limits.values()):
+        raise ValueError(f"a rate must be 0 (not paced) or more: {dict(rate_limits)}")
     if set(limits) - set(every):
         raise ValueError(f"rate_limits must name some of {sorted(every)}, not {sorted(limits)}")
+
+    prefetch = prefetch or settings.bridge_prefetch
+    retry_delays_ms = retry_delays_ms or _retry_delays()
 
     def consume(chosen: dict[str, Callable[[dict[str, Any]], None]]) -> None:
         broker.run_consumer(
             settings.rmq_url,
             chosen,
-            prefetch=prefetch or settings.bridge_prefetch,
+            prefetch=prefetch,
             max_attempts=settings.bridge_max_attempts,
-            retry_delays_ms=retry_delays_ms or _retry_delays(),
+            retry_delays_ms=retry_delays_ms,
             check_delay_seconds=settings.check_delay_seconds,
             queue_type=settings.rmq_queue_type,
             stop=stop,
@@ -127,16 +132,6 @@ def run(d: Deps, stop: threading.Event, *, prefetch: int | None = None,
 
     failures: list[BaseException] = []
 
-    def drain(queue: str, rate: float) -> None:
-        try:
-            consume({queue: throttled(every[queue], TokenBucket(rate), stop)})
-        except BaseException as exc:  # noqa: BLE001 - re-raised by run() below
-            failures.append(exc)
-            stop.set()
-
-    sweeper = threading.Thread(target=sweep_forever, args=(d, stop, interval),
-                               name="sweeper", daemon=True)
-    sweeper.start()
     def work(chosen: dict[str, Callable[[dict[str, Any]], None]]) -> None:
         try:
             consume(chosen)
@@ -147,8 +142,12 @@ def run(d: Deps, stop: threading.Event, *, prefetch: int | None = None,
     rest = {queue: h for queue, h in every.items() if queue not in limits}
     count = max(1, workers if workers is not None else settings.bridge_workers)
     d.store.warm()  # one set of DynamoDB clients for every thread below
-    drains = [threading.Thread(target=drain, args=(queue, rate), name=f"drain {queue}",
-                               daemon=True) for queue, rate in limits.items()]
+    sweeper = threading.Thread(target=sweep_forever, args=(d, stop, interval),
+                               name="sweeper", daemon=True)
+    sweeper.start()
+    paced = {queue: throttled(every[queue], TokenBucket(rate)) for queue, rate in limits.items()}
+    drains = [threading.Thread(target=work, args=({queue: handle},), name=f"drain {queue}",
+                               daemon=True) for queue, handle in paced.items()]
     drains += [threading.Thread(target=work, args=(rest,), name=f"worker {i}", daemon=True)
                for i in range(1, count) if rest]
     for thread in drains:
