@@ -498,10 +498,7 @@ class Store:
                     if kind == "order":
                         raise Conflict(f"order {key} exists already") from exc
                     raise Conflict("the cart changed while ordering; try again") from exc
-                retryable = exc.cause_response_code == "TransactionInProgressException" or any(
-                    r in ("TransactionConflict", "ThrottlingError") for r in reasons
-                )
-                if retryable and attempt < attempts:
+                if _retryable(exc) and attempt < attempts:
                     time.sleep(random.uniform(0.02, 0.1) * attempt)
                     continue
                 log.warning("create order %s failed: %s %s", order.id, reasons, exc,
@@ -691,15 +688,6 @@ class Store:
             return _ticket(TicketModel.get(ticket_id, consistent_read=True))
         except DoesNotExist:
             return None
-        except _DYNAMO_ERRORS as exc:
-            raise Unavailable("dynamodb is not answering") from exc
-
-    def has_bought(self, sale_id: str, username: str) -> bool:
-        try:
-            SeckillMarkerModel.get(_bought_key(sale_id, username), consistent_read=True)
-            return True
-        except DoesNotExist:
-            return False
         except _DYNAMO_ERRORS as exc:
             raise Unavailable("dynamodb is not answering") from exc
 
