@@ -224,10 +224,12 @@ def run_hostile(stack: Stack, examples: int, name: str) -> Row:
 
 def test_hostile_input(stack: Stack) -> None:
     row = run_hostile(stack, examples=5, name="hostile input")
+    assert row.runs > 0 and row.orders > 0  # something was sent, at some order
     row.assert_zeros()
 
 
 @pytest.mark.soak
 def test_hostile_input_soak(stack: Stack) -> None:
     row = run_hostile(stack, examples=100, name="hostile input (soak)")
+    assert row.runs > 0 and row.orders > 0
     row.assert_zeros()

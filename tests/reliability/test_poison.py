@@ -156,10 +156,12 @@ def run_poison(stack: Stack, *, good: int, rounds: int, seed: int, name: str) ->
 
 def test_poison_messages_are_parked_and_the_rest_flows(stack: Stack) -> None:
     row = run_poison(stack, good=10, rounds=1, seed=3, name="poison messages")
+    assert row.runs == 1 and row.orders > 10  # the good ones and the poisoned ones
     row.assert_zeros()
 
 
 @pytest.mark.soak
 def test_poison_messages_soak(stack: Stack) -> None:
     row = run_poison(stack, good=30, rounds=5, seed=33, name="poison messages (soak)")
+    assert row.runs == 5 and row.orders > 30
     row.assert_zeros()
