@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import inspect
 import json
 import logging
 import os
@@ -238,7 +237,6 @@ class World:
     tmp: Path
     keys: dict[str, Path]
     sizes: dict[str, Any]
-    moto_port: int
 
 
 BENCH_GOODS = (("bench-a", "Bench cup", 1990), ("bench-b", "Bench teapot", 5990))
@@ -359,68 +357,28 @@ def make_deps(world: World, url: str, store: Any | None = None) -> Any:
                 gateway=gateway)
 
 
-def bridge_supports(name: str) -> bool:
-    from local import bridge
-
-    return name in inspect.signature(bridge.run).parameters
-
-
 @contextlib.contextmanager
-def running_bridge(d: Any, *, workers: int = 1, pay_rate: float | None = None,
+def running_bridge(d: Any, *, workers: int | None = None, pay_rate: float | None = None,
                    ) -> Iterator[dict[str, Any]]:
-    """local.bridge.run in a thread of this process (as the tests run it)."""
-    from chalicelib import broker, handlers
+    """local.bridge.run in a thread of this process (as the tests run it); `workers`
+    None: BRIDGE_WORKERS."""
+    from chalicelib import broker
     from local import bridge
 
     stop = threading.Event()
-    info: dict[str, Any] = {"started": time.perf_counter(), "capped_by": None}
-    kwargs: dict[str, Any] = {"sweep_interval": 3600.0}
-    if workers != 1:
-        kwargs["workers"] = workers
-    target: Callable[..., None] = bridge.run
-    args: tuple[Any, ...] = (d, stop)
+    info: dict[str, Any] = {"started": time.perf_counter(),
+                            "capped_by": "local.bridge.run(rate_limits=...)"}
+    kwargs: dict[str, Any] = {"sweep_interval": 3600.0, "workers": workers}
     if pay_rate is not None:
-        if bridge_supports("rate_limits"):
-            kwargs["rate_limits"] = {broker.QUEUE_PAY: pay_rate}
-            info["capped_by"] = "local.bridge.run(rate_limits=...)"
-        else:
-            # Last resort: the cap in the bench's own handler wrapper.
-            info["capped_by"] = "the bench's handler wrapper (bridge.run has no rate_limits)"
-            paced = _paced(bridge.consumer(handlers.on_paid, d), pay_rate, stop)
-            settings = d.settings
-
-            def target(d: Any, stop: threading.Event) -> None:  # noqa: F811
-                broker.run_consumer(
-                    settings.rmq_url, {broker.QUEUE_PAY: paced},
-                    prefetch=settings.bridge_prefetch, max_attempts=settings.bridge_max_attempts,
-                    check_delay_seconds=settings.check_delay_seconds,
-                    queue_type=settings.rmq_queue_type, stop=stop)
-
-            kwargs = {}
-    thread = threading.Thread(target=target, args=args, kwargs=kwargs, name="bench-bridge",
-                              daemon=True)
+        kwargs["rate_limits"] = {broker.QUEUE_PAY: pay_rate}
+    thread = threading.Thread(target=bridge.run, args=(d, stop), kwargs=kwargs,
+                              name="bench-bridge", daemon=True)
     thread.start()
     try:
         yield info
     finally:
         stop.set()
         thread.join(15)
-
-
-def _paced(fn: Callable[[dict[str, Any]], None], rate: float, stop: threading.Event,
-           ) -> Callable[[dict[str, Any]], None]:
-    interval = 1.0 / rate
-    state = {"next": 0.0}
-
-    def handle(msg: dict[str, Any]) -> None:
-        now = time.perf_counter()
-        wait = state["next"] - now
-        if wait > 0:
-            stop.wait(wait)
-        state["next"] = max(now, state["next"]) + interval
-        fn(msg)
-
-    return handle
 
 
 def test_client(world: World) -> Any:
@@ -513,16 +471,6 @@ def bare_publish(ch: Any, exchange: str, key: str, body: bytes) -> None:
     ch.basic_publish(exchange, key, body,
                      pika.BasicProperties(content_type="application/json", delivery_mode=2),
                      mandatory=True)
-
-
-def purge(url: str, *queues: str) -> None:
-    conn = connect(url)
-    try:
-        ch = conn.channel()
-        for q in queues:
-            ch.queue_purge(q)
-    finally:
-        conn.close()
 
 
 # --- bare DynamoDB (pynamodb's low-level calls, the same endpoint) ------------------------
@@ -656,14 +604,11 @@ def stage_drain(world: World) -> StageResult:
                         update_rate=update_rate, minimal_update_rate=minimal_rate,
                         bridge_rate=bridge_rate, paid=paid)
 
-    if bridge_supports("workers"):
-        res.data["scaling"] = _drain_scaling(world)
-        for point in res.data["scaling"]:
-            w = point["workers"]
-            res.rows.append(Row("1 drain", f"{w} worker(s), msg/s vs bare updates x{w}",
-                                point["update_rate"], point["bridge_rate"], "/s"))
-    else:
-        res.notes.append("1 drain: local.bridge.run takes no `workers`: one consumer only.")
+    res.data["scaling"] = _drain_scaling(world)
+    for point in res.data["scaling"]:
+        w = point["workers"]
+        res.rows.append(Row("1 drain", f"{w} worker(s), msg/s vs bare updates x{w}",
+                            point["update_rate"], point["bridge_rate"], "/s"))
     res.notes.append(
         f"1 drain: 2 x {n:,} orders seeded with batch_write in the store's format; the bare "
         "update is the bridge's own write (SET status, transactionId, payTime, notifyId, "
@@ -1228,8 +1173,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             from local.alipay_sandbox.keys import ensure_keys
 
-            world = World(tmp=tmp, keys=ensure_keys(tmp / "keys"), sizes=sizes,
-                          moto_port=moto_port)
+            world = World(tmp=tmp, keys=ensure_keys(tmp / "keys"), sizes=sizes)
             from chalicelib.store import Store
 
             Store.create_tables()
