@@ -22,7 +22,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -43,6 +43,7 @@ from chalicelib.alipay_gateway import (
 )
 from local.alipay_sandbox import LOCAL_APP_ID, LOCAL_SELLER_ID, SandboxServer, make_server
 from local.alipay_sandbox.keys import ensure_keys, load_private_key, load_public_key
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 RETURN_URL = "http://shop.test/alipay/return"
@@ -221,15 +222,6 @@ def trade(sandbox: SandboxServer, out_trade_no: str) -> dict[str, Any]:
     return json.loads(body)
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
-
-
 def open_cashier(
     gateway: AlipayGateway,
     out_trade_no: str,
@@ -329,7 +321,7 @@ def test_pay_notifies_and_redirects_with_signatures_the_sdk_accepts(
     assert (back["out_trade_no"], back["total_amount"]) == (out_trade_no, "59.90")
     assert gateway.verify(back) is True
 
-    wait_for(lambda: len(merchant.notifies(out_trade_no)) == 1)
+    wait_until(lambda: len(merchant.notifies(out_trade_no)) == 1, 5.0, "one notify received")
     notify = merchant.notifies(out_trade_no)[0]
     assert set(notify) == NOTIFY_FIELDS
     assert gateway.verify(notify) is True
@@ -345,7 +337,8 @@ def test_pay_notifies_and_redirects_with_signatures_the_sdk_accepts(
     result = gateway.query(out_trade_no)
     assert (result.trade_status, result.total_amount) == ("TRADE_SUCCESS", Decimal("59.90"))
     assert result.trade_no == notify["trade_no"] and result.pay_time is not None
-    wait_for(lambda: trade(sandbox, out_trade_no)["notify_acknowledged"])
+    wait_until(lambda: trade(sandbox, out_trade_no)["notify_acknowledged"], 5.0,
+               "the notify acknowledged")
 
 
 def test_notify_is_resent_until_the_answer_is_success(
@@ -357,7 +350,7 @@ def test_notify_is_resent_until_the_answer_is_success(
 
     post_form(sandbox, "/sandbox/pay", {"out_trade_no": out_trade_no})
 
-    wait_for(lambda: len(merchant.notifies(out_trade_no)) == 3)
+    wait_until(lambda: len(merchant.notifies(out_trade_no)) == 3, 5.0, "three notifies received")
     time.sleep(2 * SCHEDULE[0] + 0.2)  # a fourth attempt would have come by now
     notifies = merchant.notifies(out_trade_no)
     assert len(notifies) == 3

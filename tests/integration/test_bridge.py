@@ -21,20 +21,12 @@ from chalicelib.alipay_gateway import AlipayUnavailable, TradeNotExist
 from chalicelib.handlers import Deps
 from tests.conftest import FakePublisher
 from tests.rabbit_node import PrivateRabbit
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.rabbitmq
 
 DELAY = 3  # seconds: the delay queue's TTL in these tests
 PROJECT = Path(__file__).resolve().parents[2]
-
-
-def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if pred():
-            return time.monotonic() - start
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from local.alipay_sandbox.keys import ensure_keys, load_private_key
 from local.alipay_sandbox.signer import sign_params
 from tests.conftest import bearer
 from tests.counting import CountingStore
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -89,15 +90,6 @@ class Shop:
 
     def stock(self) -> dict[str, int]:
         return {g.id: g.stock for g in self.store.list_goods()}
-
-
-def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if pred():
-            return time.monotonic() - start
-        time.sleep(0.02)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 def open_url(url: str) -> tuple[int, str]:

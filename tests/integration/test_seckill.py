@@ -25,20 +25,11 @@ from chalicelib.handlers import Deps
 from chalicelib.orders import TICKET_FINAL, parse_iso
 from chalicelib.store import OrderModel, Sale, TicketModel
 from tests.conftest import bearer, body
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.rabbitmq
 
 SALE = "flash"
-
-
-def wait_until(pred: Callable[[], bool], timeout: float, what: str,
-               every: float = 0.05) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if pred():
-            return time.monotonic() - start
-        time.sleep(every)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 @pytest.fixture
@@ -173,9 +164,9 @@ def test_burst_of_2000_requests_from_1000_users_at_a_sale_of_50(
     ticket_ids = {tid for _, tid in accepted}
     # (polling RabbitMQ first: a scan of moto's table would slow the drain down)
     wait_until(lambda: sdeps.broker.queue_depth(broker.QUEUE_SECKILL) == 0, 40, "drained",
-               every=0.2)
+               step=0.2)
     wait_until(lambda: all(t.status in TICKET_FINAL for t in all_tickets()), 10,
-               "every ticket final", every=0.5)
+               "every ticket final", step=0.5)
     stock_seen.stop.set()
     stock_seen.join(5)
     tickets = {t.id: t for t in all_tickets()}
@@ -219,7 +210,7 @@ def test_drain_capped_at_20_orders_a_second(
         wait_until(lambda: depth.samples[-1:] == [0], 10, "the queue empty")
         # the prefetched rest: watched through one small read (a scan would hold
         # the test's one-request-at-a-time moto long enough to slow the drain)
-        wait_until(lambda: sale_stock(sdeps) == 0, 5, "the sale sold out", every=0.1)
+        wait_until(lambda: sale_stock(sdeps) == 0, 5, "the sale sold out", step=0.1)
     orders = all_orders()
     assert len(orders) == 60
     times = sorted(parse_iso(o.create_time).timestamp() for o in orders)

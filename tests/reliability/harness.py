@@ -48,6 +48,7 @@ from chalicelib.store import Goods, OrderModel, Store, _order_from_model
 from local.alipay_sandbox import LOCAL_APP_ID, LOCAL_SELLER_ID, make_server
 from tests.conftest import token
 from tests.counting import CountingStore, read_transitions
+from tests.waiting import wait_until
 
 log = logging.getLogger("reliability")
 
@@ -268,15 +269,6 @@ def _money_problems(o: Order | None, order_id: str, trade: Mapping[str, Any],
 
 
 # --- waiting --------------------------------------------------------------------
-
-
-def wait_until(pred: Callable[[], bool], timeout: float, what: str, step: float = 0.1) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if pred():
-            return time.monotonic() - start
-        time.sleep(step)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 def queue_names(retry_delays_ms: Iterable[int]) -> list[str]:
