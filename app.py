@@ -16,7 +16,19 @@ from urllib.parse import parse_qsl
 from chalice import AuthResponse, Chalice, Rate, Response, UnauthorizedError
 
 from chalicelib import auth, deps, handlers, logs, seckill
-from chalicelib.orders import BadRequest, ShopError, Unavailable
+from chalicelib.domain import (
+    AlreadyHolding,
+    Conflict,
+    Invalid,
+    NotFound,
+    OutOfStock,
+    Overloaded,
+    PriceChanged,
+    ShopError,
+    SoldOut,
+    Unavailable,
+    Unprocessable,
+)
 
 logs.configure()  # JSON lines; formats only, opens nothing
 app = Chalice(app_name="shop-pay")
@@ -29,6 +41,31 @@ def _error(status: int, code: str, message: str, **extra: Any) -> Response:
                     headers={"Content-Type": "application/json"})
 
 
+# The domain's errors as HTTP answers: (status, Code). The most specific class
+# wins; an error of no class here is a 500.
+ERRORS: dict[type[ShopError], tuple[int, str]] = {
+    Invalid: (400, "BadRequestError"),
+    NotFound: (404, "NotFoundError"),
+    Conflict: (409, "ConflictError"),
+    OutOfStock: (409, "OutOfStock"),
+    PriceChanged: (409, "PriceChanged"),
+    SoldOut: (409, "SoldOut"),
+    AlreadyHolding: (409, "AlreadyHolding"),
+    Overloaded: (429, "TooManyRequests"),
+    Unprocessable: (422, "Unprocessable"),
+    Unavailable: (503, "ServiceUnavailable"),
+}
+
+
+def error_response(exc: ShopError) -> Response:
+    status, code = next((ERRORS[kind] for kind in type(exc).__mro__ if kind in ERRORS),
+                        (500, "InternalError"))
+    response = _error(status, code, exc.message, **exc.details)
+    if isinstance(exc, Overloaded):
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response
+
+
 def api(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turns the handlers' errors into the contract's answers."""
 
@@ -37,10 +74,9 @@ def api(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except ShopError as exc:
-            if exc.status >= 500:
+            response = error_response(exc)
+            if response.status_code >= 500:
                 log.warning("%s: %s", fn.__name__, exc.message)
-            response = _error(exc.status, exc.code, exc.message, **exc.extra)
-            response.headers.update(exc.headers)  # e.g. Retry-After of a 429
             return response
 
     return wrapper
@@ -99,7 +135,7 @@ def json_object() -> dict[str, Any]:
     if body is None:
         return {}
     if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
+        raise Invalid("the body must be a JSON object")
     return body
 
 
@@ -139,7 +175,7 @@ def put_cart_item(goods_id: str) -> Any:
     user = current_user()
     body = json_object()
     if "num" not in body:
-        raise BadRequest("the body must be {\"num\": 1..99}")
+        raise Invalid("the body must be {\"num\": 1..99}")
     return handlers.set_cart_item(deps.get(), user, goods_id, body["num"])
 
 
@@ -298,7 +334,8 @@ def alipay_return() -> Response:
     try:
         view = handlers.on_return(deps.get(), params)
     except ShopError as exc:
-        status = 400 if exc.status in (400, 404) else exc.status
+        status = error_response(exc).status_code
+        status = 400 if status == 404 else status
         return _page(status, "Payment", f"<p>{html.escape(exc.message)}</p>")
     order = view["order"]
     status = html.escape(order["status"])

@@ -45,6 +45,20 @@ from alipay.exceptions import AliPayException, AliPayValidationError
 from alipay.utils import AliPayConfig
 from Cryptodome.PublicKey import RSA
 
+from chalicelib.domain import parse_amount, to_fen
+from chalicelib.ports import (
+    NoticeRefused,
+    PaymentError,
+    PaymentNotice,
+    PaymentRefused,
+    PaymentUnavailable,
+    RefundOutcome,
+    Trade,
+    TradeNotFound,
+    TradeState,
+    TradeStateConflict,
+)
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -87,11 +101,11 @@ SHANGHAI = _shanghai()
 # --- errors ---------------------------------------------------------------
 
 
-class AlipayError(Exception):
+class AlipayError(PaymentError):
     """Base of every error this module raises."""
 
 
-class AlipayUnavailable(AlipayError):
+class AlipayUnavailable(AlipayError, PaymentUnavailable):
     """The outcome is unknown (network, timeout, HTTP error, bad or unsigned answer).
 
     Retry later; nothing can be concluded about the trade.
@@ -105,7 +119,7 @@ class AlipayUnavailable(AlipayError):
         self.sub_code = sub_code
 
 
-class AlipayBusinessError(AlipayError):
+class AlipayBusinessError(AlipayError, PaymentRefused):
     """Alipay answered (signed) with a code other than 10000, e.g. 40004."""
 
     def __init__(
@@ -134,11 +148,11 @@ class AlipayBusinessError(AlipayError):
         return self.sub_code == TRADE_STATUS_ERROR
 
 
-class TradeNotExist(AlipayBusinessError):
+class TradeNotExist(AlipayBusinessError, TradeNotFound):
     """40004 ACQ.TRADE_NOT_EXIST: Alipay has no such trade (never opened, or unknown)."""
 
 
-class TradeStatusError(AlipayBusinessError):
+class TradeStatusError(AlipayBusinessError, TradeStateConflict):
     """40004 ACQ.TRADE_STATUS_ERROR: the trade's state forbids it (e.g. closing a paid trade)."""
 
 
@@ -210,6 +224,23 @@ def parse_alipay_time(value: str) -> datetime:
     """Alipay's ``yyyy-MM-dd HH:mm:ss`` (Asia/Shanghai) as an aware UTC datetime."""
     local = datetime.strptime(value, ALIPAY_TIME_FORMAT)
     return local.replace(tzinfo=SHANGHAI).astimezone(UTC)
+
+
+def _alipay_time_or_none(text: str | None) -> datetime | None:
+    """Alipay's clock as aware UTC; None when absent or malformed."""
+    try:
+        return parse_alipay_time(text) if text else None
+    except ValueError:
+        return None
+
+
+# Alipay's trade_status -> the shop's TradeState.
+TRADE_STATES = {
+    "WAIT_BUYER_PAY": TradeState.WAITING,
+    "TRADE_SUCCESS": TradeState.PAID,
+    "TRADE_FINISHED": TradeState.FINISHED,
+    "TRADE_CLOSED": TradeState.CLOSED,
+}
 
 
 def load_key(value_or_path: str | os.PathLike[str]) -> str:
@@ -408,6 +439,61 @@ class AlipayGateway:
             "alipay.trade.fastpay.refund.query",
             {"out_trade_no": out_trade_no, "out_request_no": out_request_no},
         )
+
+    # --- the shop's payment port (chalicelib.ports.PaymentGateway) ----------
+
+    def read_notice(self, params: Mapping[str, str]) -> PaymentNotice:
+        """An async notify, verified: the signature, then that it is for us."""
+        if not self.verify(params):
+            raise NoticeRefused("bad signature")
+        if params.get("app_id") != self.app_id:
+            raise NoticeRefused("app_id is not ours")
+        if params.get("seller_id") != self.seller_id:
+            raise NoticeRefused("seller_id is not ours")
+        trade_no = params.get("trade_no") or ""
+        if not trade_no:
+            raise NoticeRefused("no trade_no")
+        return PaymentNotice(
+            order_id=params.get("out_trade_no") or "",
+            trade_no=trade_no,
+            state=TRADE_STATES.get(params.get("trade_status") or ""),
+            amount_fen=parse_amount(params.get("total_amount") or ""),
+            paid_at=_alipay_time_or_none(params.get("gmt_payment")),
+            notice_id=params.get("notify_id"),
+        )
+
+    def read_return(self, params: Mapping[str, str]) -> str:
+        """The browser's return from the cashier, verified: its order id."""
+        if not self.verify(params):
+            raise NoticeRefused("invalid signature")
+        return params.get("out_trade_no") or ""
+
+    def query_trade(self, order_id: str) -> Trade | None:
+        try:
+            answer = self.query(order_id)
+        except TradeNotExist:
+            return None
+        state = TRADE_STATES.get(answer.trade_status)
+        if state is None:
+            raise AlipayUnavailable(f"alipay.trade.query: unknown trade_status "
+                                    f"{answer.trade_status!r}")
+        try:
+            amount_fen = to_fen(answer.total_amount)
+        except ValueError as exc:
+            raise AlipayUnavailable(f"alipay.trade.query: {exc}") from exc
+        return Trade(order_id=answer.out_trade_no, trade_no=answer.trade_no, state=state,
+                     amount_fen=amount_fen, paid_at=_alipay_time_or_none(answer.pay_time))
+
+    def close_trade(self, order_id: str) -> None:
+        try:
+            self.close(order_id)
+        except TradeNotExist:
+            pass  # never opened: nothing to close
+
+    def refund_payment(self, order_id: str, amount: Decimal, request_no: str) -> RefundOutcome:
+        answer = self.refund(order_id, amount, request_no)
+        return RefundOutcome(order_id=answer.out_trade_no, trade_no=answer.trade_no,
+                             refunded_fen=to_fen(answer.refund_fee), moved=answer.fund_change)
 
     def _call(self, method: str, biz: dict[str, str]) -> dict[str, Any]:
         out_trade_no = biz.get("out_trade_no")

@@ -1,52 +1,83 @@
-"""Settings from the environment, read once, lazily.
+"""Settings: the one module that reads the environment.
 
-`chalice local` and Lambda both copy the stage's `environment_variables` from
-`.chalice/config.json` into the environment; a value already set in the
-environment wins (see local/stack.py). Nothing here opens a connection.
+`load()` builds a `Settings` from an environment mapping (the process's by
+default) and everything else takes the settings it is given: the store its table
+names, the broker its URL, the worker its pacing. `get()` is the process's own,
+built on first use (never at import) and then reused by a warm Lambda or the
+worker. `chalice local` and Lambda copy the stage's `environment_variables` from
+`.chalice/config.json` into the environment; a value already set there wins
+(see local/stack.py). Nothing here opens a connection.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 LOCAL_JWT_SECRET = "local-dev-secret-0123456789abcdef"
+DEFAULT_RETRY_DELAYS_MS = (1000, 5000, 30000)  # chalicelib.broker uses the same
 
 
-def _int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError as exc:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
+class _Env:
+    """Typed reads of one environment mapping, each error naming the variable."""
 
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
 
-def _float(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError as exc:
-        raise ValueError(f"{name} must be a number, got {raw!r}") from exc
-    if not value >= 0 or value == float("inf"):
-        raise ValueError(f"{name} must be a finite number >= 0, got {raw!r}")
-    return value
+    def str(self, name: str, default: str = "") -> str:
+        return self._environ.get(name, default)
 
+    def int(self, name: str, default: int) -> int:
+        raw = self._environ.get(name, "").strip()
+        if not raw:
+            return default
+        try:
+            return int(raw)
+        except ValueError as exc:
+            raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
 
-def _secret(name: str, file_name: str) -> str:
-    """A secret as text: `NAME` holds it, or `NAME_FILE` names a file that does."""
-    value = os.environ.get(name, "")
-    if value:
+    def float(self, name: str, default: float) -> float:
+        raw = self._environ.get(name, "").strip()
+        if not raw:
+            return default
+        try:
+            value = float(raw)
+        except ValueError as exc:
+            raise ValueError(f"{name} must be a number, got {raw!r}") from exc
+        if not value >= 0 or value == float("inf"):
+            raise ValueError(f"{name} must be a finite number >= 0, got {raw!r}")
         return value
-    path = os.environ.get(file_name, "")
-    if path:
-        return Path(path).read_text()
-    return ""
+
+    def ints(self, name: str, default: tuple[int, ...]) -> tuple[int, ...]:
+        raw = self._environ.get(name, "").strip()
+        if not raw:
+            return default
+        try:
+            return tuple(int(x) for x in raw.split(",") if x.strip())
+        except ValueError as exc:
+            raise ValueError(f"{name} must be integers separated by commas, got {raw!r}") from exc
+
+    def secret(self, name: str) -> str:
+        """`NAME` holds the secret, or `NAME_FILE` names a file that does."""
+        value = self._environ.get(name, "")
+        if value:
+            return value
+        path = self._environ.get(f"{name}_FILE", "")
+        return Path(path).read_text() if path else ""
+
+
+@dataclass(frozen=True)
+class Tables:
+    """DynamoDB table names; the store takes them when it is built."""
+
+    goods: str
+    carts: str
+    orders: str
+    sales: str
+    seckill: str  # tickets and per-user-per-sale markers
 
 
 @dataclass(frozen=True)
@@ -69,58 +100,78 @@ class Settings:
     bridge_max_attempts: int
     # flash sales (chalicelib/seckill.py)
     sales_table: str = "shop-local-sales"
-    seckill_table: str = "shop-local-seckill"  # tickets and per-user-per-sale markers
-    seckill_orders_per_second: float = 200.0  # the bridge's drain rate of queue.order.seckill
+    seckill_table: str = "shop-local-seckill"
+    seckill_orders_per_second: float = 200.0  # the worker's drain rate of queue.order.seckill
     seckill_max_queue_depth: int = 10000  # deeper: POST /seckill/{id} answers 429
     seckill_cache_ms: int = 150  # how long the API reuses a sale and a queue depth it read
     bridge_pay_per_second: float = 0.0  # 0: queue.order.pay is drained as fast as it comes
     bridge_workers: int = 2  # consumers (a connection each) on the unpaced queues
+    bridge_retry_delays_ms: tuple[int, ...] = DEFAULT_RETRY_DELAYS_MS
+    sweep_interval_seconds: float = 60.0
+    # "kill-before-ack": the worker kills itself after a handler's write, before the
+    # ack (the crash-recovery tests only).
+    bridge_fault: str = ""
+    aws_region: str = "us-east-1"
+    log_level: str = "INFO"
+    alipay_app_private_key: str = field(default="", repr=False)
+    alipay_public_key: str = field(default="", repr=False)
 
     @property
-    def alipay_app_private_key(self) -> str:
-        return _secret("ALIPAY_APP_PRIVATE_KEY", "ALIPAY_APP_PRIVATE_KEY_FILE")
-
-    @property
-    def alipay_public_key(self) -> str:
-        return _secret("ALIPAY_PUBLIC_KEY", "ALIPAY_PUBLIC_KEY_FILE")
+    def tables(self) -> Tables:
+        return Tables(goods=self.goods_table, carts=self.carts_table, orders=self.orders_table,
+                      sales=self.sales_table, seckill=self.seckill_table)
 
 
-def load() -> Settings:
-    stage = os.environ.get("STAGE", "local")
-    prefix = os.environ.get("TABLE_PREFIX", f"shop-{stage}")
-    jwt_secret = os.environ.get("JWT_SECRET", "")
+def load(environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from `environ` (the process's environment when None)."""
+    env = _Env(os.environ if environ is None else environ)
+    stage = env.str("STAGE", "local")
+    prefix = env.str("TABLE_PREFIX", f"shop-{stage}")
+    jwt_secret = env.str("JWT_SECRET")
     if not jwt_secret and stage == "local":
         jwt_secret = LOCAL_JWT_SECRET
     return Settings(
         stage=stage,
-        goods_table=os.environ.get("GOODS_TABLE", f"{prefix}-goods"),
-        carts_table=os.environ.get("CARTS_TABLE", f"{prefix}-carts"),
-        orders_table=os.environ.get("ORDERS_TABLE", f"{prefix}-orders"),
-        rmq_url=os.environ.get("RMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"),
-        rmq_queue_type=os.environ.get("RMQ_QUEUE_TYPE", "classic"),
-        check_delay_seconds=_int("ORDER_CHECK_DELAY_SECONDS", 2100),
-        pay_timeout_seconds=_int("ORDER_PAY_TIMEOUT_SECONDS", 1800),
+        goods_table=env.str("GOODS_TABLE", f"{prefix}-goods"),
+        carts_table=env.str("CARTS_TABLE", f"{prefix}-carts"),
+        orders_table=env.str("ORDERS_TABLE", f"{prefix}-orders"),
+        rmq_url=env.str("RMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"),
+        rmq_queue_type=env.str("RMQ_QUEUE_TYPE", "classic"),
+        check_delay_seconds=env.int("ORDER_CHECK_DELAY_SECONDS", 2100),
+        pay_timeout_seconds=env.int("ORDER_PAY_TIMEOUT_SECONDS", 1800),
         jwt_secret=jwt_secret,
-        alipay_app_id=os.environ.get("ALIPAY_APP_ID", ""),
-        alipay_seller_id=os.environ.get("ALIPAY_SELLER_ID", ""),
-        alipay_gateway=os.environ.get("ALIPAY_GATEWAY", ""),
-        alipay_notify_url=os.environ.get("ALIPAY_NOTIFY_URL", ""),
-        alipay_return_url=os.environ.get("ALIPAY_RETURN_URL", ""),
+        alipay_app_id=env.str("ALIPAY_APP_ID"),
+        alipay_seller_id=env.str("ALIPAY_SELLER_ID"),
+        alipay_gateway=env.str("ALIPAY_GATEWAY"),
+        alipay_notify_url=env.str("ALIPAY_NOTIFY_URL"),
+        alipay_return_url=env.str("ALIPAY_RETURN_URL"),
         # Small: a message prefetched by a busy worker waits behind it while another
-        # worker may be free (at 20, stage 4 of the bench closed late by 1.2 s at p99;
-        # at 5 with 2 workers, 164 ms).
-        bridge_prefetch=max(1, _int("BRIDGE_PREFETCH", 5)),
-        bridge_max_attempts=_int("BRIDGE_MAX_ATTEMPTS", 5),
-        sales_table=os.environ.get("SALES_TABLE", f"{prefix}-sales"),
-        seckill_table=os.environ.get("SECKILL_TABLE", f"{prefix}-seckill"),
-        seckill_orders_per_second=_float("SECKILL_ORDERS_PER_SECOND", 200.0),
-        seckill_max_queue_depth=_int("SECKILL_MAX_QUEUE_DEPTH", 10000),
-        seckill_cache_ms=_int("SECKILL_CACHE_MS", 150),
-        bridge_pay_per_second=_float("BRIDGE_PAY_PER_SECOND", 0.0),
-        bridge_workers=max(1, _int("BRIDGE_WORKERS", 2)),
+        # worker may be free (see the README's Performance section).
+        bridge_prefetch=max(1, env.int("BRIDGE_PREFETCH", 5)),
+        bridge_max_attempts=env.int("BRIDGE_MAX_ATTEMPTS", 5),
+        sales_table=env.str("SALES_TABLE", f"{prefix}-sales"),
+        seckill_table=env.str("SECKILL_TABLE", f"{prefix}-seckill"),
+        seckill_orders_per_second=env.float("SECKILL_ORDERS_PER_SECOND", 200.0),
+        seckill_max_queue_depth=env.int("SECKILL_MAX_QUEUE_DEPTH", 10000),
+        seckill_cache_ms=env.int("SECKILL_CACHE_MS", 150),
+        bridge_pay_per_second=env.float("BRIDGE_PAY_PER_SECOND", 0.0),
+        bridge_workers=max(1, env.int("BRIDGE_WORKERS", 2)),
+        bridge_retry_delays_ms=env.ints("BRIDGE_RETRY_DELAYS_MS", DEFAULT_RETRY_DELAYS_MS),
+        sweep_interval_seconds=env.float("SWEEP_INTERVAL_SECONDS", 60.0),
+        bridge_fault=env.str("BRIDGE_FAULT"),
+        aws_region=env.str("AWS_DEFAULT_REGION") or env.str("AWS_REGION") or "us-east-1",
+        log_level=env.str("LOG_LEVEL", "INFO"),
+        alipay_app_private_key=env.secret("ALIPAY_APP_PRIVATE_KEY"),
+        alipay_public_key=env.secret("ALIPAY_PUBLIC_KEY"),
     )
+
+
+def on_lambda(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether this process runs in AWS Lambda (whose runtime owns the log handler)."""
+    return bool((os.environ if environ is None else environ).get("AWS_LAMBDA_FUNCTION_NAME"))
 
 
 @lru_cache(maxsize=1)
 def get() -> Settings:
+    """The process's settings, read once on first use."""
     return load()

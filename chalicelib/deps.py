@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 
-from chalicelib import config
+from chalicelib import config, logs
 from chalicelib.handlers import Deps
+from chalicelib.ports import PaymentGateway
 from chalicelib.store import Store
 
 log = logging.getLogger(__name__)
@@ -19,7 +20,8 @@ def build(settings: config.Settings | None = None) -> Deps:
     from chalicelib.broker import Broker
 
     settings = settings or config.get()
-    store = Store()
+    logs.configure(settings.log_level)  # the level only where nobody configured logging
+    store = Store.from_settings(settings)
     store.warm()  # one DynamoDB client for all tables (built here, on first use; no request)
     return Deps(
         settings=settings,
@@ -29,7 +31,7 @@ def build(settings: config.Settings | None = None) -> Deps:
     )
 
 
-def _gateway(settings: config.Settings):  # type: ignore[no-untyped-def]
+def _gateway(settings: config.Settings) -> PaymentGateway | None:
     if not (settings.alipay_app_id and settings.alipay_gateway):
         log.warning("ALIPAY_APP_ID or ALIPAY_GATEWAY not set: payment is off")
         return None

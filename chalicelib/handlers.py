@@ -1,7 +1,8 @@
 """What the service does, as plain functions of plain data and their dependencies.
 
-The HTTP routes (app.py) and the bridge (local/bridge.py) call these same
-functions. None of them knows HTTP, AMQP frames or Lambda.
+The HTTP routes (app.py) and the worker (chalicelib/worker) call these same
+functions. They take their dependencies as ports (chalicelib/ports.py); none of
+them knows HTTP, AMQP frames or Lambda.
 """
 
 from __future__ import annotations
@@ -10,18 +11,11 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any
 
-from chalicelib import orders
-from chalicelib.alipay_gateway import (
-    AlipayBusinessError,
-    AlipayError,
-    AlipayUnavailable,
-    TradeNotExist,
-    parse_alipay_time,
-)
+from chalicelib import domain
 from chalicelib.config import Settings
-from chalicelib.orders import (
+from chalicelib.domain import (
     CLOSED,
     MAX_CART_LINES,
     MAX_NUM,
@@ -29,12 +23,14 @@ from chalicelib.orders import (
     REFUNDED,
     SOURCE_TYPES,
     UNPAID,
-    BadRequest,
     Conflict,
+    Invalid,
     Line,
     NotFound,
     Order,
+    OrderStatus,
     OutOfStock,
+    PriceChanged,
     Unavailable,
     Unprocessable,
     from_fen,
@@ -42,39 +38,19 @@ from chalicelib.orders import (
     money_str,
     parse_amount,
 )
-from chalicelib.store import PriceChanged, Store
+from chalicelib.ports import (
+    PAID_STATES,
+    NoticeRefused,
+    PaymentError,
+    PaymentGateway,
+    PaymentUnavailable,
+    Publisher,
+    StorePort,
+    TradeState,
+    TradeStateConflict,
+)
 
 log = logging.getLogger(__name__)
-
-PAID_TRADE_STATES = ("TRADE_SUCCESS", "TRADE_FINISHED")
-
-
-class Publisher(Protocol):
-    def publish_check(self, order_id: str) -> None: ...
-
-    def publish_pay(self, msg: Mapping[str, Any]) -> None: ...
-
-    def publish_seckill(self, msg: Mapping[str, Any]) -> None: ...
-
-    def queue_depth(self, queue: str) -> int: ...
-
-
-class Gateway(Protocol):
-    app_id: str
-    seller_id: str
-
-    def page_pay_url(
-        self, out_trade_no: str, total_amount: Any, subject: str, time_expire: datetime
-    ) -> str: ...
-
-    def verify(self, params: Mapping[str, str]) -> bool: ...
-
-    def query(self, out_trade_no: str) -> Any: ...
-
-    def close(self, out_trade_no: str) -> None: ...
-
-    def refund(self, out_trade_no: str, amount: Any, out_request_no: str) -> Any: ...
-
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -83,9 +59,9 @@ def utcnow() -> datetime:
 @dataclass
 class Deps:
     settings: Settings
-    store: Store
+    store: StorePort
     broker: Publisher
-    gateway: Gateway | None = None
+    gateway: PaymentGateway | None = None
     clock: Callable[[], datetime] = utcnow
 
 
@@ -123,14 +99,14 @@ def get_cart(deps: Deps, username: str) -> dict[str, Any]:
 
 
 def _goods_id(goods_id: str) -> str:
-    if not isinstance(goods_id, str) or not orders.GOODS_ID_RE.fullmatch(goods_id):
+    if not isinstance(goods_id, str) or not domain.GOODS_ID_RE.fullmatch(goods_id):
         raise NotFound(f"no goods {goods_id!r}")
     return goods_id
 
 
 def set_cart_item(deps: Deps, username: str, goods_id: str, num: Any) -> dict[str, Any]:
     if isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= MAX_NUM:
-        raise BadRequest(f"num must be an integer from 1 to {MAX_NUM}")
+        raise Invalid(f"num must be an integer from 1 to {MAX_NUM}")
     _goods_id(goods_id)
     goods = deps.store.get_goods([goods_id]).get(goods_id)
     if goods is None:
@@ -152,12 +128,12 @@ def create_order(deps: Deps, username: str, source_type: Any = None) -> dict[str
     """Cart -> one transaction (order put, stock taken, cart emptied) -> delay message."""
     source_type = "1" if source_type is None else source_type
     if source_type not in SOURCE_TYPES:
-        raise BadRequest('sourceType must be "1" (PC) or "2" (mobile)')
+        raise Invalid('sourceType must be "1" (PC) or "2" (mobile)')
     cart = sorted(deps.store.get_cart_lines(username), key=lambda c: c.goods_id)
     if not cart:
-        raise BadRequest("the cart is empty")
+        raise Invalid("the cart is empty")
     if len(cart) > MAX_CART_LINES:
-        raise BadRequest(
+        raise Invalid(
             f"the cart holds {len(cart)} different goods; one order takes at most "
             f"{MAX_CART_LINES} (a DynamoDB transaction holds 100 actions)"
         )
@@ -189,7 +165,7 @@ def _new_order(deps: Deps, username: str, source_type: str, lines: list[Line],
                now: datetime | None = None) -> Order:
     now = now or deps.clock()
     return Order(
-        id=orders.new_order_id(now),
+        id=domain.new_order_id(now),
         username=username,
         status=UNPAID,
         source_type=source_type,
@@ -211,7 +187,7 @@ def _schedule_check(deps: Deps, order_id: str) -> None:
 
 
 def _own_order(deps: Deps, username: str, order_id: str) -> Order:
-    if not isinstance(order_id, str) or not orders.ORDER_ID_RE.fullmatch(order_id):
+    if not isinstance(order_id, str) or not domain.ORDER_ID_RE.fullmatch(order_id):
         raise NotFound(f"no order {order_id!r}")
     order = deps.store.get_order(order_id)
     if order is None or order.username != username:
@@ -240,57 +216,52 @@ def cancel_order(deps: Deps, username: str, order_id: str) -> dict[str, Any]:
 # --- the timeout --------------------------------------------------------------
 
 
-def on_check(deps: Deps, msg: Mapping[str, Any]) -> str:
+def on_check(deps: Deps, msg: Mapping[str, Any]) -> OrderStatus | None:
     """queue.order.check, after the delay: an order still UNPAID is settled.
 
-    Returns the status the order ends in (for logs and tests).
+    Returns the status the order ends in (None: no such order), for logs and tests.
     """
     order_id = msg.get("orderId")
-    if not isinstance(order_id, str) or not orders.ORDER_ID_RE.fullmatch(order_id):
+    if not isinstance(order_id, str) or not domain.ORDER_ID_RE.fullmatch(order_id):
         raise Unprocessable(f"check message without a valid orderId: {dict(msg)!r}")
     order = deps.store.get_order(order_id)
     if order is None:
         log.warning("check for unknown order %s", order_id, extra={"orderId": order_id})
-        return "UNKNOWN"
+        return None
     if order.status != UNPAID:
         return order.status
     return _settle_unpaid(deps, order)
 
 
-def _settle_unpaid(deps: Deps, order: Order) -> str:
-    """Ask Alipay first: paid means PAID (the notify was lost); otherwise close the
-    trade and then the order, giving the stock back exactly once.
+def _settle_unpaid(deps: Deps, order: Order) -> OrderStatus | None:
+    """Ask the payment provider first: paid means PAID (the notify was lost);
+    otherwise close the trade and then the order, giving the stock back exactly once.
 
-    Alipay unreachable raises Unavailable: the caller retries later, never closes blind.
+    The provider unreachable raises Unavailable: the caller retries later, never
+    closes blind.
     """
     gateway = deps.gateway
     if gateway is not None:
         try:
-            try:
-                trade = gateway.query(order.id)
-            except TradeNotExist:
-                trade = None
-            if trade is not None and trade.trade_status in PAID_TRADE_STATES:
-                fen = orders.to_fen(trade.total_amount)
-                log.info("order %s paid at Alipay though no notify came", order.id,
+            trade = gateway.query_trade(order.id)
+            if trade is not None and trade.paid:
+                log.info("order %s paid though no notify came", order.id,
                          extra={"orderId": order.id, "tradeNo": trade.trade_no})
-                return _apply_payment(deps, order, trade.trade_no or "", fen,
-                                      _alipay_time(trade.pay_time) or deps.clock(), None)
-            if trade is not None and trade.trade_status == "WAIT_BUYER_PAY":
+                return _apply_payment(deps, order, trade.trade_no or "", trade.amount_fen,
+                                      trade.paid_at or deps.clock(), None)
+            if trade is not None and trade.state == TradeState.WAITING:
                 try:
-                    gateway.close(order.id)
-                except TradeNotExist:
-                    pass
-                except AlipayBusinessError as exc:
-                    # ACQ.TRADE_STATUS_ERROR: paid between our query and our close.
+                    gateway.close_trade(order.id)
+                except TradeStateConflict as exc:
+                    # Paid between our query and our close.
                     raise Unavailable(f"closing trade {order.id}: {exc}; checking again") from exc
-        except AlipayUnavailable as exc:
-            raise Unavailable(f"alipay unreachable for {order.id}: {exc}") from exc
+        except PaymentUnavailable as exc:
+            raise Unavailable(f"payment provider unreachable for {order.id}: {exc}") from exc
     if deps.store.close_order(order, now=deps.clock()):
         log.info("order %s closed, stock returned", order.id, extra={"orderId": order.id})
         return CLOSED
     current = deps.store.get_order(order.id)
-    return current.status if current else "UNKNOWN"
+    return current.status if current else None
 
 
 def sweep(deps: Deps, limit: int = 500) -> dict[str, int]:
@@ -310,14 +281,6 @@ def sweep(deps: Deps, limit: int = 500) -> dict[str, int]:
 # --- the payment --------------------------------------------------------------
 
 
-def _alipay_time(text: str | None) -> datetime | None:
-    """Alipay's clock (Asia/Shanghai) as aware UTC; None when absent or malformed."""
-    try:
-        return parse_alipay_time(text) if text else None
-    except ValueError:
-        return None
-
-
 def start_payment(deps: Deps, username: str, order_id: str) -> dict[str, Any]:
     order = _own_order(deps, username, order_id)
     if order.status != UNPAID:
@@ -333,53 +296,43 @@ def start_payment(deps: Deps, username: str, order_id: str) -> dict[str, Any]:
 
 
 def on_notify(deps: Deps, params: Mapping[str, str]) -> bool:
-    """Alipay's async notify. True means answer `success`.
+    """The payment provider's async notify. True means answer `success`.
 
     Only verifies and publishes: the order changes in on_paid, after the broker
     confirmed the message. A notify that fails a check changes nothing.
     """
     gateway = deps.gateway
-    fields = {k: params.get(k) for k in (
-        "notify_id", "out_trade_no", "trade_no", "trade_status", "total_amount",
-        "app_id", "seller_id", "sign_type")}
-    ctx = {"orderId": fields["out_trade_no"], "tradeNo": fields["trade_no"],
-           "notifyId": fields["notify_id"]}
+    ctx = {"orderId": params.get("out_trade_no"), "tradeNo": params.get("trade_no"),
+           "notifyId": params.get("notify_id")}
 
     def refuse(why: str) -> bool:
-        log.warning("notify refused: %s %s", why, fields, extra=ctx)
+        log.warning("notify refused: %s", why, extra=ctx)
         return False
 
     if gateway is None:
         return refuse("payment is not configured")
-    if not gateway.verify(params):
-        return refuse("bad signature")
-    if params.get("app_id") != gateway.app_id:
-        return refuse("app_id is not ours")
-    if params.get("seller_id") != gateway.seller_id:
-        return refuse("seller_id is not ours")
-    order_id = params.get("out_trade_no", "")
-    if not orders.ORDER_ID_RE.fullmatch(order_id):
+    try:
+        notice = gateway.read_notice(params)
+    except NoticeRefused as exc:
+        return refuse(exc.reason)
+    order_id = notice.order_id
+    if not domain.ORDER_ID_RE.fullmatch(order_id):
         return refuse("out_trade_no is not one of ours")
     order = deps.store.get_order(order_id)
     if order is None:
         return refuse("unknown order")
-    fen = parse_amount(params.get("total_amount", ""))
+    fen = notice.amount_fen
     if fen is None or fen != order.total_fen:
         return refuse(f"total_amount differs from the order's {money_str(order.total_fen)}")
-    status = params.get("trade_status")
-    if status not in PAID_TRADE_STATES:
-        log.info("notify with trade_status %s: nothing to do", status, extra=ctx)
+    if notice.state not in PAID_STATES:
+        log.info("notify with trade state %s: nothing to do", notice.state, extra=ctx)
         return True
-    trade_no = params.get("trade_no", "")
-    if not trade_no:
-        return refuse("no trade_no")
-    pay_time = _alipay_time(params.get("gmt_payment")) or deps.clock()
     msg = {
         "orderId": order_id,
-        "tradeNo": trade_no,
+        "tradeNo": notice.trade_no,
         "totalAmount": money_str(fen),
-        "payTime": iso(pay_time),
-        "notifyId": params.get("notify_id"),
+        "payTime": iso(notice.paid_at or deps.clock()),
+        "notifyId": notice.notice_id,
     }
     try:
         deps.broker.publish_pay(msg)
@@ -391,11 +344,11 @@ def on_notify(deps: Deps, params: Mapping[str, str]) -> bool:
     return True
 
 
-def on_paid(deps: Deps, msg: Mapping[str, Any]) -> str:
+def on_paid(deps: Deps, msg: Mapping[str, Any]) -> OrderStatus:
     """queue.order.pay: a verified payment. UNPAID -> PAID; CLOSED -> refund, REFUNDED."""
     order_id = msg.get("orderId")
     trade_no = msg.get("tradeNo")
-    if not isinstance(order_id, str) or not orders.ORDER_ID_RE.fullmatch(order_id):
+    if not isinstance(order_id, str) or not domain.ORDER_ID_RE.fullmatch(order_id):
         raise Unprocessable(f"pay message without a valid orderId: {dict(msg)!r}")
     if not isinstance(trade_no, str) or not trade_no:
         raise Unprocessable(f"pay message for {order_id} without tradeNo")
@@ -403,7 +356,7 @@ def on_paid(deps: Deps, msg: Mapping[str, Any]) -> str:
     if fen is None:
         raise Unprocessable(f"pay message for {order_id} with a bad totalAmount")
     try:
-        pay_time = orders.parse_iso(msg["payTime"]) if msg.get("payTime") else deps.clock()
+        pay_time = domain.parse_iso(msg["payTime"]) if msg.get("payTime") else deps.clock()
     except ValueError:
         pay_time = deps.clock()
     notify_id = msg.get("notifyId")
@@ -428,7 +381,7 @@ def on_paid(deps: Deps, msg: Mapping[str, Any]) -> str:
 
 def _apply_payment(
     deps: Deps, order: Order, trade_no: str, fen: int, pay_time: datetime, notify_id: str | None
-) -> str:
+) -> OrderStatus:
     ctx = {"orderId": order.id, "tradeNo": trade_no, "notifyId": notify_id}
     if order.status == UNPAID:
         if deps.store.mark_paid(order.id, total_fen=fen, trade_no=trade_no, pay_time=pay_time,
@@ -451,15 +404,15 @@ def _apply_payment(
     return order.status  # REFUNDED: the money went back already
 
 
-def _refund_late_payment(deps: Deps, order: Order, trade_no: str) -> str:
+def _refund_late_payment(deps: Deps, order: Order, trade_no: str) -> OrderStatus:
     """Money for a CLOSED order: send it back, with a request number derived from
     the order so that a retry is the same refund, then mark REFUNDED."""
     if deps.gateway is None:
         raise Unavailable(f"order {order.id} needs a refund and payment is not configured")
-    request_no = orders.refund_request_no(order.id)
+    request_no = domain.refund_request_no(order.id)
     try:
-        deps.gateway.refund(order.id, from_fen(order.total_fen), request_no)
-    except AlipayError as exc:
+        deps.gateway.refund_payment(order.id, from_fen(order.total_fen), request_no)
+    except PaymentError as exc:
         raise Unavailable(f"refund of {order.id} failed: {exc}") from exc
     deps.store.mark_refunded(order.id, trade_no=trade_no, refund_request_no=request_no,
                              now=deps.clock())
@@ -481,11 +434,12 @@ def on_return(deps: Deps, params: Mapping[str, str]) -> dict[str, Any]:
     notify and the query are trusted to say an order is paid."""
     if deps.gateway is None:
         raise Unavailable("payment is not configured")
-    if not deps.gateway.verify(params):
-        raise BadRequest("invalid signature")
-    order_id = params.get("out_trade_no", "")
-    if not orders.ORDER_ID_RE.fullmatch(order_id):
-        raise BadRequest("out_trade_no is not one of ours")
+    try:
+        order_id = deps.gateway.read_return(params)
+    except NoticeRefused as exc:
+        raise Invalid(exc.reason) from exc
+    if not domain.ORDER_ID_RE.fullmatch(order_id):
+        raise Invalid("out_trade_no is not one of ours")
     order = deps.store.get_order(order_id)
     if order is None:
         raise NotFound(f"no order {order_id!r}")

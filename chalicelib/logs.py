@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from datetime import UTC, datetime
 from typing import Any
+
+from chalicelib import config
 
 CORRELATION_KEYS = ("orderId", "tradeNo", "notifyId")
 # Alipay's names for the same things, as the gateway wrapper and the sandbox log them.
@@ -54,7 +55,8 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
-def configure(level: int | str | None = None, *, force: bool = False) -> None:
+def configure(level: int | str = "INFO", *, force: bool = False,
+              on_lambda: bool | None = None) -> None:
     """JSON lines on the root logger.
 
     Without `force`, only where nobody configured logging yet, or on Lambda (whose
@@ -62,10 +64,10 @@ def configure(level: int | str | None = None, *, force: bool = False) -> None:
     A test runner's handlers are left alone.
     """
     root = logging.getLogger()
-    on_lambda = bool(os.environ.get("AWS_LAMBDA_FUNCTION_NAME"))
+    if on_lambda is None:
+        on_lambda = config.on_lambda()
     if root.handlers and not (force or on_lambda):
         return
-    level = level or os.environ.get("LOG_LEVEL", "INFO")
     if on_lambda and root.handlers and not force:
         for handler in root.handlers:
             handler.setFormatter(JsonFormatter())

@@ -19,7 +19,7 @@ API never writes an order here; it answers at once:
                              not confirmed: claim and ticket deleted again, 503
       -> 202 {"ticketId"}
 
-    bridge, queue.order.seckill, at most SECKILL_ORDERS_PER_SECOND (local/bridge.py)
+    bridge, queue.order.seckill, at most SECKILL_ORDERS_PER_SECOND (chalicelib/worker)
       ticket not QUEUED      a redelivery: nothing to do
       sale stock 0           SOLD_OUT (consistent read), the claim released
       transaction            order put, ORDER#<sale>#<user> put if absent,
@@ -46,25 +46,28 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, TypeVar, cast
 
-from chalicelib import handlers, orders
-from chalicelib.handlers import Deps
-from chalicelib.orders import (
+from chalicelib import domain, handlers
+from chalicelib.domain import (
     TICKET_DUPLICATE,
     TICKET_FAILED,
     TICKET_ORDERED,
     TICKET_QUEUED,
     TICKET_SOLD_OUT,
-    BadRequest,
-    Conflict,
+    AlreadyHolding,
+    Invalid,
     Line,
     NotFound,
-    TooManyRequests,
+    Overloaded,
+    SeckillOutcome,
+    SoldOut,
+    Ticket,
+    TicketStatus,
     Unavailable,
     Unprocessable,
     iso,
     money_str,
 )
-from chalicelib.store import Ticket
+from chalicelib.handlers import Deps
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -72,14 +75,6 @@ _T = TypeVar("_T")
 QUEUE = "queue.order.seckill"  # chalicelib.broker.QUEUE_SECKILL, without importing pika
 RETRY_AFTER_MAX_S = 60
 _RELEASING = (TICKET_SOLD_OUT, TICKET_FAILED)
-
-
-class SoldOut(Conflict):
-    code = "SoldOut"
-
-
-class AlreadyHolding(Conflict):
-    code = "AlreadyHolding"
 
 
 # --- the API ----------------------------------------------------------------------
@@ -104,7 +99,7 @@ def list_sales(deps: Deps) -> dict[str, Any]:
 
 def request_ticket(deps: Deps, username: str, sale_id: str) -> dict[str, Any]:
     """POST /seckill/{saleId}: queue the user's request; no order is written here."""
-    if not isinstance(sale_id, str) or not orders.SALE_ID_RE.fullmatch(sale_id):
+    if not isinstance(sale_id, str) or not domain.SALE_ID_RE.fullmatch(sale_id):
         raise NotFound(f"no sale {sale_id!r}")
     ttl = deps.settings.seckill_cache_ms / 1000
     sale = _recent.get(deps.store, ("sale", sale_id), ttl, lambda: deps.store.get_sale(sale_id))
@@ -112,10 +107,10 @@ def request_ticket(deps: Deps, username: str, sale_id: str) -> dict[str, Any]:
         raise NotFound(f"no sale {sale_id!r}")
     now = deps.clock()
     if now < sale.start_time:
-        raise BadRequest(f"sale {sale_id} opens at {iso(sale.start_time)}",
+        raise Invalid(f"sale {sale_id} opens at {iso(sale.start_time)}",
                          startTime=iso(sale.start_time))
     if now >= sale.end_time:
-        raise BadRequest(f"sale {sale_id} ended at {iso(sale.end_time)}",
+        raise Invalid(f"sale {sale_id} ended at {iso(sale.end_time)}",
                          endTime=iso(sale.end_time))
     if sale.stock <= 0:
         raise SoldOut(f"sale {sale_id} is sold out", saleId=sale_id)
@@ -125,9 +120,9 @@ def request_ticket(deps: Deps, username: str, sale_id: str) -> dict[str, Any]:
         over = depth - settings.seckill_max_queue_depth + 1
         rate = settings.seckill_orders_per_second or 1.0
         retry = max(1, min(RETRY_AFTER_MAX_S, math.ceil(over / rate)))
-        raise TooManyRequests(f"{depth} requests are waiting; try again in {retry} s",
+        raise Overloaded(f"{depth} requests are waiting; try again in {retry} s",
                               retry_after=retry)
-    ticket = Ticket(orders.new_ticket_id(now), username, sale_id, TICKET_QUEUED, None, now, now)
+    ticket = Ticket(domain.new_ticket_id(now), username, sale_id, TICKET_QUEUED, None, now, now)
     held = deps.store.claim_ticket(ticket)
     if held is not None:
         extra = {"ticketId": held} if held else {}
@@ -143,7 +138,7 @@ def request_ticket(deps: Deps, username: str, sale_id: str) -> dict[str, Any]:
 
 
 def get_ticket(deps: Deps, username: str, ticket_id: str) -> dict[str, Any]:
-    if not isinstance(ticket_id, str) or not orders.TICKET_ID_RE.fullmatch(ticket_id):
+    if not isinstance(ticket_id, str) or not domain.TICKET_ID_RE.fullmatch(ticket_id):
         raise NotFound(f"no ticket {ticket_id!r}")
     ticket = deps.store.get_ticket(ticket_id)
     if ticket is None or ticket.username != username:
@@ -187,24 +182,25 @@ class _Recent:
 _recent = _Recent()
 
 
-# --- the bridge -------------------------------------------------------------------
+# --- the worker -------------------------------------------------------------------
 
 
-def on_seckill(deps: Deps, msg: Mapping[str, Any]) -> str:
-    """queue.order.seckill: decide a ticket. Returns its status (for logs and tests).
+def on_seckill(deps: Deps, msg: Mapping[str, Any]) -> TicketStatus | None:
+    """queue.order.seckill: decide a ticket. Returns its status (None: no such
+    ticket), for logs and tests.
 
     Idempotent: a ticket that is not QUEUED any more is left as it is, and every
     write below is conditioned on QUEUED.
     """
     now = deps.clock()  # the order's create time: when the drain took the message
     ticket_id = msg.get("ticketId")
-    if not isinstance(ticket_id, str) or not orders.TICKET_ID_RE.fullmatch(ticket_id):
+    if not isinstance(ticket_id, str) or not domain.TICKET_ID_RE.fullmatch(ticket_id):
         raise Unprocessable(f"seckill message without a valid ticketId: {dict(msg)!r}")
     ticket = deps.store.get_ticket(ticket_id)
     if ticket is None:
         # Dropped by the API after a publish it thought failed: nothing to decide.
         log.warning("seckill message for unknown ticket %s", ticket_id)
-        return "UNKNOWN"
+        return None
     if ticket.status != TICKET_QUEUED:
         return ticket.status
     sale = deps.store.get_sale(ticket.sale_id, consistent=True)
@@ -217,21 +213,24 @@ def on_seckill(deps: Deps, msg: Mapping[str, Any]) -> str:
     order = handlers._new_order(deps, ticket.username, "1", [line], now=now)
     order.sale_id = sale.id
     outcome = deps.store.create_seckill_order(order, ticket)
-    if outcome == TICKET_ORDERED:
+    if outcome == SeckillOutcome.ORDERED:
         log.info("ticket %s ordered %s", ticket.id, order.id, extra={"orderId": order.id})
         handlers._schedule_check(deps, order.id)
         return TICKET_ORDERED
-    if outcome in (TICKET_SOLD_OUT, TICKET_DUPLICATE):
-        return _finish(deps, ticket, outcome, now)
+    if outcome == SeckillOutcome.SOLD_OUT:
+        return _finish(deps, ticket, TICKET_SOLD_OUT, now)
+    if outcome == SeckillOutcome.DUPLICATE:
+        return _finish(deps, ticket, TICKET_DUPLICATE, now)
     return _current_status(deps, ticket.id)  # decided meanwhile (a redelivery raced us)
 
 
-def _finish(deps: Deps, ticket: Ticket, status: str, now: datetime) -> str:
+def _finish(deps: Deps, ticket: Ticket, status: TicketStatus,
+            now: datetime) -> TicketStatus | None:
     if deps.store.finish_ticket(ticket, status, release_claim=status in _RELEASING, now=now):
         return status
     return _current_status(deps, ticket.id)
 
 
-def _current_status(deps: Deps, ticket_id: str) -> str:
+def _current_status(deps: Deps, ticket_id: str) -> TicketStatus | None:
     current = deps.store.get_ticket(ticket_id)
-    return current.status if current else "UNKNOWN"
+    return current.status if current else None

@@ -1,4 +1,6 @@
-"""`python -m local COMMAND`: run the stack, the API, the bridge, a sweep; mint a token."""
+"""`python -m local COMMAND`: the development commands (the stack, the API under
+`chalice local`, a token, the benches), and the product's worker and operator
+commands (chalicelib.worker, chalicelib.cli) run with the local stage's settings."""
 
 from __future__ import annotations
 
@@ -77,29 +79,22 @@ def main(argv: list[str] | None = None) -> int:
         print(auth.issue(config.get().jwt_secret, args.username, args.ttl))
         return 0
     if args.command == "bridge":
-        from local import bridge
+        from chalicelib.worker.__main__ import main as worker_main
 
-        return bridge.main()
+        return worker_main()
     if args.command == "sweep":
-        from chalicelib import deps, handlers
+        from chalicelib import cli
 
-        print(json.dumps(handlers.sweep(deps.get())))
-        return 0
+        return cli.main(["sweep"])
     if args.command == "seed":
         from local.stack import seed
 
         print(json.dumps({"goodsAdded": seed(force=True)}))
         return 0
     if args.command == "parked":
-        from chalicelib import broker, config
+        from chalicelib import cli
 
-        name = args.queue.removesuffix(".parked")
-        if args.action == "list":
-            for msg in broker.list_parked(config.get().rmq_url, name):
-                print(json.dumps(msg, default=str, ensure_ascii=False))
-        else:
-            print(json.dumps({"replayed": broker.replay_parked(config.get().rmq_url, name)}))
-        return 0
+        return cli.main(["parked", args.action, args.queue])
     return 2
 
 

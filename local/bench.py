@@ -245,9 +245,11 @@ SEED_TOTAL_FEN = 2 * BENCH_GOODS[0][2]  # a seeded order: 2 x bench-a
 
 
 def put_goods() -> None:
-    from chalicelib.store import Goods, Store
+    from chalicelib import config
+    from chalicelib.domain import Goods
+    from chalicelib.store import Store
 
-    store = Store()
+    store = Store.from_settings(config.get())
     for gid, name, price in BENCH_GOODS:
         store.put_goods(Goods(gid, name, price, BIG_STOCK))
 
@@ -255,8 +257,11 @@ def put_goods() -> None:
 def seed_orders(n: int, user_prefix: str, check_in_s: float) -> list[Any]:
     """n UNPAID orders (one line, 2 x bench-a) by batch_write, in the store's format,
     and the stock taken for them, as n create-order transactions would leave it."""
-    from chalicelib.orders import UNPAID, Line, Order, new_order_id
-    from chalicelib.store import GoodsModel, OrderModel, _model_from_order
+    from chalicelib.domain import UNPAID, Line, Order, new_order_id
+    from chalicelib.store.models import model_from_order
+    from local.bench_models import models
+
+    M = models()
 
     now = datetime.now(UTC)
     gid, name, price = BENCH_GOODS[0]
@@ -267,25 +272,27 @@ def seed_orders(n: int, user_prefix: str, check_in_s: float) -> list[Any]:
               check_time=now + timedelta(seconds=check_in_s))
         for i in range(n)
     ]
-    with OrderModel.batch_write() as batch:
+    with M.Order.batch_write() as batch:
         for order in made:
-            batch.save(_model_from_order(order))
-    GoodsModel(gid).update(actions=[GoodsModel.stock.add(-2 * n)])
+            batch.save(model_from_order(M, order))
+    M.Goods(gid).update(actions=[M.Goods.stock.add(-2 * n)])
     return made
 
 
 def seed_carts(users: Sequence[str]) -> None:
-    from chalicelib.store import CartLineModel
+    from local.bench_models import models
 
-    with CartLineModel.batch_write() as batch:
+    M = models()
+
+    with M.CartLine.batch_write() as batch:
         for user in users:
             # as PUT /cart/items/{id} leaves them: with the goods' price and name
             for (gid, name, price), num in zip(BENCH_GOODS, (1, 2), strict=True):
-                batch.save(CartLineModel(user, gid, num=num, price_fen=price, name=name))
+                batch.save(M.CartLine(user, gid, num=num, price_fen=price, name=name))
 
 
 def pay_message(order: Any, i: int) -> dict[str, Any]:
-    from chalicelib.orders import iso, money_str
+    from chalicelib.domain import iso, money_str
 
     return {"orderId": order.id, "tradeNo": f"2026{i:024d}",
             "totalAmount": money_str(order.total_fen), "payTime": iso(datetime.now(UTC)),
@@ -295,7 +302,7 @@ def pay_message(order: Any, i: int) -> dict[str, Any]:
 def signed_notifies(world: World, orders: Sequence[Any]) -> list[bytes]:
     """Alipay's trade_status_sync notify for each order, signed by the sandbox's key
     (Alipay's cost, so done before any clock starts)."""
-    from chalicelib.orders import money_str
+    from chalicelib.domain import money_str
     from local.alipay_sandbox import LOCAL_APP_ID, LOCAL_SELLER_ID
     from local.alipay_sandbox.constants import LOCAL_BUYER_ID
     from local.alipay_sandbox.keys import load_private_key
@@ -323,13 +330,14 @@ def signed_notifies(world: World, orders: Sequence[Any]) -> list[bytes]:
 
 
 def make_store() -> Any:
+    from chalicelib import config
     from chalicelib.store import Store
 
     class TimingStore(Store):
         """The real store; notes when each order's UNPAID -> PAID write was won."""
 
         def __init__(self) -> None:
-            super().__init__()
+            super().__init__(config.get().tables, config.get().aws_region)
             self.paid: dict[str, float] = {}
 
         def mark_paid(self, order_id: str, **kw: Any) -> bool:
@@ -338,7 +346,7 @@ def make_store() -> Any:
                 self.paid[order_id] = time.perf_counter()
             return bool(won)
 
-    return TimingStore()
+    return TimingStore.from_settings(config.get())
 
 
 def make_deps(world: World, url: str, store: Any | None = None) -> Any:
@@ -360,18 +368,17 @@ def make_deps(world: World, url: str, store: Any | None = None) -> Any:
 @contextlib.contextmanager
 def running_bridge(d: Any, *, workers: int | None = None, pay_rate: float | None = None,
                    ) -> Iterator[dict[str, Any]]:
-    """local.bridge.run in a thread of this process (as the tests run it); `workers`
+    """chalicelib.worker.run in a thread of this process (as the tests run it); `workers`
     None: BRIDGE_WORKERS."""
-    from chalicelib import broker
-    from local import bridge
+    from chalicelib import broker, worker
 
     stop = threading.Event()
     info: dict[str, Any] = {"started": time.perf_counter(),
-                            "capped_by": "local.bridge.run(rate_limits=...)"}
+                            "capped_by": "chalicelib.worker.run(rate_limits=...)"}
     kwargs: dict[str, Any] = {"sweep_interval": 3600.0, "workers": workers}
     if pay_rate is not None:
         kwargs["rate_limits"] = {broker.QUEUE_PAY: pay_rate}
-    thread = threading.Thread(target=bridge.run, args=(d, stop), kwargs=kwargs,
+    thread = threading.Thread(target=worker.run, args=(d, stop), kwargs=kwargs,
                               name="bench-bridge", daemon=True)
     thread.start()
     try:
@@ -477,31 +484,37 @@ def bare_publish(ch: Any, exchange: str, key: str, body: bytes) -> None:
 
 
 def bare_conditional_update(order_id: str) -> None:
-    from chalicelib.orders import UNPAID, iso
-    from chalicelib.store import OrderModel
+    from chalicelib.domain import UNPAID, iso
+    from local.bench_models import models
 
-    OrderModel._get_connection().update_item(
-        order_id, actions=[OrderModel.update_time.set(iso(datetime.now(UTC)))],
-        condition=OrderModel.status == UNPAID)
+    M = models()
+
+    M.Order._get_connection().update_item(
+        order_id, actions=[M.Order.update_time.set(iso(datetime.now(UTC)))],
+        condition=M.Order.status == UNPAID)
 
 
 def bare_pay_update(order_id: str) -> None:
     """The bridge's UNPAID -> PAID write, the same actions and condition, bare."""
-    from chalicelib.orders import PAID, UNPAID, iso
-    from chalicelib.store import OrderModel
+    from chalicelib.domain import PAID, UNPAID, iso
+    from local.bench_models import models
+
+    M = models()
 
     now = iso(datetime.now(UTC))
-    OrderModel._get_connection().update_item(
-        order_id, actions=[OrderModel.status.set(PAID), OrderModel.transaction_id.set("T1"),
-                           OrderModel.pay_time.set(now), OrderModel.notify_id.set("n1"),
-                           OrderModel.update_time.set(now), OrderModel.unpaid.remove()],
-        condition=(OrderModel.status == UNPAID) & (OrderModel.total_fen == SEED_TOTAL_FEN))
+    M.Order._get_connection().update_item(
+        order_id, actions=[M.Order.status.set(PAID), M.Order.transaction_id.set("T1"),
+                           M.Order.pay_time.set(now), M.Order.notify_id.set("n1"),
+                           M.Order.update_time.set(now), M.Order.unpaid.remove()],
+        condition=(M.Order.status == UNPAID) & (M.Order.total_fen == SEED_TOTAL_FEN))
 
 
 def bare_read(order_id: str) -> dict[str, Any]:
-    from chalicelib.store import OrderModel
+    from local.bench_models import models
 
-    return dict(OrderModel._get_connection().get_item(order_id, consistent_read=True))
+    M = models()
+
+    return dict(M.Order._get_connection().get_item(order_id, consistent_read=True))
 
 
 def in_threads(items: Sequence[Any], fn: Callable[[Any], None], concurrency: int) -> float:
@@ -540,11 +553,13 @@ def wait_paid(store: Any, ids: Sequence[str], timeout: float) -> float:
 
 
 def statuses(ids: Sequence[str], attrs: Sequence[str] = ("id", "status")) -> dict[str, Any]:
-    from chalicelib.store import OrderModel
+    from local.bench_models import models
+
+    M = models()
 
     found: dict[str, Any] = {}
     for i in range(0, len(ids), 100):
-        for m in OrderModel.batch_get(list(ids[i:i + 100]), consistent_read=True,
+        for m in M.Order.batch_get(list(ids[i:i + 100]), consistent_read=True,
                                       attributes_to_get=list(attrs)):
             found[m.id] = m
     return found
@@ -614,7 +629,7 @@ def stage_drain(world: World) -> StageResult:
         "update is the bridge's own write (SET status, transactionId, payTime, notifyId, "
         "updateTime, REMOVE unpaid IF status = UNPAID AND totalFen = x) through pynamodb's "
         "low-level UpdateItem on the other half; the minimal update (SET one attribute) is "
-        "shown for scale. The bridge runs in a thread of the bench (local.bridge.run), moto "
+        "shown for scale. The bridge runs in a thread of the bench (chalicelib.worker.run), moto "
         "in its own process.")
     return res
 
@@ -712,8 +727,11 @@ def stage_create(world: World) -> StageResult:
     from pynamodb.transactions import TransactWrite
 
     from chalicelib import auth, deps
-    from chalicelib.orders import UNPAID, Line, Order, new_order_id
-    from chalicelib.store import CartLineModel, GoodsModel, OrderModel, _model_from_order
+    from chalicelib.domain import UNPAID, Line, Order, new_order_id
+    from chalicelib.store.models import model_from_order
+    from local.bench_models import models
+
+    M = models()
 
     n, rounds = world.sizes["create_n"], world.sizes["create_rounds"]
     res = StageResult("create", [])
@@ -738,13 +756,13 @@ def stage_create(world: World) -> StageResult:
                           expire_time=now + timedelta(seconds=1800),
                           check_time=now + timedelta(seconds=CHECK_DELAY_S))
             with TransactWrite(connection=conn) as tx:
-                tx.save(_model_from_order(order), condition=OrderModel.id.does_not_exist())
+                tx.save(model_from_order(M, order), condition=M.Order.id.does_not_exist())
                 for line in lines:
-                    tx.update(GoodsModel(line.goods_id), actions=[GoodsModel.stock.add(-line.num)],
-                              condition=(GoodsModel.stock >= line.num)
-                              & (GoodsModel.price_fen == line.price_fen))
+                    tx.update(M.Goods(line.goods_id), actions=[M.Goods.stock.add(-line.num)],
+                              condition=(M.Goods.stock >= line.num)
+                              & (M.Goods.price_fen == line.price_fen))
                 for gid, num in cart.items():
-                    tx.delete(CartLineModel(user, gid), condition=CartLineModel.num == num)
+                    tx.delete(M.CartLine(user, gid), condition=M.CartLine.num == num)
 
         codes: dict[int, int] = {}
         base_s = proj_s = 0.0
@@ -800,7 +818,7 @@ def stage_timeout(world: World) -> StageResult:
     import pika
 
     from chalicelib import broker
-    from chalicelib.orders import parse_iso
+    from chalicelib.domain import parse_iso
 
     n, rate = world.sizes["timeout_n"], world.sizes["timeout_rate"]
     res = StageResult("timeout", [])
@@ -815,9 +833,9 @@ def stage_timeout(world: World) -> StageResult:
         progress(f"4 timeout: seeding {n:,} UNPAID orders (batch_write)")
         made = seed_orders(n, "timeout-", CHECK_DELAY_S + n / rate)
 
-        progress("4 timeout: starting the bridge as a subprocess (python -m local bridge)")
+        progress("4 timeout: starting the bridge as a subprocess (python -m chalicelib.worker)")
         log = (world.tmp / "bridge-timeout.log").open("wb")
-        proc = subprocess.Popen([sys.executable, "-m", "local", "bridge"], cwd=REPO,
+        proc = subprocess.Popen([sys.executable, "-m", "chalicelib.worker"], cwd=REPO,
                                 env={**os.environ, "RMQ_URL": url}, stdout=log,
                                 stderr=subprocess.STDOUT)
         try:
@@ -906,7 +924,7 @@ def stage_timeout(world: World) -> StageResult:
         f"the project's confirmed publish at {rate:g}/s (the rate orders would be created), "
         "beside the same number into a bare 5 s TTL queue read by a bare consumer; lateness = "
         "the order's closeTime - (publish + 5 s), every value in the JSON. The bridge is "
-        "`python -m local bridge` in a subprocess (no Alipay configured: the check's trade "
+        "`python -m chalicelib.worker` in a subprocess (no Alipay configured: the check's trade "
         "query and close are not in this figure); memory is its VmHWM.")
     return res
 

@@ -137,16 +137,19 @@ def _run(args: argparse.Namespace) -> int:
 
     from app import app
     from chalicelib import auth, broker, config, deps
+    from chalicelib.domain import TICKET_FINAL, Goods, Sale, parse_iso
     from chalicelib.handlers import Deps
-    from chalicelib.orders import TICKET_FINAL, parse_iso
-    from chalicelib.store import Goods, OrderModel, Sale, Store, TicketModel
-    from local import bridge
+    from chalicelib.store import Store
+    from local.bench_models import models
 
-    for noisy in ("pika", "urllib3", "botocore", "chalicelib", "local.bridge", "shop-pay"):
+    M = models()
+    from chalicelib import worker
+
+    for noisy in ("pika", "urllib3", "botocore", "chalicelib", "chalicelib.worker", "shop-pay"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     settings = config.load()
     cap = settings.seckill_orders_per_second
-    store = Store()
+    store = Store.from_settings(config.get())
     store.create_tables()
     store.put_goods(Goods("teapot", "Yixing clay teapot", 5990, 50))
     now = datetime.now(UTC)
@@ -165,7 +168,7 @@ def _run(args: argparse.Namespace) -> int:
     tokens = {u: auth.issue(settings.jwt_secret, u, 3600) for u in users}
 
     stop = threading.Event()
-    drain = threading.Thread(target=bridge.run, args=(d, stop), daemon=True,
+    drain = threading.Thread(target=worker.run, args=(d, stop), daemon=True,
                              kwargs={"sweep_interval": 3600})
     depths: list[int] = []
     stocks: list[int] = []
@@ -210,7 +213,7 @@ def _run(args: argparse.Namespace) -> int:
         deadline = time.monotonic() + args.timeout
         while time.monotonic() < deadline:
             if api_broker.queue_depth(broker.QUEUE_SECKILL) == 0:
-                tickets = [t for t in TicketModel.scan() if t.id.startswith("TICKET_")]
+                tickets = [t for t in M.Ticket.scan() if t.id.startswith("TICKET_")]
                 if all(t.status in TICKET_FINAL for t in tickets):
                     break
             time.sleep(0.5)
@@ -227,7 +230,7 @@ def _run(args: argparse.Namespace) -> int:
     codes = Counter(data.get("Code") for _, status, _, data in answers if status == 409)
     latencies = [took for _, _, took, _ in answers]
     outcome = Counter(t.status for t in tickets)
-    orders = list(OrderModel.scan())
+    orders = list(M.Order.scan())
     order_times = [parse_iso(o.create_time).timestamp() for o in orders]
     decided = [parse_iso(t.update_time).timestamp() for t in tickets]
     drain_s = (max(decided) - started) if decided else 0.0

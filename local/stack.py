@@ -43,9 +43,11 @@ def seed_sale(force: bool = False) -> bool:
     """The demo flash sale, open from now on; (re)made when missing or over. True if made."""
     from datetime import UTC, datetime, timedelta
 
-    from chalicelib.store import Sale, Store
+    from chalicelib import config
+    from chalicelib.domain import Sale
+    from chalicelib.store import Store
 
-    store = Store()
+    store = Store.from_settings(config.get())
     sale_id, goods_id, name, price, stock, hours = DEMO_SALE
     now = datetime.now(UTC)
     current = store.get_sale(sale_id, consistent=True)
@@ -109,9 +111,11 @@ def port_is_free(port: int) -> bool:
 
 def seed(force: bool = False) -> int:
     """Creates the tables and, on first start, the catalogue. Returns goods added."""
-    from chalicelib.store import Goods, Store
+    from chalicelib import config
+    from chalicelib.domain import Goods
+    from chalicelib.store import Store
 
-    store = Store()
+    store = Store.from_settings(config.get())
     store.create_tables()
     seed_sale(force)
     if store.list_goods() and not force:

@@ -38,11 +38,15 @@ for _name in ("GOODS_TABLE", "CARTS_TABLE", "ORDERS_TABLE", "TABLE_PREFIX", "ALI
     os.environ.pop(_name, None)
 
 from chalicelib import auth, config, deps  # noqa: E402
+from chalicelib.domain import Goods, Unavailable  # noqa: E402
 from chalicelib.handlers import Deps  # noqa: E402
-from chalicelib.orders import Unavailable  # noqa: E402
-from chalicelib.store import Goods, Store  # noqa: E402
+from chalicelib.store import Store  # noqa: E402
+from chalicelib.store.models import models_for  # noqa: E402
 
 DYNAMODB_URL = os.environ["AWS_ENDPOINT_URL_DYNAMODB"]
+SETTINGS = config.load()
+# The test tables' pynamodb models, for tests that look at DynamoDB items directly.
+MODELS = models_for(SETTINGS.tables, SETTINGS.aws_region)
 
 CATALOGUE = [
     Goods("g1", "Tea cup", 1990, 100),
@@ -103,7 +107,7 @@ def tables(moto_server: str) -> Store:
     urllib.request.urlopen(
         urllib.request.Request(f"{moto_server}/moto-api/reset", method="POST"), timeout=10
     ).read()
-    store = Store()
+    store = Store.from_settings(SETTINGS)
     store.create_tables()
     for g in CATALOGUE:
         store.put_goods(g)

@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from chalicelib import config
 from chalicelib.store import Store
 
 
@@ -28,7 +29,7 @@ class CountingStore(Store):
     """The real store, counting the transitions that won their conditional write."""
 
     def __init__(self, log_path: str | os.PathLike[str] | None = None) -> None:
-        super().__init__()
+        super().__init__(config.get().tables, config.get().aws_region)
         self.transitions: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         self._fd: int | None = None

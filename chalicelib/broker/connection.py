@@ -15,7 +15,7 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingConnection
 
-from chalicelib.orders import Unavailable
+from chalicelib.domain import Unavailable
 
 logger = logging.getLogger(__name__)
 

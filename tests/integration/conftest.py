@@ -102,10 +102,10 @@ def rmq_vhost(rabbitmq_running: None) -> Iterator[RabbitURL]:
 
 @pytest.fixture
 def bridge_threads() -> Iterator[Callable[..., threading.Event]]:
-    """`start(deps, **run_kwargs)`: local.bridge.run in a thread (short retry delays, no
+    """`start(deps, **run_kwargs)`: chalicelib.worker.run in a thread (short retry delays, no
     sweeps unless asked); returns its stop event. Every bridge is stopped, and must
     have stopped, when the test ends."""
-    from local import bridge
+    from chalicelib import worker
 
     stops: list[tuple[threading.Event, threading.Thread]] = []
 
@@ -113,7 +113,7 @@ def bridge_threads() -> Iterator[Callable[..., threading.Event]]:
         stop = threading.Event()
         kwargs.setdefault("retry_delays_ms", (100, 200))
         kwargs.setdefault("sweep_interval", 3600)
-        t = threading.Thread(target=bridge.run, args=(d, stop), kwargs=kwargs, daemon=True)
+        t = threading.Thread(target=worker.run, args=(d, stop), kwargs=kwargs, daemon=True)
         t.start()
         stops.append((stop, t))
         return stop

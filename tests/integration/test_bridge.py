@@ -17,8 +17,8 @@ import pika
 import pytest
 
 from chalicelib import broker, config, handlers
-from chalicelib.alipay_gateway import AlipayUnavailable, TradeNotExist
 from chalicelib.handlers import Deps
+from chalicelib.ports import PaymentUnavailable
 from tests.conftest import FakePublisher
 from tests.rabbit_node import PrivateRabbit
 from tests.waiting import wait_until
@@ -105,11 +105,11 @@ class RefundingGateway:
     def __init__(self) -> None:
         self.refunds: list[tuple[str, str]] = []
 
-    def query(self, out_trade_no: str) -> None:
-        raise TradeNotExist("40004", "ACQ.TRADE_NOT_EXIST", "Business Failed")
+    def query_trade(self, order_id: str) -> None:
+        return None  # no trade at the provider
 
-    def refund(self, out_trade_no: str, amount: Any, out_request_no: str) -> None:
-        self.refunds.append((out_trade_no, out_request_no))
+    def refund_payment(self, order_id: str, amount: Any, request_no: str) -> None:
+        self.refunds.append((order_id, request_no))
 
 
 @pytest.mark.parametrize("order_of_arrival", ["pay, then check", "check, then pay", "together"])
@@ -198,8 +198,8 @@ class DownGateway:
     app_id = "app"
     seller_id = "seller"
 
-    def query(self, out_trade_no: str) -> None:
-        raise AlipayUnavailable("connection refused (test)")
+    def query_trade(self, order_id: str) -> None:
+        raise PaymentUnavailable("connection refused (test)")
 
 
 def test_poison_messages_are_parked_and_the_rest_flows(
@@ -223,7 +223,7 @@ def test_poison_messages_are_parked_and_the_rest_flows(
     assert status(rdeps, wrong_amount) == "UNPAID"  # never marked paid
     parked = broker.list_parked(str(rmq_vhost), broker.QUEUE_CHECK)
     assert parked[0]["headers"]["x-attempts"] == 3
-    assert "alipay unreachable" in parked[0]["headers"]["x-error"]
+    assert "payment provider unreachable" in parked[0]["headers"]["x-error"]
     assert parked[0]["body"] == {"orderId": stuck["id"]}
 
 

@@ -20,11 +20,10 @@ import pytest
 from chalice.config import Config
 from chalice.local import LocalDevServer
 
-from chalicelib import broker, config, deps
+from chalicelib import broker, config, deps, worker
 from chalicelib.alipay_gateway import AlipayGateway
 from chalicelib.handlers import Deps
 from chalicelib.store import Store
-from local import bridge
 from local.alipay_sandbox import LOCAL_APP_ID, LOCAL_SELLER_ID, make_server
 from local.alipay_sandbox.keys import ensure_keys, load_private_key
 from local.alipay_sandbox.signer import sign_params
@@ -129,7 +128,7 @@ def shop(rmq_vhost: str, tables: Store, keys: dict[str, Path]) -> Iterator[Shop]
     )
     deps.use(d)
     stop = threading.Event()
-    consumer = threading.Thread(target=bridge.run, args=(d, stop), daemon=True,
+    consumer = threading.Thread(target=worker.run, args=(d, stop), daemon=True,
                                 kwargs={"sweep_interval": 3600, "retry_delays_ms": (100, 200)})
     consumer.start()
     yield Shop(d, api_url, sandbox.base_url, store)

@@ -21,10 +21,9 @@ from typing import Any
 import pytest
 
 from chalicelib import broker, config, deps
+from chalicelib.domain import TICKET_FINAL, Sale, parse_iso
 from chalicelib.handlers import Deps
-from chalicelib.orders import TICKET_FINAL, parse_iso
-from chalicelib.store import OrderModel, Sale, TicketModel
-from tests.conftest import bearer, body
+from tests.conftest import MODELS, bearer, body
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.rabbitmq
@@ -108,13 +107,13 @@ def burst(client: Any, users: list[str], threads: int = 10) -> list[tuple[str, i
         return list(pool.map(one, users))
 
 
-def all_tickets() -> list[TicketModel]:
+def all_tickets() -> list[Any]:
     """The tickets (their table also holds the per-user claims and order markers)."""
-    return [t for t in TicketModel.scan() if t.id.startswith("TICKET_")]
+    return [t for t in MODELS.Ticket.scan() if t.id.startswith("TICKET_")]
 
 
-def all_orders() -> list[OrderModel]:
-    return list(OrderModel.scan())
+def all_orders() -> list[Any]:
+    return list(MODELS.Order.scan())
 
 
 def sale_stock(d: Deps) -> int:

@@ -6,8 +6,7 @@ import threading
 from typing import Any
 
 from chalicelib import handlers
-from chalicelib.orders import OutOfStock
-from chalicelib.store import Goods
+from chalicelib.domain import Goods, OutOfStock
 
 
 def test_40_concurrent_buyers_for_5_units(app_deps: Any) -> None:

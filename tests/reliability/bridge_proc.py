@@ -1,7 +1,7 @@
-"""`python -m tests.reliability.bridge_proc COUNT_FILE`: the bridge (local/bridge.py's
+"""`python -m tests.reliability.bridge_proc COUNT_FILE`: the bridge (chalicelib.worker's
 main, unchanged) with its store swapped for a CountingStore that appends each winning
 transition to COUNT_FILE. Settings come from the environment, as for
-`python -m local bridge` with STAGE=test; the scenarios SIGKILL this process."""
+`python -m chalicelib.worker` with STAGE=test; the scenarios SIGKILL this process."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import logging
 import sys
 
 from chalicelib import deps
-from local import bridge
+from chalicelib.worker.__main__ import main as worker_main
 from tests.counting import CountingStore
 
 
@@ -19,7 +19,7 @@ def main(argv: list[str]) -> int:
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     d = deps.build()
     deps.use(dataclasses.replace(d, store=CountingStore(argv[0])))
-    return bridge.main()
+    return worker_main()
 
 
 if __name__ == "__main__":

@@ -42,11 +42,12 @@ from chalice.local import ThreadedHTTPServer
 
 from chalicelib import broker, config, deps
 from chalicelib.alipay_gateway import AlipayGateway
+from chalicelib.domain import CLOSED, PAID, REFUNDED, STATES, UNPAID, Goods, Order, to_fen
 from chalicelib.handlers import Deps
-from chalicelib.orders import CLOSED, PAID, REFUNDED, STATES, UNPAID, Order, to_fen
-from chalicelib.store import Goods, OrderModel, Store, _order_from_model
+from chalicelib.store import Store
+from chalicelib.store.models import order_from_model
 from local.alipay_sandbox import LOCAL_APP_ID, LOCAL_SELLER_ID, make_server
-from tests.conftest import token
+from tests.conftest import MODELS, token
 from tests.counting import CountingStore, read_transitions
 from tests.waiting import wait_until
 
@@ -119,8 +120,8 @@ SCOREBOARD = Scoreboard()
 # --- the audit ------------------------------------------------------------------
 
 
-def all_orders() -> list[tuple[Order, OrderModel]]:
-    return [(_order_from_model(m), m) for m in OrderModel.scan(consistent_read=True)]
+def all_orders() -> list[tuple[Order, Any]]:
+    return [(order_from_model(m), m) for m in MODELS.Order.scan(consistent_read=True)]
 
 
 def stock(store: Store) -> dict[str, int]:
@@ -227,7 +228,7 @@ def audit(
     return found
 
 
-def _state_problems(o: Order, m: OrderModel) -> list[str]:
+def _state_problems(o: Order, m: Any) -> list[str]:
     why: list[str] = []
     if o.status not in STATES:
         return [f"{o.id} has unknown status {o.status!r}"]
@@ -419,11 +420,11 @@ class Stack:
     # --- the bridge as a thread -------------------------------------------------
 
     def start_bridge(self, d: Deps | None = None) -> None:
-        from local import bridge
+        from chalicelib import worker
 
         assert self._bridge is None
         stop = threading.Event()
-        t = threading.Thread(target=bridge.run, args=(d or self.deps, stop), daemon=True,
+        t = threading.Thread(target=worker.run, args=(d or self.deps, stop), daemon=True,
                              kwargs={"sweep_interval": self.sweep_interval,
                                      "retry_delays_ms": self.retry_delays_ms})
         t.start()

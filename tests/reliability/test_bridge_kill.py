@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from chalicelib.orders import CLOSED, REFUNDED
+from chalicelib.domain import CLOSED, REFUNDED
 from tests.reliability.harness import (
     SCOREBOARD,
     BridgeProcess,

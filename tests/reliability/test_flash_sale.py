@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from chalicelib.orders import TICKET_FINAL, TICKET_ORDERED
-from chalicelib.store import Sale, TicketModel
+from chalicelib.domain import TICKET_FINAL, TICKET_ORDERED, Sale
+from tests.conftest import MODELS
 from tests.reliability.harness import (
     SCOREBOARD,
     BridgeProcess,
@@ -42,9 +42,9 @@ def stack(rmq_vhost: str, tables: Any, keys: dict[str, Path]) -> Iterator[Stack]
     s.close()
 
 
-def tickets() -> list[TicketModel]:
+def tickets() -> list[Any]:
     """The tickets (their table also holds the per-user claims and order markers)."""
-    return [t for t in TicketModel.scan(consistent_read=True) if t.id.startswith("TICKET_")]
+    return [t for t in MODELS.Ticket.scan(consistent_read=True) if t.id.startswith("TICKET_")]
 
 
 def run_flash_sale(stack: Stack, workdir: Path, *, sale_stock: int, users: int, kills: int,

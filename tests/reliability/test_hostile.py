@@ -23,9 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from chalicelib.store import MODELS
 from local.alipay_sandbox.notifier import notify_params
-from tests.conftest import token
+from tests.conftest import MODELS, token
 from tests.reliability.harness import NO_ANSWER, SCOREBOARD, Answer, Row, Stack, audit
 
 pytestmark = pytest.mark.rabbitmq
@@ -53,7 +52,7 @@ def stack(rmq_vhost: str, tables: Any, keys: dict[str, Path]) -> Iterator[Stack]
 def snapshot() -> list[list[str]]:
     """Every item of every table, in a comparable form."""
     return [sorted(json.dumps(m.to_simple_dict(), sort_keys=True, default=str)
-                   for m in model.scan(consistent_read=True)) for model in MODELS]
+                   for m in model.scan(consistent_read=True)) for model in MODELS.all]
 
 
 class Judge:

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from chalicelib.orders import iso
+from chalicelib.domain import iso
 from tests.reliability.harness import SCOREBOARD, Row, Stack, audit, settle
 
 pytestmark = pytest.mark.rabbitmq

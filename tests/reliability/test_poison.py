@@ -17,7 +17,7 @@ import pika
 import pytest
 
 from chalicelib import broker
-from chalicelib.alipay_gateway import AlipayUnavailable
+from chalicelib.ports import PaymentUnavailable
 from tests.reliability.harness import SCOREBOARD, Row, Stack, audit, wait_until
 
 pytestmark = pytest.mark.rabbitmq
@@ -35,10 +35,10 @@ class FlakyGateway:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
 
-    def query(self, out_trade_no: str) -> Any:
-        if out_trade_no in self.down:
-            raise AlipayUnavailable(f"connection refused (test) for {out_trade_no}")
-        return self._real.query(out_trade_no)
+    def query_trade(self, order_id: str) -> Any:
+        if order_id in self.down:
+            raise PaymentUnavailable(f"connection refused (test) for {order_id}")
+        return self._real.query_trade(order_id)
 
 
 @pytest.fixture

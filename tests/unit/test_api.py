@@ -9,8 +9,7 @@ import jwt
 import pytest
 
 from chalicelib import config
-from chalicelib.orders import MAX_CART_LINES
-from chalicelib.store import Goods
+from chalicelib.domain import MAX_CART_LINES, Goods
 from tests.conftest import CATALOGUE, bearer, body, token
 
 

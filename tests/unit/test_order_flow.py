@@ -11,8 +11,7 @@ from typing import Any
 import pytest
 
 from chalicelib import handlers
-from chalicelib.alipay_gateway import TradeNotExist
-from chalicelib.orders import Unavailable, Unprocessable
+from chalicelib.domain import Unavailable, Unprocessable
 from tests.conftest import bearer, body
 
 
@@ -24,14 +23,14 @@ class FakeRefunds:
     seller_id: str = "seller"
     refunds: list[tuple[str, Decimal, str]] = field(default_factory=list)
 
-    def query(self, out_trade_no: str) -> None:
-        raise TradeNotExist("40004", "ACQ.TRADE_NOT_EXIST", "Business Failed")
+    def query_trade(self, order_id: str) -> None:
+        return None  # no trade at the provider
 
-    def close(self, out_trade_no: str) -> None:
-        raise TradeNotExist("40004", "ACQ.TRADE_NOT_EXIST", "Business Failed")
+    def close_trade(self, order_id: str) -> None:
+        return None
 
-    def refund(self, out_trade_no: str, amount: Decimal, out_request_no: str) -> None:
-        self.refunds.append((out_trade_no, amount, out_request_no))
+    def refund_payment(self, order_id: str, amount: Decimal, request_no: str) -> None:
+        self.refunds.append((order_id, amount, request_no))
 
 
 def order_for(app_deps: Any, user: str = "alice", **cart: int) -> dict[str, Any]:

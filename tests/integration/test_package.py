@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from chalicelib import config
-from chalicelib.store import MODELS
 from local import package
+from tests.conftest import MODELS
 
 STAGE = "prod"
 REPO = Path(__file__).resolve().parents[2]
@@ -68,7 +68,7 @@ def _model_tables() -> dict[str, dict[str, Any]]:
     """What the pynamodb models declare, by table name suffix (goods, carts, orders ...)."""
     prefix = f"shop-{config.get().stage}-"
     tables: dict[str, dict[str, Any]] = {}
-    for model in MODELS:  # several models may share one table (same keys, other items)
+    for model in MODELS.all:  # several models may share one table (same keys, other items)
         name = model.Meta.table_name
         assert name.startswith(prefix), name
         schema = model._get_schema()

@@ -1,19 +1,23 @@
-"""The bridge: the container's entry point (`python -m local bridge`).
+"""The worker: drains RabbitMQ into the handlers (the production "bridge").
 
-Consumes queue.order.check, queue.order.pay and queue.order.seckill into the
-same handler functions the HTTP routes use, acking only after the handler's
-write (see chalicelib.broker.run_consumer), and runs the sweeper for lost delay
-messages every `SWEEP_INTERVAL_SECONDS`. SIGTERM or SIGINT: finish the message
-in hand, stop.
+It runs beside the broker (a container on ECS, or `python -m chalicelib.worker`
+anywhere), not in Lambda: it consumes queue.order.check, queue.order.pay and
+queue.order.seckill into the same handler functions the HTTP routes call,
+acking only after the handler's write (chalicelib.broker.run_consumer), and
+sweeps for lost delay messages every `SWEEP_INTERVAL_SECONDS`.
+
+What a handler's error means for its message is decided here, in one table
+(`DISPOSITIONS`): the domain's errors know nothing of queues.
 
 A queue may be drained at a fixed rate (`rate_limits`, messages a second; from
 SECKILL_ORDERS_PER_SECOND and BRIDGE_PAY_PER_SECOND by default): a token bucket
-(chalicelib/ratelimit.py) paces its handler, in a consumer of its own (its own
+(chalicelib/ratelimit.py) paces its handler in a consumer of its own (its own
 connection and thread), so that its waiting never holds up the other queues.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import signal
@@ -21,25 +25,49 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from chalicelib import broker, config, deps, handlers, seckill
+from chalicelib import broker, handlers, seckill
+from chalicelib.config import Settings
+from chalicelib.domain import Unavailable, Unprocessable
 from chalicelib.handlers import Deps
-from chalicelib.orders import Unprocessable
 from chalicelib.ratelimit import TokenBucket
 
-log = logging.getLogger("local.bridge")
+log = logging.getLogger(__name__)
+
+Handle = Callable[[dict[str, Any]], None]
 
 
-def consumer(fn: Callable[[Deps, dict[str, Any]], Any], d: Deps,
-             ) -> Callable[[dict[str, Any]], None]:
-    """A handler as the consume loop wants it: a message no retry can fix is parked at once."""
+class Disposition(enum.Enum):
+    RETRY = "retry"  # later, through the queue's retry queues, then parked
+    PARK = "park"  # at once: no retry can fix it
 
-    crash_before_ack = os.environ.get("BRIDGE_FAULT") == "kill-before-ack"
+
+# A handler's error -> what becomes of its message. Not named: RETRY (a bug or an
+# outage we did not foresee is retried a bounded number of times, then parked).
+DISPOSITIONS: dict[type[Exception], Disposition] = {
+    Unprocessable: Disposition.PARK,
+    Unavailable: Disposition.RETRY,
+}
+
+
+def disposition(exc: Exception) -> Disposition:
+    for kind in type(exc).__mro__:
+        if kind in DISPOSITIONS:
+            return DISPOSITIONS[kind]
+    return Disposition.RETRY
+
+
+def consumer(fn: Callable[[Deps, dict[str, Any]], Any], d: Deps) -> Handle:
+    """A handler as the consume loop wants it: `broker.Park` for what must be parked."""
+
+    crash_before_ack = d.settings.bridge_fault == "kill-before-ack"
 
     def handle(msg: dict[str, Any]) -> None:
         try:
             fn(d, msg)
-        except Unprocessable as exc:
-            raise broker.Park(exc.message) from exc
+        except Exception as exc:
+            if disposition(exc) is Disposition.PARK:
+                raise broker.Park(str(exc)) from exc
+            raise
         if crash_before_ack:
             # For the crash test only: die after the handler's write, before the ack.
             log.warning("BRIDGE_FAULT=kill-before-ack: killing myself before the ack")
@@ -49,7 +77,7 @@ def consumer(fn: Callable[[Deps, dict[str, Any]], Any], d: Deps,
     return handle
 
 
-def queue_handlers(d: Deps) -> dict[str, Callable[[dict[str, Any]], None]]:
+def queue_handlers(d: Deps) -> dict[str, Handle]:
     return {
         broker.QUEUE_CHECK: consumer(handlers.on_check, d),
         broker.QUEUE_PAY: consumer(handlers.on_paid, d),
@@ -57,15 +85,14 @@ def queue_handlers(d: Deps) -> dict[str, Callable[[dict[str, Any]], None]]:
     }
 
 
-def rate_limits_from(settings: config.Settings) -> dict[str, float]:
+def rate_limits_from(settings: Settings) -> dict[str, float]:
     """Messages a second per queue, from the settings; a queue not named is not paced."""
     limits = {broker.QUEUE_SECKILL: settings.seckill_orders_per_second,
               broker.QUEUE_PAY: settings.bridge_pay_per_second}
     return {queue: rate for queue, rate in limits.items() if rate > 0}
 
 
-def throttled(handle: Callable[[dict[str, Any]], None], bucket: TokenBucket,
-              ) -> Callable[[dict[str, Any]], None]:
+def throttled(handle: Handle, bucket: TokenBucket) -> Handle:
     """`handle`, called at most `bucket.rate` times a second (also the message in hand
     when stopping: it is finished within the rate)."""
 
@@ -87,13 +114,6 @@ def sweep_forever(d: Deps, stop: threading.Event, interval: float) -> None:
             log.exception("sweep failed")
 
 
-def _retry_delays() -> tuple[int, ...]:
-    raw = os.environ.get("BRIDGE_RETRY_DELAYS_MS", "")
-    if not raw.strip():
-        return tuple(broker.DEFAULT_RETRY_DELAYS_MS)
-    return tuple(int(x) for x in raw.split(",") if x.strip())
-
-
 def run(d: Deps, stop: threading.Event, *, prefetch: int | None = None,
         sweep_interval: float | None = None,
         retry_delays_ms: tuple[int, ...] | None = None,
@@ -105,8 +125,7 @@ def run(d: Deps, stop: threading.Event, *, prefetch: int | None = None,
     one message's reads and writes overlap another's (None: BRIDGE_WORKERS). Every
     handler is a conditional write, so two workers on one order still make one winner."""
     settings = d.settings
-    interval = sweep_interval if sweep_interval is not None else float(
-        os.environ.get("SWEEP_INTERVAL_SECONDS", "60"))
+    interval = settings.sweep_interval_seconds if sweep_interval is None else sweep_interval
     every = queue_handlers(d)
     limits = rate_limits_from(settings) if rate_limits is None else {
         queue: float(rate) for queue, rate in rate_limits.items() if rate > 0}
@@ -116,9 +135,9 @@ def run(d: Deps, stop: threading.Event, *, prefetch: int | None = None,
         raise ValueError(f"rate_limits must name some of {sorted(every)}, not {sorted(limits)}")
 
     prefetch = prefetch or settings.bridge_prefetch
-    retry_delays_ms = retry_delays_ms or _retry_delays()
+    retry_delays_ms = retry_delays_ms or settings.bridge_retry_delays_ms
 
-    def consume(chosen: dict[str, Callable[[dict[str, Any]], None]]) -> None:
+    def consume(chosen: dict[str, Handle]) -> None:
         broker.run_consumer(
             settings.rmq_url,
             chosen,
@@ -132,7 +151,7 @@ def run(d: Deps, stop: threading.Event, *, prefetch: int | None = None,
 
     failures: list[BaseException] = []
 
-    def work(chosen: dict[str, Callable[[dict[str, Any]], None]]) -> None:
+    def work(chosen: dict[str, Handle]) -> None:
         try:
             consume(chosen)
         except BaseException as exc:  # noqa: BLE001 - re-raised by run() below
@@ -168,24 +187,3 @@ def run(d: Deps, stop: threading.Event, *, prefetch: int | None = None,
         sweeper.join(5)
     if failures:
         raise failures[0]
-
-
-def main() -> int:
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: object) -> None:
-        log.info("signal %s: finishing the message in hand, then stopping", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    settings = config.get()
-    logging.getLogger("pika").setLevel(logging.WARNING)
-    log.info("bridge: %s, prefetch %s, check delay %s s", broker.safe_url(settings.rmq_url),
-             settings.bridge_prefetch, settings.check_delay_seconds)
-    try:
-        run(deps.get(), stop)
-    except broker.TopologyMismatch as exc:
-        log.error("%s", exc)
-        return 2
-    return 0

@@ -1,23 +1,29 @@
-"""The order: states, money, ids and the errors handlers raise.
-
-Money is Decimal in code, integer fen in storage and a two-decimal string on
-the wire. Nothing here does I/O.
-"""
+"""The order: its states, lines, ids and times. Nothing here does I/O."""
 
 from __future__ import annotations
 
+import enum
 import re
 import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
-UNPAID = "UNPAID"
-PAID = "PAID"
-CLOSED = "CLOSED"
-REFUNDED = "REFUNDED"
-STATES = (UNPAID, PAID, CLOSED, REFUNDED)
+from chalicelib.domain.money import money_str
+
+
+class OrderStatus(enum.StrEnum):
+    UNPAID = "UNPAID"
+    PAID = "PAID"
+    CLOSED = "CLOSED"
+    REFUNDED = "REFUNDED"
+
+
+UNPAID = OrderStatus.UNPAID
+PAID = OrderStatus.PAID
+CLOSED = OrderStatus.CLOSED
+REFUNDED = OrderStatus.REFUNDED
+STATES = tuple(OrderStatus)
 
 # The seed's two status columns, kept for clients written against it.
 _SEED_STATUS = {
@@ -37,103 +43,6 @@ MAX_CART_LINES = (MAX_TRANSACTION_ACTIONS - 1) // 2
 
 ORDER_ID_RE = re.compile(r"^ORDER_[0-9]{13}_[0-9a-f]{16}$")
 GOODS_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-_CENT = Decimal("0.01")
-
-
-# --- errors -----------------------------------------------------------------
-
-
-class ShopError(Exception):
-    """Base of the errors a handler raises; app.py turns each into its status."""
-
-    status = 500
-    code = "InternalError"
-
-    def __init__(self, message: str, **extra: Any) -> None:
-        super().__init__(message)
-        self.message = message
-        self.extra = extra
-        self.headers: dict[str, str] = {}  # extra HTTP headers of the answer
-
-
-class BadRequest(ShopError):
-    status = 400
-    code = "BadRequestError"
-
-
-class NotFound(ShopError):
-    status = 404
-    code = "NotFoundError"
-
-
-class Conflict(ShopError):
-    status = 409
-    code = "ConflictError"
-
-
-class OutOfStock(Conflict):
-    code = "OutOfStock"
-
-    def __init__(self, goods_id: str) -> None:
-        super().__init__(f"not enough stock for goods {goods_id}", goodsId=goods_id)
-        self.goods_id = goods_id
-
-
-class Unavailable(ShopError):
-    status = 503
-    code = "ServiceUnavailable"
-
-
-class TooManyRequests(ShopError):
-    """Back-pressure: come back after `retry_after` seconds (the `Retry-After` header)."""
-
-    status = 429
-    code = "TooManyRequests"
-
-    def __init__(self, message: str, retry_after: int, **extra: Any) -> None:
-        super().__init__(message, retryAfter=retry_after, **extra)
-        self.headers = {"Retry-After": str(retry_after)}
-
-
-class Unprocessable(ShopError):
-    """A message no retry can fix (malformed, unknown order, wrong amount): park it."""
-
-    status = 422
-    code = "Unprocessable"
-
-
-# --- money ------------------------------------------------------------------
-
-
-def to_fen(amount: Decimal | str) -> int:
-    """'59.90' or Decimal('59.9') -> 5990. Refuses more than two decimals."""
-    try:
-        value = Decimal(amount)
-    except (InvalidOperation, TypeError, ValueError) as exc:
-        raise ValueError(f"not an amount: {amount!r}") from exc
-    if not value.is_finite():
-        raise ValueError(f"not an amount: {amount!r}")
-    cents = value.quantize(_CENT)
-    if cents != value:
-        raise ValueError(f"more than two decimals: {amount!r}")
-    return int(cents * 100)
-
-
-def from_fen(fen: int) -> Decimal:
-    return (Decimal(int(fen)) / 100).quantize(_CENT)
-
-
-def money_str(fen: int) -> str:
-    """5990 -> '59.90', the only way money goes on the wire."""
-    return f"{from_fen(fen):.2f}"
-
-
-def parse_amount(text: str) -> int | None:
-    """An amount as Alipay writes it ('59.90') -> fen, or None if it is not one."""
-    if not isinstance(text, str) or not re.fullmatch(r"[0-9]{1,10}(\.[0-9]{1,2})?", text):
-        return None
-    return to_fen(text)
 
 
 # --- time and ids -----------------------------------------------------------
@@ -173,7 +82,7 @@ class Line:
 class Order:
     id: str
     username: str
-    status: str
+    status: OrderStatus
     source_type: str
     lines: list[Line]
     create_time: datetime
@@ -209,7 +118,7 @@ class Order:
         return f"{first} and {more} more" if more > 0 else first
 
     def to_wire(self) -> dict[str, Any]:
-        order_status, pay_status = _SEED_STATUS[self.status]
+        order_status, pay_status = _SEED_STATUS[OrderStatus(self.status)]
         return {
             "id": self.id,
             "username": self.username,
@@ -239,25 +148,3 @@ class Order:
                 for line in self.lines
             ],
         }
-
-
-def refund_request_no(order_id: str) -> str:
-    """Derived from the order, so that a retried refund is the same refund."""
-    return f"REFUND_{order_id}"
-
-
-# --- flash-sale tickets (chalicelib/seckill.py) -------------------------------
-
-TICKET_QUEUED = "QUEUED"
-TICKET_ORDERED = "ORDERED"
-TICKET_SOLD_OUT = "SOLD_OUT"
-TICKET_DUPLICATE = "DUPLICATE"
-TICKET_FAILED = "FAILED"
-TICKET_FINAL = (TICKET_ORDERED, TICKET_SOLD_OUT, TICKET_DUPLICATE, TICKET_FAILED)
-
-TICKET_ID_RE = re.compile(r"^TICKET_[0-9]{13}_[0-9a-f]{16}$")
-SALE_ID_RE = GOODS_ID_RE
-
-
-def new_ticket_id(now: datetime) -> str:
-    return f"TICKET_{int(now.timestamp() * 1000):013d}_{secrets.token_hex(8)}"

@@ -1,0 +1,106 @@
+"""What every part of the DynamoDB store shares: the models of its tables, one
+connection, and the mapping of DynamoDB's failures to `Unavailable`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from pynamodb.connection import Connection
+from pynamodb.exceptions import (
+    DeleteError,
+    GetError,
+    PutError,
+    PynamoDBConnectionError,
+    QueryError,
+    ScanError,
+    TableError,
+    TransactWriteError,
+    UpdateError,
+)
+
+from chalicelib.config import Tables
+from chalicelib.domain import Unavailable
+from chalicelib.store.models import (
+    CONNECT_TIMEOUT_SECONDS,
+    MAX_RETRY_ATTEMPTS,
+    READ_TIMEOUT_SECONDS,
+    Models,
+    models_for,
+)
+
+DYNAMO_ERRORS = (
+    PynamoDBConnectionError,
+    GetError,
+    PutError,
+    UpdateError,
+    DeleteError,
+    QueryError,
+    ScanError,
+    TableError,
+)
+
+
+@contextmanager
+def dynamo() -> Iterator[None]:
+    """DynamoDB not answering (connection lost, timeouts, retries spent): Unavailable,
+    which the routes answer with 503 and the worker retries."""
+    try:
+        yield
+    except DYNAMO_ERRORS as exc:
+        raise Unavailable("dynamodb is not answering") from exc
+
+
+def reasons(exc: TransactWriteError) -> list[str | None]:
+    """The cancellation reason of each action of a cancelled transaction, in order."""
+    return [r.code if r is not None else None for r in exc.cancellation_reasons]
+
+
+def retryable(exc: TransactWriteError) -> bool:
+    return exc.cause_response_code == "TransactionInProgressException" or any(
+        r in ("TransactionConflict", "ThrottlingError") for r in reasons(exc))
+
+
+class StoreBase:
+    """The tables' models and the one connection every part uses. Opens nothing
+    until the first call that needs DynamoDB."""
+
+    def __init__(self, tables: Tables, region: str) -> None:
+        self.tables = tables
+        self.region = region
+        self.models: Models = models_for(tables, region)
+        self._connection: Connection | None = None
+
+    @property
+    def connection(self) -> Connection:
+        if self._connection is None:
+            self._connection = Connection(
+                region=self.region,
+                connect_timeout_seconds=CONNECT_TIMEOUT_SECONDS,
+                read_timeout_seconds=READ_TIMEOUT_SECONDS,
+                max_retry_attempts=MAX_RETRY_ATTEMPTS,
+            )
+        return self._connection
+
+    def create_tables(self) -> None:
+        for model in self.models.all:
+            if not model.exists():
+                model.create_table(billing_mode="PAY_PER_REQUEST", wait=True)
+
+    def warm(self) -> None:
+        """One botocore client for every model and the transactions, built now.
+
+        pynamodb builds a client per model class on first use (about 10 MB each,
+        and threads that first use a class together each build one). A botocore
+        client is safe to share between threads once built, and every model has the
+        same region, endpoint and timeouts, so they all get this one. The worker
+        calls this before it starts its threads."""
+        client = self.connection.client
+        for model in self.models.all:
+            model._get_connection().connection._client = client
+
+    def ping(self) -> None:
+        try:
+            self.models.Order.describe_table()
+        except DYNAMO_ERRORS as exc:
+            raise Unavailable(f"dynamodb: {exc}") from exc

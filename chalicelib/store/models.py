@@ -1,0 +1,267 @@
+"""The pynamodb models, built for the table names the store is given.
+
+The classes are made per set of table names (`models_for`), not at import, so
+that nothing reads a setting when the module is imported and one process can
+hold stores of several stages (the tests do). Every model of a set shares the
+region and timeouts below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+from pynamodb.attributes import (
+    ListAttribute,
+    MapAttribute,
+    NumberAttribute,
+    UnicodeAttribute,
+)
+from pynamodb.indexes import AllProjection, GlobalSecondaryIndex, KeysOnlyProjection
+from pynamodb.models import Model
+
+from chalicelib.config import Tables
+from chalicelib.domain import (
+    UNPAID,
+    Line,
+    Order,
+    OrderStatus,
+    Sale,
+    Ticket,
+    TicketStatus,
+    iso,
+    parse_iso,
+)
+
+UNPAID_FLAG = "1"  # the sparse index's key: present only while the order is UNPAID
+CONNECT_TIMEOUT_SECONDS = 3
+READ_TIMEOUT_SECONDS = 10
+MAX_RETRY_ATTEMPTS = 2
+
+
+@dataclass(frozen=True)
+class Models:
+    Goods: Any
+    CartLine: Any
+    Order: Any
+    OrderLine: Any
+    Sale: Any
+    Ticket: Any
+    SeckillMarker: Any
+
+    @property
+    def all(self) -> tuple[type[Model], ...]:
+        return (self.Goods, self.CartLine, self.Order, self.Sale, self.Ticket,
+                self.SeckillMarker)
+
+
+@lru_cache(maxsize=8)
+def models_for(tables: Tables, region: str) -> Models:
+    """The model classes of one set of tables (made once per set, then reused)."""
+
+    class meta:
+        billing_mode = "PAY_PER_REQUEST"
+        connect_timeout_seconds = CONNECT_TIMEOUT_SECONDS
+        read_timeout_seconds = READ_TIMEOUT_SECONDS
+        max_retry_attempts = MAX_RETRY_ATTEMPTS
+
+    meta.region = region  # type: ignore[attr-defined]
+
+    class GoodsModel(Model):
+        class Meta(meta):
+            table_name = tables.goods
+
+        id = UnicodeAttribute(hash_key=True)
+        name = UnicodeAttribute()
+        price_fen = NumberAttribute()
+        stock = NumberAttribute()
+
+
+    class CartLineModel(Model):
+        class Meta(meta):
+            table_name = tables.carts
+
+        username = UnicodeAttribute(hash_key=True)
+        goods_id = UnicodeAttribute(range_key=True)
+        num = NumberAttribute()
+        # The goods' price and name when the line was put: create-order charges this
+        # price on the condition, inside its transaction, that the goods still has it.
+        price_fen = NumberAttribute(null=True)
+        name = UnicodeAttribute(null=True)
+
+
+    class OrderLineAttribute(MapAttribute[str, Any]):
+        goods_id = UnicodeAttribute()
+        name = UnicodeAttribute()
+        price_fen = NumberAttribute()
+        num = NumberAttribute()
+
+
+    class UserOrdersIndex(GlobalSecondaryIndex["OrderModel"]):
+        class Meta:
+            index_name = "by-user"
+            projection = AllProjection()
+
+        username = UnicodeAttribute(hash_key=True)
+        create_time = UnicodeAttribute(range_key=True)
+
+
+    class UnpaidIndex(GlobalSecondaryIndex["OrderModel"]):
+        """Sparse: `unpaid` exists only while the order is UNPAID."""
+
+        class Meta:
+            index_name = "unpaid-by-check-time"
+            projection = KeysOnlyProjection()
+
+        unpaid = UnicodeAttribute(hash_key=True)
+        check_time = UnicodeAttribute(range_key=True)
+
+
+    class OrderModel(Model):
+        class Meta(meta):
+            table_name = tables.orders
+
+        id = UnicodeAttribute(hash_key=True)
+        username = UnicodeAttribute()
+        status = UnicodeAttribute()
+        source_type = UnicodeAttribute()
+        pay_type = UnicodeAttribute()
+        lines = ListAttribute(of=OrderLineAttribute)
+        total_fen = NumberAttribute()
+        create_time = UnicodeAttribute()
+        update_time = UnicodeAttribute()
+        expire_time = UnicodeAttribute()
+        check_time = UnicodeAttribute()
+        pay_time = UnicodeAttribute(null=True)
+        close_time = UnicodeAttribute(null=True)
+        end_time = UnicodeAttribute(null=True)
+        consign_time = UnicodeAttribute(null=True)
+        transaction_id = UnicodeAttribute(null=True)
+        notify_id = UnicodeAttribute(null=True)
+        refund_request_no = UnicodeAttribute(null=True)
+        unpaid = UnicodeAttribute(null=True)
+        sale_id = UnicodeAttribute(null=True)  # a flash-sale order (its stock is the sale's)
+
+        by_user = UserOrdersIndex()
+        unpaid_due = UnpaidIndex()
+
+
+    # flash sales (chalicelib/seckill.py)
+
+    class SaleModel(Model):
+        """A goods on sale for a while, with its own stock (the goods' stock is not touched)."""
+
+        class Meta(meta):
+            table_name = tables.sales
+
+        id = UnicodeAttribute(hash_key=True)
+        goods_id = UnicodeAttribute()
+        name = UnicodeAttribute()
+        price_fen = NumberAttribute()
+        stock = NumberAttribute()
+        start_time = UnicodeAttribute()
+        end_time = UnicodeAttribute()
+
+
+    class TicketModel(Model):
+        """A queued request to buy in a flash sale: QUEUED until the bridge decides."""
+
+        class Meta(meta):
+            table_name = tables.seckill
+
+        id = UnicodeAttribute(hash_key=True)  # TICKET_...
+        username = UnicodeAttribute()
+        sale_id = UnicodeAttribute()
+        status = UnicodeAttribute()
+        order_id = UnicodeAttribute(null=True)
+        create_time = UnicodeAttribute()
+        update_time = UnicodeAttribute()
+
+
+    class SeckillMarkerModel(Model):
+        """Per user and sale, in the tickets' table (sale ids hold no `#`):
+
+        `CLAIM#<sale>#<user>`  the user holds a live ticket, or one that ordered: the
+                               API's guard, a conditional put beside the ticket's.
+        `ORDER#<sale>#<user>`  the user has an order of the sale: the real guard, a
+                               conditional put in the order's own transaction.
+        """
+
+        class Meta(meta):
+            table_name = tables.seckill
+
+        id = UnicodeAttribute(hash_key=True)
+        ticket_id = UnicodeAttribute()
+        order_id = UnicodeAttribute(null=True)
+        create_time = UnicodeAttribute()
+
+    return Models(Goods=GoodsModel, CartLine=CartLineModel, Order=OrderModel,
+                  OrderLine=OrderLineAttribute, Sale=SaleModel, Ticket=TicketModel,
+                  SeckillMarker=SeckillMarkerModel)
+
+
+def order_from_model(m: Any) -> Order:
+    def opt(v: str | None) -> datetime | None:
+        return parse_iso(v) if v else None
+
+    return Order(
+        id=m.id,
+        username=m.username,
+        status=OrderStatus(m.status),
+        source_type=m.source_type,
+        pay_type=m.pay_type,
+        lines=[
+            Line(goods_id=x.goods_id, name=x.name, price_fen=int(x.price_fen), num=int(x.num))
+            for x in m.lines
+        ],
+        create_time=parse_iso(m.create_time),
+        update_time=parse_iso(m.update_time),
+        expire_time=parse_iso(m.expire_time),
+        check_time=parse_iso(m.check_time),
+        pay_time=opt(m.pay_time),
+        close_time=opt(m.close_time),
+        end_time=opt(m.end_time),
+        consign_time=opt(m.consign_time),
+        transaction_id=m.transaction_id,
+        refund_request_no=m.refund_request_no,
+        sale_id=m.sale_id,
+    )
+
+
+def model_from_order(models: Models, o: Order) -> Any:
+    return models.Order(
+        o.id,
+        username=o.username,
+        status=o.status,
+        source_type=o.source_type,
+        pay_type=o.pay_type,
+        lines=[
+            models.OrderLine(goods_id=x.goods_id, name=x.name, price_fen=x.price_fen, num=x.num)
+            for x in o.lines
+        ],
+        total_fen=o.total_fen,
+        create_time=iso(o.create_time),
+        update_time=iso(o.update_time),
+        expire_time=iso(o.expire_time),
+        check_time=iso(o.check_time),
+        unpaid=UNPAID_FLAG if o.status == UNPAID else None,
+        sale_id=o.sale_id,
+    )
+
+
+def sale_from_model(m: Any) -> Sale:
+    return Sale(m.id, m.goods_id, m.name, int(m.price_fen), int(m.stock),
+                parse_iso(m.start_time), parse_iso(m.end_time))
+
+
+def ticket_from_model(m: Any) -> Ticket:
+    return Ticket(m.id, m.username, m.sale_id, TicketStatus(m.status), m.order_id,
+                  parse_iso(m.create_time), parse_iso(m.update_time))
+
+
+def model_from_ticket(models: Models, t: Ticket) -> Any:
+    return models.Ticket(t.id, username=t.username, sale_id=t.sale_id, status=t.status,
+                       order_id=t.order_id, create_time=iso(t.create_time),
+                       update_time=iso(t.update_time))

@@ -1,0 +1,41 @@
+"""`python -m chalicelib.worker`: the worker's process (the container's command).
+
+SIGTERM or SIGINT: finish the message in hand, ack it, exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+
+from chalicelib import broker, config, deps, logs
+from chalicelib.worker import run
+
+log = logging.getLogger("chalicelib.worker")
+
+
+def main() -> int:
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        log.info("signal %s: finishing the message in hand, then stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    settings = config.get()
+    logs.configure(settings.log_level, force=True)
+    log.info("worker: %s, prefetch %s, check delay %s s", broker.safe_url(settings.rmq_url),
+             settings.bridge_prefetch, settings.check_delay_seconds)
+    try:
+        run(deps.get(), stop)
+    except broker.TopologyMismatch as exc:
+        log.error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
