@@ -346,7 +346,7 @@ def make_store() -> Any:
                 self.paid[order_id] = time.perf_counter()
             return bool(won)
 
-    return TimingStore.from_settings(config.get())
+    return TimingStore()
 
 
 def make_deps(world: World, url: str, store: Any | None = None) -> Any:
