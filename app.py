@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
-from chalice import AuthResponse, Chalice, Rate, Response, UnauthorizedError
+from chalice import AuthResponse, Chalice, ForbiddenError, Rate, Response, UnauthorizedError
 
-from chalicelib import auth, deps, handlers, logs, seckill
+from chalicelib import admin, auth, deps, handlers, logs, metrics, refunds, seckill
 from chalicelib.domain import (
     AlreadyHolding,
     Conflict,
@@ -24,6 +24,10 @@ from chalicelib.domain import (
     OutOfStock,
     Overloaded,
     PriceChanged,
+    RefundExceedsPaid,
+    RefundInProgress,
+    RefundNotAllowed,
+    RefundStatus,
     ShopError,
     SoldOut,
     Unavailable,
@@ -51,6 +55,9 @@ ERRORS: dict[type[ShopError], tuple[int, str]] = {
     PriceChanged: (409, "PriceChanged"),
     SoldOut: (409, "SoldOut"),
     AlreadyHolding: (409, "AlreadyHolding"),
+    RefundNotAllowed: (409, "RefundNotAllowed"),
+    RefundInProgress: (409, "RefundInProgress"),
+    RefundExceedsPaid: (409, "RefundExceedsPaid"),
     Overloaded: (429, "TooManyRequests"),
     Unprocessable: (422, "Unprocessable"),
     Unavailable: (503, "ServiceUnavailable"),
@@ -116,8 +123,9 @@ def jwt_auth(auth_request: Any) -> AuthResponse:
     context, so that the route answers 401 in the contract's shape everywhere
     (API Gateway and `chalice local` alike) instead of the gateway's bare 403."""
     try:
-        user = auth.username_from_header(deps.get().settings.jwt_secret, auth_request.token)
-        return AuthResponse(routes=["*"], principal_id=user)
+        user, role = auth.identity_from_header(deps.get().settings.jwt_secret,
+                                               auth_request.token)
+        return AuthResponse(routes=["*"], principal_id=user, context={"role": role})
     except auth.AuthError as exc:
         return AuthResponse(routes=["*"], principal_id="anonymous",
                             context={"authError": str(exc)})
@@ -128,6 +136,17 @@ def current_user() -> str:
     if context.get("authError") or not context.get("principalId"):
         raise UnauthorizedError(context.get("authError") or "no valid token")
     return str(context["principalId"])
+
+
+def current_operator() -> str:
+    """The operator behind the request: 401 without a valid token, 403 when the
+    token is not an operator's."""
+    user = current_user()
+    context = app.current_request.context.get("authorizer") or {}
+    if context.get("role") != auth.OPERATOR:
+        raise ForbiddenError(f"{user} is not an operator: this needs a token with "
+                             f"role {auth.OPERATOR}")
+    return user
 
 
 def json_object() -> dict[str, Any]:
@@ -238,6 +257,74 @@ def request_seckill(sale_id: str) -> Any:
 @api
 def get_seckill_ticket(ticket_id: str) -> Any:
     return seckill.get_ticket(deps.get(), current_user(), ticket_id)
+
+
+# --- the operators ------------------------------------------------------------
+
+
+@app.route("/admin")
+def admin_page() -> Response:
+    """The operator page: search, an order with its timeline, refunds, attention."""
+    return Response(status_code=200, body=_asset("admin.html"),
+                    headers={"Content-Type": "text/html; charset=utf-8"})
+
+
+@app.route("/admin/orders", methods=["GET"], authorizer=jwt_auth)
+@api
+def admin_orders() -> Any:
+    current_operator()
+    q = app.current_request.query_params or {}
+    return admin.search_orders(deps.get(), status=q.get("status"), start=q.get("from"),
+                               end=q.get("to"), q=q.get("q"), limit=q.get("limit"),
+                               cursor=q.get("cursor"))
+
+
+@app.route("/admin/orders/{order_id}", methods=["GET"], authorizer=jwt_auth)
+@api
+def admin_order(order_id: str) -> Any:
+    current_operator()
+    return admin.order_detail(deps.get(), order_id)
+
+
+def _refund_answer(refund: Any, repeated: bool) -> Response:
+    status = 200 if repeated else 202 if refund.status == RefundStatus.PENDING else 201
+    return Response(status_code=status, body=refund.to_wire())
+
+
+@app.route("/admin/orders/{order_id}/refunds", methods=["POST"], authorizer=jwt_auth)
+@api
+def admin_refund(order_id: str) -> Any:
+    operator = current_operator()
+    body = json_object()
+    key = (app.current_request.headers or {}).get("idempotency-key")
+    refund, repeated = refunds.request_refund(deps.get(), operator, order_id,
+                                              body.get("amount"), body.get("reason"), key)
+    return _refund_answer(refund, repeated)
+
+
+@app.route("/admin/orders/{order_id}/refunds/{refund_id}", methods=["GET"],
+           authorizer=jwt_auth)
+@api
+def admin_get_refund(order_id: str, refund_id: str) -> Any:
+    current_operator()
+    refund = refunds.get_refund(deps.get(), refund_id)
+    if refund.order_id != order_id:
+        raise NotFound(f"no refund {refund_id!r} of order {order_id!r}")
+    return refund.to_wire()
+
+
+@app.route("/admin/refunds/{refund_id}/retry", methods=["POST"], authorizer=jwt_auth)
+@api
+def admin_retry_refund(refund_id: str) -> Any:
+    operator = current_operator()
+    return _refund_answer(refunds.retry_refund(deps.get(), operator, refund_id), False)
+
+
+@app.route("/admin/attention", methods=["GET"], authorizer=jwt_auth)
+@api
+def admin_attention() -> Any:
+    current_operator()
+    return admin.attention(deps.get())
 
 
 # --- Alipay -------------------------------------------------------------------
@@ -389,5 +476,13 @@ def _page(status: int, title: str, body: str, refresh: int | None = None) -> Res
 
 @app.schedule(Rate(5, unit=Rate.MINUTES))
 def sweeper(event: Any) -> dict[str, int]:
-    """Checks UNPAID orders whose delay message was lost."""
-    return handlers.sweep(deps.get())
+    """Checks UNPAID orders whose delay message was lost, closed orders whose payment
+    link has expired, and refunds whose outcome is unknown; then says what needs a
+    person as metrics (each with its alarm in the deploy template)."""
+    d = deps.get()
+    result = handlers.sweep(d)
+    try:
+        metrics.emit_attention(admin.attention(d), stage=d.settings.stage)
+    except Unavailable:
+        log.warning("attention metrics not emitted", exc_info=True)
+    return result

@@ -7,12 +7,17 @@ What callers get:
   return query; it never raises.
 - ``query``, ``close``, ``refund`` and ``refund_query`` call Alipay's server APIs.
   A signed answer with a code other than ``10000`` raises ``AlipayBusinessError``
-  (``TradeNotExist`` / ``TradeStatusError`` for the two sub codes handlers act
-  on). Anything that leaves the outcome unknown (network error, timeout, HTTP
-  error, an answer that does not parse or whose signature is wrong, Alipay's
-  ``20000`` "service unavailable" or ``ACQ.SYSTEM_ERROR``) raises
-  ``AlipayUnavailable``: try again later, with the same ``out_request_no`` for
-  a refund.
+  (a ``PaymentRefused`` whose ``reason`` is Alipay's sub_code and ``detail`` its
+  words; ``TradeNotExist`` / ``TradeStatusError`` for the two sub codes handlers
+  act on). Anything that leaves the outcome unknown (network error, timeout,
+  HTTP error, an answer that does not parse, whose signature is wrong or that
+  is not signed at all, Alipay's ``20000`` "Service Currently Unavailable" or
+  ``ACQ.SYSTEM_ERROR``) raises ``AlipayUnavailable``: try again later, with the
+  same ``out_request_no`` for a refund, or ask ``query_refund``. An unsigned
+  answer is never read as a business fact, whatever code it claims: anyone on
+  the path could have written it.
+- ``read_notice`` tells a refund's notify (it carries ``refund_fee``,
+  ``out_biz_no`` or ``gmt_refund``) from a payment's.
 
 Money is ``Decimal`` and goes over the wire as a string with two decimals; times
 go over the wire as ``yyyy-MM-dd HH:mm:ss`` in Asia/Shanghai.
@@ -21,7 +26,15 @@ SDK facts this module relies on (python-alipay-sdk 3.4.0): ``AliPay.verify``
 mutates its dict and pops ``sign_type``; business errors come back as dicts;
 the gateway is the private attribute ``_gateway``; server calls are a GET of
 ``gateway?signed-query`` through ``urllib`` and the answer is verified over the
-raw text of its ``..._response`` object.
+raw text of its ``..._response`` object; an answer without ``sign`` (or an
+``error_response``) raises ``AliPayException``, which hides its text in
+name-mangled attributes.
+
+Alipay facts: ``gmt_refund`` in a refund notify carries milliseconds
+(``2015-04-28 15:45:57.320``); the gateway reports a failing back end as code
+``20000`` with sub_code ``isp.unknow-error`` or ``aop.ACQ.SYSTEM_ERROR``, and
+the refund API's docs list ``ACQ.SYSTEM_ERROR`` (code 40004) too: all three
+mean "unknown, retry the same request or query".
 """
 
 from __future__ import annotations
@@ -47,12 +60,14 @@ from Cryptodome.PublicKey import RSA
 
 from chalicelib.domain import parse_amount, to_fen
 from chalicelib.ports import (
+    NoticeKind,
     NoticeRefused,
     PaymentError,
     PaymentNotice,
     PaymentRefused,
     PaymentUnavailable,
     RefundOutcome,
+    RefundState,
     Trade,
     TradeNotFound,
     TradeState,
@@ -84,6 +99,11 @@ UNAVAILABLE_CODE = "20000"  # "Service Currently Unavailable": the outcome is un
 TRADE_NOT_EXIST = "ACQ.TRADE_NOT_EXIST"
 TRADE_STATUS_ERROR = "ACQ.TRADE_STATUS_ERROR"
 SYSTEM_ERROR = "ACQ.SYSTEM_ERROR"  # Alipay: retry (refunds with the same out_request_no)
+# Sub codes that leave the outcome unknown, whatever the code beside them.
+UNKNOWN_OUTCOME_SUB_CODES = frozenset({SYSTEM_ERROR, "aop." + SYSTEM_ERROR, "isp.unknow-error"})
+REFUND_SUCCESS = "REFUND_SUCCESS"
+# A notify with any of these is about a refund of the trade, never a payment.
+REFUND_NOTICE_FIELDS = ("refund_fee", "out_biz_no", "gmt_refund")
 ALIPAY_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 _CENT = Decimal("0.01")
 
@@ -108,7 +128,8 @@ class AlipayError(PaymentError):
 class AlipayUnavailable(AlipayError, PaymentUnavailable):
     """The outcome is unknown (network, timeout, HTTP error, bad or unsigned answer).
 
-    Retry later; nothing can be concluded about the trade.
+    Retry later; nothing can be concluded about the trade. ``code`` and
+    ``sub_code`` are what the answer claimed, if anything (for logs only).
     """
 
     def __init__(
@@ -120,7 +141,12 @@ class AlipayUnavailable(AlipayError, PaymentUnavailable):
 
 
 class AlipayBusinessError(AlipayError, PaymentRefused):
-    """Alipay answered (signed) with a code other than 10000, e.g. 40004."""
+    """Alipay answered (signed) with a code other than 10000, e.g. 40004.
+
+    As the port's PaymentRefused: ``reason`` is Alipay's sub_code (the code when
+    there is none), e.g. "ACQ.SELLER_BALANCE_NOT_ENOUGH"; ``detail`` its sub_msg,
+    else its msg.
+    """
 
     def __init__(
         self,
@@ -138,6 +164,8 @@ class AlipayBusinessError(AlipayError, PaymentRefused):
         self.msg = msg
         self.sub_msg = sub_msg
         self.method = method
+        self.reason = sub_code or code
+        self.detail = sub_msg or msg
 
     @property
     def is_trade_not_exist(self) -> bool:
@@ -227,11 +255,25 @@ def parse_alipay_time(value: str) -> datetime:
 
 
 def _alipay_time_or_none(text: str | None) -> datetime | None:
-    """Alipay's clock as aware UTC; None when absent or malformed."""
+    """Alipay's clock as aware UTC; None when absent or malformed. Milliseconds
+    (``2015-04-28 15:45:57.320``, as in ``gmt_refund``) are kept."""
+    if not text:
+        return None
+    whole, dot, fraction = text.partition(".")
     try:
-        return parse_alipay_time(text) if text else None
+        moment = parse_alipay_time(whole)
     except ValueError:
         return None
+    if dot:
+        if not (fraction.isdigit() and fraction.isascii() and len(fraction) <= 6):
+            return None
+        moment = moment.replace(microsecond=int(fraction.ljust(6, "0")))
+    return moment
+
+
+def _amount_or_none(text: str | None) -> int | None:
+    """A wire amount ("59.90") in fen; None when absent or malformed."""
+    return parse_amount(text) if isinstance(text, str) and text else None
 
 
 # Alipay's trade_status -> the shop's TradeState.
@@ -443,7 +485,13 @@ class AlipayGateway:
     # --- the shop's payment port (chalicelib.ports.PaymentGateway) ----------
 
     def read_notice(self, params: Mapping[str, str]) -> PaymentNotice:
-        """An async notify, verified: the signature, then that it is for us."""
+        """An async notify, verified: the signature, then that it is for us.
+
+        A notify that carries ``refund_fee``, ``out_biz_no`` or ``gmt_refund`` is
+        about a refund (kind REFUND; TRADE_SUCCESS after a partial refund,
+        TRADE_CLOSED after a full one): ``refund_id`` is its ``out_biz_no`` (our
+        out_request_no), ``refunded_fen`` the trade's total refunded. Either kind
+        keeps the fields received, without ``sign``, for the order's timeline."""
         if not self.verify(params):
             raise NoticeRefused("bad signature")
         if params.get("app_id") != self.app_id:
@@ -453,6 +501,7 @@ class AlipayGateway:
         trade_no = params.get("trade_no") or ""
         if not trade_no:
             raise NoticeRefused("no trade_no")
+        is_refund = any(key in params for key in REFUND_NOTICE_FIELDS)
         return PaymentNotice(
             order_id=params.get("out_trade_no") or "",
             trade_no=trade_no,
@@ -460,6 +509,11 @@ class AlipayGateway:
             amount_fen=parse_amount(params.get("total_amount") or ""),
             paid_at=_alipay_time_or_none(params.get("gmt_payment")),
             notice_id=params.get("notify_id"),
+            kind=NoticeKind.REFUND if is_refund else NoticeKind.PAYMENT,
+            refund_id=(params.get("out_biz_no") or None) if is_refund else None,
+            refunded_fen=_amount_or_none(params.get("refund_fee")) if is_refund else None,
+            refunded_at=_alipay_time_or_none(params.get("gmt_refund")) if is_refund else None,
+            fields={k: v for k, v in params.items() if k != "sign"},
         )
 
     def read_return(self, params: Mapping[str, str]) -> str:
@@ -491,9 +545,41 @@ class AlipayGateway:
             pass  # never opened: nothing to close
 
     def refund_payment(self, order_id: str, amount: Decimal, request_no: str) -> RefundOutcome:
+        """alipay.trade.refund. AlipayBusinessError (a PaymentRefused, ``reason`` the
+        sub_code): refused, nothing moved. AlipayUnavailable: unknown, query_refund."""
         answer = self.refund(order_id, amount, request_no)
+        try:
+            refunded_fen = to_fen(answer.refund_fee)
+        except ValueError as exc:
+            raise AlipayUnavailable(f"alipay.trade.refund: refund_fee {exc}") from exc
         return RefundOutcome(order_id=answer.out_trade_no, trade_no=answer.trade_no,
-                             refunded_fen=to_fen(answer.refund_fee), moved=answer.fund_change)
+                             refunded_fen=refunded_fen, moved=answer.fund_change)
+
+    def query_refund(self, order_id: str, request_no: str) -> RefundState:
+        """alipay.trade.fastpay.refund.query: SUCCEEDED when Alipay shows the refund
+        (refund_status REFUND_SUCCESS, or refund fields with an empty status, as
+        older answers have it); NOT_MADE when the answer has no refund fields or
+        Alipay has no such trade; AlipayUnavailable for anything else."""
+        method = "alipay.trade.fastpay.refund.query"
+        try:
+            answer = self.refund_query(order_id, request_no)
+        except TradeNotExist:
+            return RefundState.NOT_MADE  # no trade, no refund of it
+        if answer.get("out_request_no") not in (None, "", request_no):
+            raise AlipayUnavailable(f"{method}: the answer is about another refund")
+        status = str(answer.get("refund_status") or "")
+        amount = answer.get("refund_amount")
+        if status == REFUND_SUCCESS:
+            return RefundState.SUCCEEDED
+        if status:
+            raise AlipayUnavailable(f"{method}: unknown refund_status {status!r}",
+                                    code=SUCCESS_CODE)
+        if amount in (None, ""):
+            return RefundState.NOT_MADE
+        if parse_amount(str(amount)) is None:
+            raise AlipayUnavailable(f"{method}: refund_amount {amount!r} is no amount",
+                                    code=SUCCESS_CODE)
+        return RefundState.SUCCEEDED
 
     def _call(self, method: str, biz: dict[str, str]) -> dict[str, Any]:
         out_trade_no = biz.get("out_trade_no")
@@ -538,7 +624,7 @@ class AlipayGateway:
                 raise AlipayUnavailable(f"{method}: the answer is about another trade")
             logger.info("alipay call ok", extra=log_extra)
             return answer
-        if code == UNAVAILABLE_CODE or answer.get("sub_code") == SYSTEM_ERROR:
+        if code == UNAVAILABLE_CODE or answer.get("sub_code") in UNKNOWN_OUTCOME_SUB_CODES:
             logger.warning("alipay busy", extra=log_extra)
             raise AlipayUnavailable(
                 f"{method}: {code} {answer.get('sub_code') or ''}".rstrip(),
@@ -549,7 +635,10 @@ class AlipayGateway:
         raise _business_error(answer, method)
 
     @staticmethod
-    def _unsigned_error(method: str, exc: AliPayException) -> AlipayError:
+    def _unsigned_error(method: str, exc: AliPayException) -> AlipayUnavailable:
+        """An answer without Alipay's signature: never a business fact, whatever it
+        says (a 40004 ACQ.TRADE_NOT_EXIST from a proxy must not close an order).
+        Its code and sub_code stay in the exception for the logs."""
         code = getattr(exc, "_AliPayException__code", None)
         raw = getattr(exc, "_AliPayException__message", "")
         detail: Mapping[str, Any] = {}
@@ -563,12 +652,17 @@ class AlipayGateway:
         except ValueError:
             pass
         code = str(detail.get("code") or code or "")
+        if code == "0":  # the SDK's stand-in when the answer has no code
+            code = ""
+        sub_code = detail.get("sub_code")
+        sub_code = str(sub_code) if sub_code not in (None, "") else None
         logger.warning(
-            "alipay unsigned error answer",
-            extra={"method": method, "code": code, "sub_code": detail.get("sub_code")},
+            "alipay unsigned answer",
+            extra={"method": method, "code": code or None, "sub_code": sub_code},
         )
-        if code and code not in ("0", SUCCESS_CODE, UNAVAILABLE_CODE):
-            return _business_error({**detail, "code": code}, method)
+        claimed = " ".join(part for part in (code, sub_code) if part) or "no code"
         return AlipayUnavailable(
-            f"{method}: unsigned answer (code {code or 'none'})", code=code or None
+            f"Alipay unavailable: {method}: unsigned answer ({claimed})",
+            code=code or None,
+            sub_code=sub_code,
         )

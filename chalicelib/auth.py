@@ -14,15 +14,26 @@ class AuthError(Exception):
     """The token is missing, malformed, expired or not signed by us."""
 
 
-def issue(secret: str, username: str, ttl_seconds: int = 3600 * 12) -> str:
+OPERATOR = "operator"  # the `role` claim of the people who run the shop
+
+
+def issue(secret: str, username: str, ttl_seconds: int = 3600 * 12,
+          role: str | None = None) -> str:
     if not USERNAME_RE.fullmatch(username):
         raise ValueError(f"not a username: {username!r}")
     now = int(time.time())
-    return jwt.encode({"sub": username, "iat": now, "exp": now + ttl_seconds}, secret,
-                      algorithm="HS256")
+    claims: dict[str, object] = {"sub": username, "iat": now, "exp": now + ttl_seconds}
+    if role:
+        claims["role"] = role
+    return jwt.encode(claims, secret, algorithm="HS256")
 
 
 def username_from_header(secret: str, header: str | None) -> str:
+    return identity_from_header(secret, header)[0]
+
+
+def identity_from_header(secret: str, header: str | None) -> tuple[str, str]:
+    """(username, role) of a valid bearer token; role "" when it has none."""
     if not secret:
         raise AuthError("the service has no JWT_SECRET")
     if not header:
@@ -40,4 +51,5 @@ def username_from_header(secret: str, header: str | None) -> str:
     sub = claims.get("sub")
     if not isinstance(sub, str) or not USERNAME_RE.fullmatch(sub):
         raise AuthError("the token names no valid user")
-    return sub
+    role = claims.get("role")
+    return sub, role if isinstance(role, str) else ""

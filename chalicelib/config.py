@@ -78,6 +78,8 @@ class Tables:
     orders: str
     sales: str
     seckill: str  # tickets and per-user-per-sale markers
+    refunds: str  # refunds and operators' idempotency keys
+    timeline: str  # each order's payment events
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,8 @@ class Settings:
     # flash sales (chalicelib/seckill.py)
     sales_table: str = "shop-local-sales"
     seckill_table: str = "shop-local-seckill"
+    refunds_table: str = "shop-local-refunds"
+    timeline_table: str = "shop-local-timeline"
     seckill_orders_per_second: float = 200.0  # the worker's drain rate of queue.order.seckill
     seckill_max_queue_depth: int = 10000  # deeper: POST /seckill/{id} answers 429
     seckill_cache_ms: int = 150  # how long the API reuses a sale and a queue depth it read
@@ -119,7 +123,34 @@ class Settings:
     @property
     def tables(self) -> Tables:
         return Tables(goods=self.goods_table, carts=self.carts_table, orders=self.orders_table,
-                      sales=self.sales_table, seckill=self.seckill_table)
+                      sales=self.sales_table, seckill=self.seckill_table,
+                      refunds=self.refunds_table, timeline=self.timeline_table)
+
+
+LOCAL_STAGES = ("local", "test")  # one machine: make run, and the test suite
+
+
+class SettingsError(ValueError):
+    """The settings cannot run this stage; the message says what is missing."""
+
+
+def check(settings: Settings) -> Settings:
+    """Refuses settings that would lose money: outside the local stages, a service
+    without payment settings would take orders it can never close safely (an
+    order is closed only after Alipay said it was not paid)."""
+    if settings.stage in LOCAL_STAGES:
+        return settings
+    missing = [name for name, value in (
+        ("ALIPAY_APP_ID", settings.alipay_app_id),
+        ("ALIPAY_SELLER_ID", settings.alipay_seller_id),
+        ("ALIPAY_GATEWAY", settings.alipay_gateway),
+        ("ALIPAY_APP_PRIVATE_KEY", settings.alipay_app_private_key),
+        ("ALIPAY_PUBLIC_KEY", settings.alipay_public_key),
+    ) if not value]
+    if missing:
+        raise SettingsError(f"stage {settings.stage!r} needs its payment settings: "
+                            f"{', '.join(missing)} (or their _FILE forms) not set")
+    return settings
 
 
 def load(environ: Mapping[str, str] | None = None) -> Settings:
@@ -151,6 +182,8 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         bridge_max_attempts=env.int("BRIDGE_MAX_ATTEMPTS", 5),
         sales_table=env.str("SALES_TABLE", f"{prefix}-sales"),
         seckill_table=env.str("SECKILL_TABLE", f"{prefix}-seckill"),
+        refunds_table=env.str("REFUNDS_TABLE", f"{prefix}-refunds"),
+        timeline_table=env.str("TIMELINE_TABLE", f"{prefix}-timeline"),
         seckill_orders_per_second=env.float("SECKILL_ORDERS_PER_SECOND", 200.0),
         seckill_max_queue_depth=env.int("SECKILL_MAX_QUEUE_DEPTH", 10000),
         seckill_cache_ms=env.int("SECKILL_CACHE_MS", 150),

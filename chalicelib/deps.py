@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 def build(settings: config.Settings | None = None) -> Deps:
     from chalicelib.broker import Broker
 
-    settings = settings or config.get()
+    settings = config.check(settings or config.get())
     logs.configure(settings.log_level)  # the level only where nobody configured logging
     store = Store.from_settings(settings)
     store.warm()  # one DynamoDB client for all tables (built here, on first use; no request)

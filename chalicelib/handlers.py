@@ -8,6 +8,7 @@ them knows HTTP, AMQP frames or Lambda.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -24,6 +25,7 @@ from chalicelib.domain import (
     SOURCE_TYPES,
     UNPAID,
     Conflict,
+    EventType,
     Invalid,
     Line,
     NotFound,
@@ -31,6 +33,8 @@ from chalicelib.domain import (
     OrderStatus,
     OutOfStock,
     PriceChanged,
+    RefundStatus,
+    TimelineEvent,
     Unavailable,
     Unprocessable,
     from_fen,
@@ -38,14 +42,18 @@ from chalicelib.domain import (
     money_str,
     parse_amount,
 )
+from chalicelib.domain.timeline import clip
 from chalicelib.ports import (
     PAID_STATES,
+    NoticeKind,
     NoticeRefused,
-    PaymentError,
     PaymentGateway,
+    PaymentNotice,
+    PaymentRefused,
     PaymentUnavailable,
     Publisher,
     StorePort,
+    Trade,
     TradeState,
     TradeStateConflict,
 )
@@ -63,6 +71,17 @@ class Deps:
     broker: Publisher
     gateway: PaymentGateway | None = None
     clock: Callable[[], datetime] = utcnow
+    sleep: Callable[[float], None] = time.sleep  # a handler's short wait (tests: no wait)
+
+
+def record(deps: Deps, order_id: str, kind: EventType, **detail: Any) -> None:
+    """An event on the order's timeline. Best effort: the change it describes has
+    happened already, so a timeline that cannot be written is logged, not raised."""
+    try:
+        deps.store.append_event(TimelineEvent(order_id, deps.clock(), kind, detail))
+    except Unavailable as exc:
+        log.warning("timeline of %s: %s not recorded (%s)", order_id, kind.value, exc,
+                    extra={"orderId": order_id})
 
 
 # --- goods and cart -----------------------------------------------------------
@@ -157,6 +176,8 @@ def create_order(deps: Deps, username: str, source_type: Any = None) -> dict[str
     except PriceChanged as exc:
         deps.store.refresh_cart_line(username, exc.goods)  # the next order takes it
         raise
+    record(deps, order.id, EventType.CREATED, totalMoney=money_str(order.total_fen),
+           items=len(order.lines))
     _schedule_check(deps, order.id)
     return order.to_wire()
 
@@ -237,45 +258,106 @@ def _settle_unpaid(deps: Deps, order: Order) -> OrderStatus | None:
     """Ask the payment provider first: paid means PAID (the notify was lost);
     otherwise close the trade and then the order, giving the stock back exactly once.
 
-    The provider unreachable raises Unavailable: the caller retries later, never
-    closes blind.
+    Never closes blind: no payment provider configured, the provider unreachable
+    or refusing to answer raise Unavailable, and the caller tries again later.
     """
     gateway = deps.gateway
-    if gateway is not None:
-        try:
-            trade = gateway.query_trade(order.id)
-            if trade is not None and trade.paid:
-                log.info("order %s paid though no notify came", order.id,
-                         extra={"orderId": order.id, "tradeNo": trade.trade_no})
-                return _apply_payment(deps, order, trade.trade_no or "", trade.amount_fen,
-                                      trade.paid_at or deps.clock(), None)
-            if trade is not None and trade.state == TradeState.WAITING:
-                try:
-                    gateway.close_trade(order.id)
-                except TradeStateConflict as exc:
-                    # Paid between our query and our close.
-                    raise Unavailable(f"closing trade {order.id}: {exc}; checking again") from exc
-        except PaymentUnavailable as exc:
-            raise Unavailable(f"payment provider unreachable for {order.id}: {exc}") from exc
+    if gateway is None:
+        raise Unavailable(f"order {order.id} is due to close, but payment is not configured: "
+                          "it stays UNPAID until the provider can be asked")
+    try:
+        trade = gateway.query_trade(order.id)
+        record(deps, order.id, EventType.QUERY, **_trade_detail(trade))
+        if trade is not None and trade.paid:
+            log.info("order %s paid though no notify came", order.id,
+                     extra={"orderId": order.id, "tradeNo": trade.trade_no})
+            return _apply_payment(deps, order, trade.trade_no or "", trade.amount_fen,
+                                  trade.paid_at or deps.clock(), None)
+        if trade is not None and trade.state == TradeState.WAITING:
+            try:
+                gateway.close_trade(order.id)
+            except TradeStateConflict as exc:
+                # Paid between our query and our close.
+                raise Unavailable(f"closing trade {order.id}: {exc}; checking again") from exc
+            record(deps, order.id, EventType.TRADE_CLOSED, tradeNo=trade.trade_no)
+    except PaymentUnavailable as exc:
+        raise Unavailable(f"payment provider unreachable for {order.id}: {exc}") from exc
+    except PaymentRefused as exc:
+        # A refusal we do not act on (no permission, a bad app): never close blind.
+        raise Unavailable(f"payment provider refused to answer for {order.id}: "
+                          f"{exc.reason or exc}") from exc
     if deps.store.close_order(order, now=deps.clock()):
         log.info("order %s closed, stock returned", order.id, extra={"orderId": order.id})
+        record(deps, order.id, EventType.CLOSED, stockReturned=order.total_num)
         return CLOSED
     current = deps.store.get_order(order.id)
     return current.status if current else None
 
 
+def _trade_detail(trade: Trade | None) -> dict[str, Any]:
+    if trade is None:
+        return {"trade": None}
+    return {"trade": trade.state.value, "tradeNo": trade.trade_no,
+            "amount": money_str(trade.amount_fen)}
+
+
 def sweep(deps: Deps, limit: int = 500) -> dict[str, int]:
-    """Finds UNPAID orders past their check time (a lost delay message) and checks them."""
-    due = deps.store.unpaid_due(deps.clock(), limit=limit)
-    result = {"due": len(due), "settled": 0, "failed": 0}
+    """Finds UNPAID orders past their check time (a lost delay message), closed
+    orders whose payment link has expired (money may have come through it), and
+    refunds whose outcome is still unknown, and settles each. One order that fails
+    never stops the rest."""
+    now = deps.clock()
+    due = deps.store.unpaid_due(now, limit=limit)
+    result = {"due": len(due), "settled": 0, "failed": 0, "rechecked": 0, "refunds": 0}
     for order_id in due:
         try:
             on_check(deps, {"orderId": order_id})
             result["settled"] += 1
-        except (Unavailable, Unprocessable) as exc:
+        except Exception as exc:  # noqa: BLE001 - the next round tries this one again
             result["failed"] += 1
             log.warning("sweep of %s failed: %s", order_id, exc, extra={"orderId": order_id})
+    for order_id in deps.store.recheck_due(now, limit=limit):
+        try:
+            recheck_closed(deps, order_id)
+            result["rechecked"] += 1
+        except Exception as exc:  # noqa: BLE001
+            result["failed"] += 1
+            log.warning("recheck of %s failed: %s", order_id, exc, extra={"orderId": order_id})
+    from chalicelib import refunds  # refunds builds on this module
+
+    for refund in deps.store.open_refunds():
+        if refund.status != RefundStatus.PENDING:
+            continue
+        try:
+            refunds.resolve_refund(deps, {"refundId": refund.id})
+            result["refunds"] += 1
+        except Exception as exc:  # noqa: BLE001
+            result["failed"] += 1
+            log.warning("refund %s not settled: %s", refund.id, exc,
+                        extra={"orderId": refund.order_id})
     return result
+
+
+def recheck_closed(deps: Deps, order_id: str) -> OrderStatus | None:
+    """A closed order's payment link has expired: ask once more whether money came
+    through it (a payment whose notify was lost). Paid: it is refunded."""
+    order = deps.store.get_order(order_id)
+    if order is None:
+        deps.store.clear_recheck(order_id)
+        return None
+    if order.status == CLOSED:
+        if deps.gateway is None:
+            raise Unavailable("payment is not configured: the recheck waits")
+        try:
+            trade = deps.gateway.query_trade(order.id)
+        except PaymentUnavailable as exc:
+            raise Unavailable(f"payment provider unreachable for {order.id}: {exc}") from exc
+        record(deps, order.id, EventType.QUERY, recheck=True, **_trade_detail(trade))
+        if trade is not None and trade.paid:
+            _refund_late_payment(deps, order, trade.trade_no or "")
+            order = deps.store.get_order(order_id) or order
+    deps.store.clear_recheck(order_id)
+    return order.status
 
 
 # --- the payment --------------------------------------------------------------
@@ -292,21 +374,28 @@ def start_payment(deps: Deps, username: str, order_id: str) -> dict[str, Any]:
     url = deps.gateway.page_pay_url(
         order.id, from_fen(order.total_fen), order.subject, order.expire_time
     )
+    record(deps, order.id, EventType.PAYMENT_LINK, expireTime=iso(order.expire_time),
+           amount=money_str(order.total_fen))
     return {"orderId": order.id, "payUrl": url}
 
 
 def on_notify(deps: Deps, params: Mapping[str, str]) -> bool:
     """The payment provider's async notify. True means answer `success`.
 
-    Only verifies and publishes: the order changes in on_paid, after the broker
-    confirmed the message. A notify that fails a check changes nothing.
+    Only verifies and publishes: the order changes in on_paid (a refund in
+    refunds.resolve_refund), after the broker confirmed the message. A notify that
+    fails a check changes nothing; each is kept on its order's timeline.
     """
     gateway = deps.gateway
     ctx = {"orderId": params.get("out_trade_no"), "tradeNo": params.get("trade_no"),
            "notifyId": params.get("notify_id")}
+    received = clip({k: v for k, v in params.items() if k != "sign"})
 
-    def refuse(why: str) -> bool:
+    def refuse(why: str, order: Order | None = None) -> bool:
         log.warning("notify refused: %s", why, extra=ctx)
+        if order is not None:
+            record(deps, order.id, EventType.NOTIFY, verified=False, reason=why,
+                   fields=received)
         return False
 
     if gateway is None:
@@ -314,7 +403,7 @@ def on_notify(deps: Deps, params: Mapping[str, str]) -> bool:
     try:
         notice = gateway.read_notice(params)
     except NoticeRefused as exc:
-        return refuse(exc.reason)
+        return refuse(exc.reason, _known_order(deps, params.get("out_trade_no")))
     order_id = notice.order_id
     if not domain.ORDER_ID_RE.fullmatch(order_id):
         return refuse("out_trade_no is not one of ours")
@@ -323,7 +412,11 @@ def on_notify(deps: Deps, params: Mapping[str, str]) -> bool:
         return refuse("unknown order")
     fen = notice.amount_fen
     if fen is None or fen != order.total_fen:
-        return refuse(f"total_amount differs from the order's {money_str(order.total_fen)}")
+        return refuse(f"total_amount differs from the order's {money_str(order.total_fen)}",
+                      order)
+    if notice.kind == NoticeKind.REFUND:
+        return _on_refund_notice(deps, order, notice, received, ctx)
+    record(deps, order.id, EventType.NOTIFY, verified=True, fields=received)
     if notice.state not in PAID_STATES:
         log.info("notify with trade state %s: nothing to do", notice.state, extra=ctx)
         return True
@@ -341,6 +434,33 @@ def on_notify(deps: Deps, params: Mapping[str, str]) -> bool:
                     extra=ctx)
         return False
     log.info("notify verified and published for order %s", order_id, extra=ctx)
+    return True
+
+
+def _known_order(deps: Deps, order_id: str | None) -> Order | None:
+    """The order a refused notify names, if it is one (to keep the refusal on its
+    timeline); None for anything else, without a read for what cannot be an id."""
+    if not isinstance(order_id, str) or not domain.ORDER_ID_RE.fullmatch(order_id):
+        return None
+    return deps.store.get_order(order_id)
+
+
+def _on_refund_notice(deps: Deps, order: Order, notice: PaymentNotice,
+                      received: dict[str, Any], ctx: dict[str, Any]) -> bool:
+    """A refund was made: never a payment. A pending refund it names is settled by
+    the worker, which asks the provider (the notice only says when to ask)."""
+    record(deps, order.id, EventType.NOTIFY, verified=True, refund=True, fields=received)
+    refund_id = notice.refund_id
+    if not refund_id:
+        return True
+    refund = deps.store.get_refund(refund_id)
+    if refund is None or refund.order_id != order.id or refund.status != RefundStatus.PENDING:
+        return True  # not ours, or settled already
+    try:
+        deps.broker.publish_refund(refund_id)
+    except Unavailable as exc:
+        log.warning("refund notify not published, answering failure: %s", exc, extra=ctx)
+        return False
     return True
 
 
@@ -367,6 +487,7 @@ def on_paid(deps: Deps, msg: Mapping[str, Any]) -> OrderStatus:
                             notify_id=notify_id, now=deps.clock()):
         log.info("order %s PAID", order_id,
                  extra={"orderId": order_id, "tradeNo": trade_no, "notifyId": notify_id})
+        record(deps, order_id, EventType.PAID, tradeNo=trade_no, amount=money_str(fen))
         return PAID
     order = deps.store.get_order(order_id)
     if order is None:
@@ -387,6 +508,7 @@ def _apply_payment(
         if deps.store.mark_paid(order.id, total_fen=fen, trade_no=trade_no, pay_time=pay_time,
                                 notify_id=notify_id, now=deps.clock()):
             log.info("order %s PAID", order.id, extra=ctx)
+            record(deps, order.id, EventType.PAID, tradeNo=trade_no, amount=money_str(fen))
             return PAID
         current = deps.store.get_order(order.id)  # lost a race: see who won
         if current is None:
@@ -405,20 +527,17 @@ def _apply_payment(
 
 
 def _refund_late_payment(deps: Deps, order: Order, trade_no: str) -> OrderStatus:
-    """Money for a CLOSED order: send it back, with a request number derived from
-    the order so that a retry is the same refund, then mark REFUNDED."""
-    if deps.gateway is None:
-        raise Unavailable(f"order {order.id} needs a refund and payment is not configured")
-    request_no = domain.refund_request_no(order.id)
-    try:
-        deps.gateway.refund_payment(order.id, from_fen(order.total_fen), request_no)
-    except PaymentError as exc:
-        raise Unavailable(f"refund of {order.id} failed: {exc}") from exc
-    deps.store.mark_refunded(order.id, trade_no=trade_no, refund_request_no=request_no,
-                             now=deps.clock())
-    log.info("order %s paid after it closed: refunded", order.id,
-             extra={"orderId": order.id, "tradeNo": trade_no})
-    return REFUNDED
+    """Money for a CLOSED order: it goes back through the refund machinery (operator
+    "system", request number REFUND_<orderId>, so a retry is the same refund). Until
+    it has, the order is in front of a person (paid but closed)."""
+    from chalicelib import refunds  # refunds builds on this module
+
+    deps.store.mark_paid_but_closed(order.id, trade_no=trade_no, now=deps.clock())
+    refund = refunds.refund_late_payment(deps, order, trade_no)
+    log.info("order %s paid after it closed: refund %s %s", order.id, refund.id,
+             refund.status.value, extra={"orderId": order.id, "tradeNo": trade_no})
+    current = deps.store.get_order(order.id)
+    return current.status if current else order.status
 
 
 _RETURN_LABELS = {

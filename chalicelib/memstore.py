@@ -7,8 +7,9 @@ reference and this one follows it:
 
 - every operation holds one lock, so a condition and its write are atomic, and
   a "transaction" (create_order, close_order, claim_ticket, drop_ticket,
-  create_seckill_order, finish_ticket) checks every condition before it writes
-  anything: a failed condition writes nothing;
+  create_seckill_order, finish_ticket, reserve_refund, settle_refund,
+  retry_refund) checks every condition before it writes anything: a failed
+  condition writes nothing;
 - when several conditions of a transaction fail, the error is the one the
   DynamoDB store reports (it reads the first failed condition in the order
   pynamodb sends the items: deletes, puts, updates);
@@ -18,8 +19,19 @@ reference and this one follows it:
   (`chalicelib.domain.iso`), so a datetime comes back truncated to the millisecond, and
   "due" and "newest" compare those strings;
 - an order keeps what the DynamoDB item keeps: create_order stores a new order's
-  fields (not its payment fields, not `extra`); mark_paid, close_order and
-  mark_refunded add theirs;
+  fields (not its payment fields, refund sums, link expiry or `extra`; absent
+  sums read 0, as on an older item); mark_paid, close_order,
+  mark_paid_but_closed and the refund writes add theirs, and the sparse index
+  flags (unpaid, recheck, paid_but_closed, a refund's "open") are kept as the
+  item keeps them;
+- the lists read from an index come in that index's order (range key, then id
+  where DynamoDB leaves ties unordered); a timeline's events of one millisecond
+  come in the order appended (DynamoDB: in any order);
+- search_orders pages with a cursor of its own (opaque, as the DynamoDB store's:
+  the two are not interchangeable), newest first by create time, then id;
+- where the DynamoDB store turns a failed condition or a refused request into
+  Unavailable, so does this one: clear_recheck of an unknown order,
+  order_by_trade of an empty trade number;
 - what a method returns is a copy (or an immutable value): changing it, or the
   order passed in, does not change the store.
 
@@ -30,7 +42,10 @@ come after the write was applied; that case is not simulated.)
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
+import json
 import threading
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import replace
@@ -47,16 +62,21 @@ from chalicelib.domain import (
     UNPAID,
     CartLine,
     Conflict,
+    EventType,
     Goods,
+    Invalid,
     Line,
     Order,
     OrderStatus,
     OutOfStock,
     PriceChanged,
+    Refund,
+    RefundStatus,
     Sale,
     SeckillOutcome,
     Ticket,
     TicketStatus,
+    TimelineEvent,
     Unavailable,
     iso,
     parse_iso,
@@ -92,7 +112,8 @@ def _ms(ts: datetime) -> datetime:
 
 
 class InMemoryStore:
-    """Goods, carts, orders and flash sales in dicts, with Store's conditions."""
+    """Goods, carts, orders, flash sales, refunds and timelines in dicts, with
+    Store's conditions."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -103,6 +124,9 @@ class InMemoryStore:
         self._tickets: dict[str, Ticket] = {}
         self._claims: dict[tuple[str, str], str] = {}  # (sale, user) -> ticket id
         self._bought: dict[tuple[str, str], str] = {}  # (sale, user) -> order id
+        self._refunds: dict[str, dict[str, Any]] = {}  # the DynamoDB item's fields
+        self._refund_keys: dict[str, str] = {}  # IDEM#<order>#<key> -> refund id
+        self._timeline: dict[str, list[tuple[str, str, str]]] = {}  # (time, type, JSON)
         self._failures = 0
         self._failing_ops: frozenset[str] | None = None
 
@@ -263,7 +287,9 @@ class InMemoryStore:
     def close_order(self, order: Order, *, now: datetime) -> bool:
         """UNPAID -> CLOSED and the stock back (to the sale for a flash-sale order),
         all or nothing. False when not UNPAID. The stock given back is that of the
-        order passed in, as in the DynamoDB store."""
+        order passed in, as in the DynamoDB store. Closed before the expire time of
+        the order passed in, it is marked for a recheck once that time has come
+        (`link_expire_time`, `recheck_due`)."""
         if order.sale_id:
             _transaction([("orders", order.id)] + [("sales", order.sale_id)] * len(order.lines))
         else:
@@ -275,6 +301,8 @@ class InMemoryStore:
         stamp = _iso(now)
         rec.update(status=CLOSED, close_time=stamp, end_time=stamp, update_time=stamp,
                    unpaid=None)
+        if now < order.expire_time:  # closed before its payment link expires
+            rec.update(recheck="1", link_expire_time=_iso(order.expire_time))
         # DynamoDB's unconditional `ADD stock` on a goods or sale that is not there
         # would create an item of key and stock alone; nothing here deletes goods or
         # sales, so that is left out.
@@ -290,18 +318,6 @@ class InMemoryStore:
         return True
 
     @_operation
-    def mark_refunded(
-        self, order_id: str, *, trade_no: str, refund_request_no: str, now: datetime
-    ) -> bool:
-        """CLOSED -> REFUNDED once the money went back. False when not CLOSED."""
-        rec = self._orders.get(order_id)
-        if rec is None or rec["status"] != CLOSED:
-            return False
-        rec.update(status=REFUNDED, transaction_id=trade_no,
-                   refund_request_no=refund_request_no, update_time=_iso(now))
-        return True
-
-    @_operation
     def unpaid_due(self, now: datetime, limit: int = 500) -> list[str]:
         """Ids of UNPAID orders whose check time has passed (to the millisecond),
         oldest check time first."""
@@ -309,6 +325,75 @@ class InMemoryStore:
         due = [r for r in self._orders.values() if r["unpaid"] and r["check_time"] <= until]
         due.sort(key=lambda r: r["check_time"])
         return [r["id"] for r in due[:max(limit, 0)]]
+
+    @_operation
+    def recheck_due(self, now: datetime, limit: int = 500) -> list[str]:
+        """Ids of orders still marked for a recheck whose link expired by `now` (to
+        the millisecond), oldest link_expire_time first."""
+        until = _iso(now)
+        due = [r for r in self._orders.values()
+               if r["recheck"] and r["link_expire_time"] <= until]
+        due.sort(key=lambda r: (r["link_expire_time"], r["id"]))
+        return [r["id"] for r in due[:max(limit, 0)]]
+
+    @_operation
+    def clear_recheck(self, order_id: str) -> None:
+        """The recheck marker off (the order and its link_expire_time stay). An
+        unknown order: Unavailable, as the DynamoDB store's failed `exists`
+        condition is."""
+        rec = self._orders.get(order_id)
+        if rec is None:
+            raise Unavailable("dynamodb is not answering (in-memory store: clear_recheck "
+                              f"of unknown order {order_id})")
+        rec["recheck"] = None
+
+    @_operation
+    def mark_paid_but_closed(self, order_id: str, *, trade_no: str, now: datetime) -> None:
+        """A CLOSED order the provider holds money for: listed by paid_but_closed, its
+        transaction_id the trade. Nothing happens to an order that is not CLOSED."""
+        rec = self._orders.get(order_id)
+        if rec is None or rec["status"] != CLOSED:
+            return
+        rec.update(paid_but_closed="1", transaction_id=trade_no, update_time=_iso(now))
+
+    @_operation
+    def paid_but_closed(self, limit: int = 100) -> list[str]:
+        """Ids of the orders so marked, oldest update_time first."""
+        marked = [r for r in self._orders.values() if r["paid_but_closed"]]
+        marked.sort(key=lambda r: (r["update_time"], r["id"]))
+        return [r["id"] for r in marked[:max(limit, 0)]]
+
+    @_operation
+    def order_by_trade(self, trade_no: str) -> Order | None:
+        """An order whose transaction_id is `trade_no` (one of them, should several
+        share it), or None."""
+        if not trade_no:
+            raise Unavailable("dynamodb is not answering (in-memory store: DynamoDB "
+                              "refuses an empty key)")
+        found = sorted(k for k, r in self._orders.items() if r["transaction_id"] == trade_no)
+        return _order(self._orders[found[0]]) if found else None
+
+    @_operation
+    def search_orders(self, *, status: str | None, start: datetime | None,
+                      end: datetime | None, limit: int, cursor: str | None,
+                      ) -> tuple[list[Order], str | None]:
+        """Orders newest first (create time, then id), of `status` (every status when
+        None) created within [start, end] (to the millisecond), `limit` at a time.
+        The second value is the cursor of the next page, None when nothing is left.
+        Invalid when `cursor` is not one this store gave."""
+        after = _decode_cursor(cursor)
+        low, high = iso(start), iso(end)
+        found = [r for r in self._orders.values()
+                 if (not status or r["status"] == status)
+                 and (low is None or r["create_time"] >= low)
+                 and (high is None or r["create_time"] <= high)
+                 and (after is None or (r["create_time"], r["id"]) < after)]
+        found.sort(key=lambda r: (r["create_time"], r["id"]), reverse=True)
+        page = found[:max(limit, 0)]
+        nxt = None
+        if page and len(found) > len(page):
+            nxt = _encode_cursor(page[-1]["create_time"], page[-1]["id"])
+        return [_order(r) for r in page], nxt
 
     # --- flash sales ----------------------------------------------------------
 
@@ -400,6 +485,189 @@ class InMemoryStore:
                                            update_time=_ms(now))
         return True
 
+    # --- refunds (the rule: chalicelib/store/refunds.py) -------------------------
+
+    @_operation
+    def reserve_refund(self, refund: Refund, order: Order, *,
+                       expect_status: OrderStatus) -> bool:
+        """The refund (as given) and the order's reservation, both or neither:
+        pending := refund, reserved += amount, count += 1, update_time := the
+        refund's create time. False when the order is not `expect_status`, has a
+        pending refund, or its reserved sum or refund count is not `order`'s; when
+        the refund id exists; when the refund's idempotency key was used on this
+        order."""
+        key = _idempotency_id(order.id, refund.idempotency_key)
+        _transaction([("refunds", refund.id)] + ([("refunds", key)] if key else [])
+                     + [("orders", order.id)])
+        rec = self._orders.get(order.id)
+        if (rec is None or rec["status"] != expect_status.value or rec["pending_refund_id"]
+                or rec["refund_reserved_fen"] != order.refund_reserved_fen
+                or rec["refund_count"] != order.refund_count
+                or refund.id in self._refunds or (key and key in self._refund_keys)):
+            return False
+        self._refunds[refund.id] = _refund_record(refund)
+        if key:
+            self._refund_keys[key] = refund.id
+        rec.update(pending_refund_id=refund.id,
+                   refund_reserved_fen=order.refund_reserved_fen + refund.amount_fen,
+                   refund_count=order.refund_count + 1,
+                   update_time=_iso(refund.create_time))
+        return True
+
+    @_operation
+    def settle_refund(self, refund: Refund, order: Order, *, status: RefundStatus,
+                      now: datetime, failure_code: str | None = None,
+                      failure_message: str | None = None,
+                      trade_no: str | None = None) -> bool:
+        """PENDING -> SUCCEEDED (refunded += amount; REFUNDED when it reaches the
+        total, with `trade_no` as transaction_id and the refund as
+        refund_request_no when given, paid_but_closed and recheck off) or FAILED
+        (reserved -= amount; code "UNKNOWN" and message "" when not given, the
+        message cut to 500 characters). Sums from `order`, which must be the
+        order as it is: False, and nothing written, when the refund is not
+        PENDING, is not the order's pending one, or refunded_fen changed."""
+        _transaction([("refunds", refund.id), ("orders", order.id)])
+        held = self._refunds.get(refund.id)
+        rec = self._orders.get(order.id)
+        if (held is None or held["status"] != RefundStatus.PENDING or rec is None
+                or rec["pending_refund_id"] != refund.id
+                or rec["refunded_fen"] != order.refunded_fen):
+            return False
+        stamp = _iso(now)
+        if status == RefundStatus.SUCCEEDED:
+            held.update(status=status, finish_time=stamp, open=False, failure_code=None,
+                        failure_message=None)
+            refunded = order.refunded_fen + refund.amount_fen
+            rec.update(refunded_fen=refunded)
+            if refunded >= order.total_fen:
+                rec.update(status=REFUNDED, paid_but_closed=None, recheck=None,
+                           end_time=stamp)
+                if trade_no:
+                    rec.update(transaction_id=trade_no, refund_request_no=refund.id)
+        else:
+            held.update(status=RefundStatus(status), finish_time=stamp, open=True,
+                        failure_code=failure_code or "UNKNOWN",
+                        failure_message=(failure_message or "")[:500])
+            rec.update(refund_reserved_fen=order.refund_reserved_fen - refund.amount_fen)
+        rec.update(pending_refund_id=None, update_time=stamp)
+        return True
+
+    @_operation
+    def retry_refund(self, refund: Refund, order: Order, *, now: datetime) -> bool:
+        """FAILED -> PENDING (failure and finish time cleared, create time := now)
+        with the order's reservation (pending := refund, reserved += amount; the
+        count stays). False, and nothing written, when the refund is not FAILED, or
+        the order's status or reserved sum is not `order`'s, or a refund is
+        pending."""
+        _transaction([("refunds", refund.id), ("orders", order.id)])
+        held = self._refunds.get(refund.id)
+        rec = self._orders.get(order.id)
+        if (held is None or held["status"] != RefundStatus.FAILED or rec is None
+                or rec["status"] != order.status.value or rec["pending_refund_id"]
+                or rec["refund_reserved_fen"] != order.refund_reserved_fen):
+            return False
+        stamp = _iso(now)
+        held.update(status=RefundStatus.PENDING, finish_time=None, failure_code=None,
+                    failure_message=None, open=True, create_time=stamp)
+        rec.update(pending_refund_id=refund.id,
+                   refund_reserved_fen=order.refund_reserved_fen + refund.amount_fen,
+                   update_time=stamp)
+        return True
+
+    @_operation
+    def get_refund(self, refund_id: str) -> Refund | None:
+        held = self._refunds.get(refund_id)
+        return _refund(held) if held is not None else None
+
+    @_operation
+    def refund_for_key(self, order_id: str, key: str) -> Refund | None:
+        """The refund an idempotency key made on this order, if any."""
+        refund_id = self._refund_keys.get(_idempotency_id(order_id, key) or "")
+        held = self._refunds.get(refund_id) if refund_id else None
+        return _refund(held) if held is not None else None
+
+    @_operation
+    def refunds_of(self, order_id: str) -> list[Refund]:
+        """The order's refunds, oldest create time first."""
+        mine = [r for r in self._refunds.values() if r["order_id"] == order_id]
+        mine.sort(key=lambda r: (r["create_time"], r["id"]))
+        return [_refund(r) for r in mine]
+
+    @_operation
+    def open_refunds(self, limit: int = 200) -> list[Refund]:
+        """PENDING and FAILED refunds, oldest create time first."""
+        due = [r for r in self._refunds.values() if r["open"]]
+        due.sort(key=lambda r: (r["create_time"], r["id"]))
+        return [_refund(r) for r in due[:max(limit, 0)]]
+
+    # --- the timeline ---------------------------------------------------------------
+
+    @_operation
+    def append_event(self, event: TimelineEvent) -> None:
+        """Kept as the DynamoDB item keeps it: the time to the millisecond, the detail
+        as JSON (what JSON cannot hold as it is becomes its str)."""
+        self._timeline.setdefault(event.order_id, []).append(
+            (_iso(event.time), event.type.value,
+             json.dumps(event.detail, ensure_ascii=False, default=str)))
+
+    @_operation
+    def timeline(self, order_id: str, limit: int = 1000) -> list[TimelineEvent]:
+        """The order's first `limit` events in time order."""
+        events = sorted(self._timeline.get(order_id, []), key=lambda e: e[0])
+        return [TimelineEvent(order_id, parse_iso(t), EventType(kind), json.loads(detail))
+                for t, kind, detail in events[:max(limit, 0)]]
+
+
+def _idempotency_id(order_id: str, key: str | None) -> str | None:
+    """The DynamoDB store's marker of an idempotency key, per order."""
+    return f"IDEM#{order_id}#{key}" if key else None
+
+
+def _encode_cursor(create_time: str, order_id: str) -> str:
+    raw = json.dumps({"at": create_time, "id": order_id}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str | None) -> tuple[str, str] | None:
+    """The (create_time, id) a page ended with; Invalid when it is not one of ours."""
+    if not cursor:
+        return None
+    try:
+        position = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (ValueError, binascii.Error) as exc:
+        raise Invalid("cursor is not one this API gave") from exc
+    if (not isinstance(position, dict) or not isinstance(position.get("at"), str)
+            or not isinstance(position.get("id"), str)):
+        raise Invalid("cursor is not one this API gave")
+    return position["at"], position["id"]
+
+
+def _refund_record(r: Refund) -> dict[str, Any]:
+    """What the DynamoDB store's put of a refund keeps (`model_from_refund`)."""
+    return {
+        "id": r.id,
+        "order_id": r.order_id,
+        "amount_fen": int(r.amount_fen),
+        "reason": r.reason,
+        "status": RefundStatus(r.status),
+        "operator": r.operator,
+        "create_time": _iso(r.create_time),
+        "finish_time": iso(r.finish_time),
+        "failure_code": r.failure_code,
+        "failure_message": r.failure_message,
+        "idempotency_key": r.idempotency_key,
+        "open": r.status != RefundStatus.SUCCEEDED,
+    }
+
+
+def _refund(r: Mapping[str, Any]) -> Refund:
+    return Refund(
+        id=r["id"], order_id=r["order_id"], amount_fen=r["amount_fen"], reason=r["reason"],
+        status=r["status"], operator=r["operator"], create_time=parse_iso(r["create_time"]),
+        finish_time=parse_iso(r["finish_time"]) if r["finish_time"] else None,
+        failure_code=r["failure_code"], failure_message=r["failure_message"],
+        idempotency_key=r["idempotency_key"])
+
 
 def _transaction(items: list[tuple[str, ...]]) -> None:
     """What DynamoDB refuses before it looks at any condition."""
@@ -433,6 +701,14 @@ def _record(o: Order) -> dict[str, Any]:
         "refund_request_no": None,
         "unpaid": "1" if o.status == UNPAID else None,
         "sale_id": o.sale_id,
+        # absent on a new item; read as 0 / None
+        "refunded_fen": 0,
+        "refund_reserved_fen": 0,
+        "pending_refund_id": None,
+        "refund_count": 0,
+        "link_expire_time": None,
+        "recheck": None,
+        "paid_but_closed": None,
     }
 
 
@@ -458,6 +734,11 @@ def _order(r: Mapping[str, Any]) -> Order:
         transaction_id=r["transaction_id"],
         refund_request_no=r["refund_request_no"],
         sale_id=r["sale_id"],
+        refunded_fen=r["refunded_fen"],
+        refund_reserved_fen=r["refund_reserved_fen"],
+        pending_refund_id=r["pending_refund_id"],
+        refund_count=r["refund_count"],
+        link_expire_time=opt(r["link_expire_time"]),
     )
 
 

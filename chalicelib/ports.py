@@ -16,7 +16,18 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, Protocol
 
-from chalicelib.domain import CartLine, Goods, Order, Sale, SeckillOutcome, Ticket
+from chalicelib.domain import (
+    CartLine,
+    Goods,
+    Order,
+    OrderStatus,
+    Refund,
+    RefundStatus,
+    Sale,
+    SeckillOutcome,
+    Ticket,
+    TimelineEvent,
+)
 
 # --- payments -------------------------------------------------------------------
 
@@ -46,10 +57,17 @@ class Trade:
         return self.state in PAID_STATES
 
 
+class NoticeKind(enum.StrEnum):
+    PAYMENT = "PAYMENT"  # the trade's state changed (paid, finished, closed)
+    REFUND = "REFUND"  # a refund of the trade was made (never a payment)
+
+
 @dataclass(frozen=True)
 class PaymentNotice:
     """A provider's notification whose signature and merchant ids were verified.
-    `amount_fen` is None when the amount was not a well-formed amount."""
+    `amount_fen` is None when the amount was not a well-formed amount. A REFUND
+    notice names the refund (`refund_id`, our request number) and the trade's
+    total refunded so far (`refunded_fen`)."""
 
     order_id: str
     trade_no: str
@@ -57,6 +75,11 @@ class PaymentNotice:
     amount_fen: int | None
     paid_at: datetime | None
     notice_id: str | None
+    kind: NoticeKind = NoticeKind.PAYMENT
+    refund_id: str | None = None
+    refunded_fen: int | None = None
+    refunded_at: datetime | None = None
+    fields: Mapping[str, str] | None = None  # as received, for the order's timeline
 
 
 @dataclass(frozen=True)
@@ -65,6 +88,11 @@ class RefundOutcome:
     trade_no: str
     refunded_fen: int  # the trade's total refunded so far
     moved: bool  # False: a repeated request, the money moved before
+
+
+class RefundState(enum.StrEnum):
+    SUCCEEDED = "SUCCEEDED"  # the provider made it
+    NOT_MADE = "NOT_MADE"  # the provider has no such refund: it may be asked again
 
 
 class PaymentError(Exception):
@@ -77,9 +105,11 @@ class PaymentUnavailable(PaymentError):
 
 
 class PaymentRefused(PaymentError):
-    """The provider answered, signed, and refused (`code` is its reason)."""
+    """The provider answered, signed, and refused. `reason` is its code for why
+    (e.g. "ACQ.SELLER_BALANCE_NOT_ENOUGH"), `detail` its words."""
 
-    code: str | None = None
+    reason: str = ""
+    detail: str = ""
 
 
 class TradeNotFound(PaymentRefused):
@@ -120,7 +150,15 @@ class PaymentGateway(Protocol):
         ...
 
     def refund_payment(self, order_id: str, amount: Decimal,
-                       request_no: str) -> RefundOutcome: ...
+                       request_no: str) -> RefundOutcome:
+        """Refund `amount` of the order's payment under our `request_no`; the same
+        request_no again never refunds twice. PaymentRefused: refused (nothing
+        moved); PaymentUnavailable: the outcome is unknown (ask query_refund)."""
+        ...
+
+    def query_refund(self, order_id: str, request_no: str) -> RefundState:
+        """Whether the refund `request_no` was made; PaymentUnavailable when unknown."""
+        ...
 
 
 # --- messages -------------------------------------------------------------------
@@ -133,7 +171,13 @@ class Publisher(Protocol):
 
     def publish_seckill(self, msg: Mapping[str, Any]) -> None: ...
 
+    def publish_refund(self, refund_id: str) -> None: ...
+
     def queue_depth(self, queue: str) -> int: ...
+
+    def parked_counts(self) -> dict[str, int]:
+        """Messages waiting for a person, per parked queue."""
+        ...
 
     def ping(self) -> None: ...
 
@@ -170,10 +214,45 @@ class OrderPort(Protocol):
 
     def close_order(self, order: Order, *, now: datetime) -> bool: ...
 
-    def mark_refunded(self, order_id: str, *, trade_no: str, refund_request_no: str,
-                      now: datetime) -> bool: ...
-
     def unpaid_due(self, now: datetime, limit: int = 500) -> list[str]: ...
+
+    def recheck_due(self, now: datetime, limit: int = 500) -> list[str]: ...
+
+    def clear_recheck(self, order_id: str) -> None: ...
+
+    def mark_paid_but_closed(self, order_id: str, *, trade_no: str, now: datetime) -> None: ...
+
+    def paid_but_closed(self, limit: int = 100) -> list[str]: ...
+
+    def order_by_trade(self, trade_no: str) -> Order | None: ...
+
+    def search_orders(self, *, status: str | None, start: datetime | None,
+                      end: datetime | None, limit: int, cursor: str | None,
+                      ) -> tuple[list[Order], str | None]: ...
+
+
+class RefundPort(Protocol):
+    def reserve_refund(self, refund: Refund, order: Order, *,
+                       expect_status: OrderStatus) -> bool: ...
+
+    def settle_refund(self, refund: Refund, order: Order, *, status: RefundStatus,
+                      now: datetime, failure_code: str | None = None,
+                      failure_message: str | None = None,
+                      trade_no: str | None = None) -> bool: ...
+
+    def retry_refund(self, refund: Refund, order: Order, *, now: datetime) -> bool: ...
+
+    def get_refund(self, refund_id: str) -> Refund | None: ...
+
+    def refund_for_key(self, order_id: str, key: str) -> Refund | None: ...
+
+    def refunds_of(self, order_id: str) -> list[Refund]: ...
+
+    def open_refunds(self, limit: int = 200) -> list[Refund]: ...
+
+    def append_event(self, event: TimelineEvent) -> None: ...
+
+    def timeline(self, order_id: str, limit: int = 1000) -> list[TimelineEvent]: ...
 
 
 class SalesPort(Protocol):
@@ -193,7 +272,7 @@ class SalesPort(Protocol):
                       now: datetime) -> bool: ...
 
 
-class StorePort(CatalogPort, OrderPort, SalesPort, Protocol):
+class StorePort(CatalogPort, OrderPort, SalesPort, RefundPort, Protocol):
     """Everything the handlers keep: the DynamoDB store and the in-memory one."""
 
     def warm(self) -> None: ...

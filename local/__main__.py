@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     token = sub.add_parser("token", help="print a token for the local stage")
     token.add_argument("username")
     token.add_argument("--ttl", type=int, default=12 * 3600)
+    token.add_argument("--operator", action="store_true",
+                       help="with the operator role (the /admin API and page)")
     ddb = sub.add_parser("dynamodb", help="moto's DynamoDB server, requests one at a time")
     ddb.add_argument("--host", default="127.0.0.1")
     ddb.add_argument("--port", type=int, default=int(os.environ.get("DYNAMODB_PORT", "8002")))
@@ -76,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "token":
         from chalicelib import auth, config
 
-        print(auth.issue(config.get().jwt_secret, args.username, args.ttl))
+        print(auth.issue(config.get().jwt_secret, args.username, args.ttl,
+                         role=auth.OPERATOR if args.operator else None))
         return 0
     if args.command == "bridge":
         from chalicelib.worker.__main__ import main as worker_main

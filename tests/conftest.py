@@ -9,6 +9,7 @@ import socket
 import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -62,6 +63,7 @@ class FakePublisher:
         self.checks: list[str] = []
         self.pays: list[dict[str, Any]] = []
         self.seckills: list[dict[str, Any]] = []
+        self.refunds: list[str] = []
         self.depths: dict[str, int] = {}  # what queue_depth answers (0 when not set)
         self.depth_reads = 0
         self.down = False
@@ -81,15 +83,81 @@ class FakePublisher:
             raise Unavailable("broker down (fake)")
         self.seckills.append(dict(msg))
 
+    def publish_refund(self, refund_id: str) -> None:
+        if self.down:
+            raise Unavailable("broker down (fake)")
+        self.refunds.append(refund_id)
+
     def queue_depth(self, queue: str) -> int:
         if self.down:
             raise Unavailable("broker down (fake)")
         self.depth_reads += 1
         return self.depths.get(queue, 0)
 
+    def parked_counts(self) -> dict[str, int]:
+        if self.down:
+            raise Unavailable("broker down (fake)")
+        return {q: n for q, n in self.depths.items() if q.endswith(".parked")}
+
     def ping(self) -> None:
         if self.down:
             raise Unavailable("broker down (fake)")
+
+
+class FakeGateway:
+    """The payment port with no trade at the provider unless a test adds one
+    (`trades[order_id] = Trade(...)`); refunds are recorded and succeed unless
+    `refund_error` is set (raised once per call)."""
+
+    app_id = "app"
+    seller_id = "seller"
+
+    def __init__(self) -> None:
+        self.trades: dict[str, Any] = {}
+        self.closed: list[str] = []
+        self.refunds: list[tuple[str, Decimal, str]] = []
+        self.refund_error: Exception | None = None
+        self.refund_states: dict[str, Any] = {}  # request_no -> RefundState (query_refund)
+
+    def page_pay_url(self, order_id: str, amount: Decimal, subject: str, time_expire: Any) -> str:
+        return f"https://fake.invalid/pay?out_trade_no={order_id}&total_amount={amount}"
+
+    def read_notice(self, params: Any) -> Any:
+        from chalicelib.ports import NoticeRefused
+
+        raise NoticeRefused("the fake gateway verifies nothing")
+
+    def read_return(self, params: Any) -> str:
+        from chalicelib.ports import NoticeRefused
+
+        raise NoticeRefused("the fake gateway verifies nothing")
+
+    def query_trade(self, order_id: str) -> Any:
+        return self.trades.get(order_id)
+
+    def close_trade(self, order_id: str) -> None:
+        self.closed.append(order_id)
+
+    def refund_payment(self, order_id: str, amount: Decimal, request_no: str) -> Any:
+        from chalicelib.domain import to_fen
+        from chalicelib.ports import RefundOutcome
+
+        if self.refund_error is not None:
+            raise self.refund_error
+        first = all(req != request_no for _o, _a, req in self.refunds)
+        if first:
+            self.refunds.append((order_id, amount, request_no))
+        total = sum(to_fen(a) for o, a, _r in self.refunds if o == order_id)
+        return RefundOutcome(order_id=order_id, trade_no=f"T-{order_id}", refunded_fen=total,
+                             moved=first)
+
+    def query_refund(self, order_id: str, request_no: str) -> Any:
+        from chalicelib.ports import RefundState
+
+        if request_no in self.refund_states:
+            return self.refund_states[request_no]
+        made = any(req == request_no for _o, _a, req in self.refunds)
+        return RefundState.SUCCEEDED if made else RefundState.NOT_MADE
 
 
 @pytest.fixture(scope="session")
@@ -124,7 +192,8 @@ class Clock:
 
 @pytest.fixture
 def app_deps(tables: Store) -> Iterator[Deps]:
-    d = Deps(settings=config.load(), store=tables, broker=FakePublisher(), clock=Clock())
+    d = Deps(settings=config.load(), store=tables, broker=FakePublisher(), clock=Clock(),
+             gateway=FakeGateway())
     deps.use(d)
     yield d
     deps.use(None)
@@ -140,8 +209,13 @@ def client(app_deps: Deps, tmp_path: Any) -> Any:
         yield c
 
 
-def token(username: str, ttl: int = 3600) -> str:
-    return auth.issue(config.get().jwt_secret, username, ttl)
+def token(username: str, ttl: int = 3600, role: str | None = None) -> str:
+    return auth.issue(config.get().jwt_secret, username, ttl, role=role)
+
+
+def operator_bearer(username: str = "carol") -> dict[str, str]:
+    return {"Authorization": f"Bearer {token(username, role=auth.OPERATOR)}",
+            "Content-Type": "application/json"}
 
 
 def bearer(username: str) -> dict[str, str]:

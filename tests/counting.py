@@ -56,9 +56,15 @@ class CountingStore(Store):
         self._try("CLOSED", order.id)
         return self._count("CLOSED", order.id, super().close_order(order, now=now))
 
-    def mark_refunded(self, order_id: str, **kw: Any) -> bool:
-        self._try("REFUNDED", order_id)
-        return self._count("REFUNDED", order_id, super().mark_refunded(order_id, **kw))
+    def settle_refund(self, refund: Any, order: Any, **kw: Any) -> bool:
+        """REFUNDED is won by the refund whose success brings the order's refunded
+        total to what was paid."""
+        full = (kw.get("status") == "SUCCEEDED"
+                and order.refunded_fen + refund.amount_fen >= order.total_fen)
+        if full:
+            self._try("REFUNDED", order.id)
+        won = super().settle_refund(refund, order, **kw)
+        return self._count("REFUNDED", order.id, won) if full else won
 
 
 def read_transitions(paths: Iterable[Path], *, attempts: bool = False

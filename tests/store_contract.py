@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta, timezone
@@ -30,6 +31,7 @@ from chalicelib.domain import (
     CLOSED,
     PAID,
     REFUNDED,
+    SYSTEM_OPERATOR,
     TICKET_DUPLICATE,
     TICKET_FAILED,
     TICKET_ORDERED,
@@ -38,24 +40,34 @@ from chalicelib.domain import (
     UNPAID,
     CartLine,
     Conflict,
+    EventType,
     Goods,
+    Invalid,
     Line,
     Order,
+    OrderStatus,
     OutOfStock,
     PriceChanged,
+    Refund,
+    RefundStatus,
     Sale,
     Ticket,
+    TimelineEvent,
     Unavailable,
     iso,
     new_order_id,
     new_ticket_id,
     parse_iso,
+    refund_id,
+    refund_request_no,
 )
 
 # Microseconds on purpose: the stores keep milliseconds.
 T0 = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 PAY_TIMEOUT = timedelta(minutes=30)
 CHECK_DELAY = timedelta(minutes=35)
+PENDING, SUCCEEDED, FAILED = RefundStatus.PENDING, RefundStatus.SUCCEEDED, RefundStatus.FAILED
+HOUR = timedelta(hours=1)
 
 
 def ms(ts: datetime) -> datetime:
@@ -100,13 +112,16 @@ def new_order(username: str, lines: list[Line], *, at: datetime = T0,
 
 def as_stored(order: Order) -> Order:
     """What get_order gives back for `order` just created: times to the millisecond,
-    the payment fields and `extra` not kept (a new order has none)."""
+    the payment fields, refund sums, link expiry and `extra` not kept (a new order
+    has none)."""
     return dataclasses.replace(
         order, lines=list(order.lines),
         create_time=ms(order.create_time), update_time=ms(order.update_time),
         expire_time=ms(order.expire_time), check_time=ms(order.check_time),
         pay_time=None, close_time=None, end_time=None, consign_time=None,
-        transaction_id=None, refund_request_no=None, extra={})
+        transaction_id=None, refund_request_no=None, refunded_fen=0,
+        refund_reserved_fen=0, pending_refund_id=None, refund_count=0,
+        link_expire_time=None, extra={})
 
 
 def order_from_cart(store: Any, username: str, *picks: tuple[Goods, int],
@@ -160,6 +175,88 @@ def ticket_of(store: Any, ticket_id: str) -> Ticket:
     return ticket
 
 
+def fresh(store: Any, order_id: str) -> Order:
+    """The order as the store has it now."""
+    order = store.get_order(order_id)
+    assert order is not None
+    return order
+
+
+def paid_order(store: Any, gid: str = "k1", price_fen: int = 1000, *, at: datetime = T0,
+               username: str = "alice") -> Order:
+    """A PAID order of one unit of a goods (put at `price_fen`), as the store has it;
+    its trade number is T-<order id>."""
+    goods = put_goods(store, gid, price_fen, 100)
+    order = new_order(username, [line_of(goods, 1)], at=at)
+    store.create_order(order, None)
+    assert store.mark_paid(order.id, total_fen=price_fen, trade_no=f"T-{order.id}",
+                           pay_time=at, notify_id=None, now=at)
+    return fresh(store, order.id)
+
+
+def new_refund(order: Order, n: int, amount_fen: int, *, at: datetime = T0,
+               key: str | None = None) -> Refund:
+    """The order's n-th refund, PENDING, as an operator asks for it."""
+    return Refund(refund_id(order.id, n), order.id, amount_fen, f"reason {n}", PENDING,
+                  "op1", at, idempotency_key=key)
+
+
+def refund_as_stored(refund: Refund) -> Refund:
+    return dataclasses.replace(
+        refund, create_time=ms(refund.create_time),
+        finish_time=ms(refund.finish_time) if refund.finish_time else None)
+
+
+def reserved(store: Any, order_id: str, amount_fen: int, *, at: datetime = T0,
+             key: str | None = None) -> Refund:
+    """A refund reserved against the PAID order as it is now (its next number)."""
+    order = fresh(store, order_id)
+    refund = new_refund(order, order.refund_count + 1, amount_fen, at=at, key=key)
+    assert store.reserve_refund(refund, order, expect_status=PAID) is True
+    return refund
+
+
+def settled(store: Any, refund: Refund, status: RefundStatus = SUCCEEDED, *,
+            now: datetime = T0 + HOUR, **kwargs: Any) -> bool:
+    """settle_refund against the order as it is now."""
+    return bool(store.settle_refund(refund, fresh(store, refund.order_id), status=status,
+                                    now=now, **kwargs))
+
+
+def refund_state(store: Any, order_id: str, *refund_ids: str,
+                 keys: tuple[str, ...] = ()) -> tuple[Any, ...]:
+    """Everything a refund write may change, to compare before and after one that fails."""
+    return (store.get_order(order_id), [store.get_refund(r) for r in refund_ids],
+            store.refunds_of(order_id), store.open_refunds(),
+            [store.refund_for_key(order_id, k) for k in keys])
+
+
+def search_pages(store: Any, *, limit: int, status: str | None = None,
+                 start: datetime | None = None, end: datetime | None = None,
+                 ) -> list[list[Order]]:
+    """Every page of a search, following the cursors to the end."""
+    pages: list[list[Order]] = []
+    cursor = None
+    for _ in range(50):
+        page, cursor = store.search_orders(status=status, start=start, end=end, limit=limit,
+                                           cursor=cursor)
+        pages.append(page)
+        if cursor is None:
+            return pages
+    raise AssertionError(f"search_orders still gives cursors after 50 pages: {pages}")
+
+
+def assert_pages(pages: list[list[Order]], expected: list[Order], limit: int) -> None:
+    """The pages give each expected order once, in order; every page but the last is
+    full. (A last page may be empty: DynamoDB may say "more" when a query stopped
+    exactly at its limit.)"""
+    assert [o.id for page in pages for o in page] == [o.id for o in expected]
+    assert [o for page in pages for o in page] == expected
+    assert all(len(page) == limit for page in pages[:-1]), [len(p) for p in pages]
+    assert len(pages[-1]) <= limit
+    assert len(pages) <= len(expected) // limit + 1
+
+
 @contextmanager
 def eager_thread_switches() -> Iterator[None]:
     """Threads switch every microsecond instead of every 5 ms, so that a store in
@@ -170,6 +267,17 @@ def eager_thread_switches() -> Iterator[None]:
         yield
     finally:
         sys.setswitchinterval(before)
+
+
+def refunded_late(store: Any, order_id: str, trade_no: str, now: datetime) -> None:
+    """A CLOSED order's late payment refunded in full (the only way to REFUNDED from
+    CLOSED): reserved and settled under REFUND_<orderId>."""
+    order = store.get_order(order_id)
+    refund = Refund(refund_request_no(order_id), order_id, order.total_fen, "paid after closing",
+                    PENDING, SYSTEM_OPERATOR, now)
+    assert store.reserve_refund(refund, order, expect_status=CLOSED) is True
+    assert store.settle_refund(refund, store.get_order(order_id), status=SUCCEEDED, now=now,
+                               trade_no=trade_no) is True
 
 
 class StoreContract:
@@ -550,41 +658,6 @@ class StoreContract:
         assert sale_stock(store, "ks1") == 1
         assert stock_of(store, "k1") == 10  # the goods' own stock is not the sale's
 
-    # --- mark_refunded --------------------------------------------------------------------
-
-    def test_mark_refunded_moves_a_closed_order_to_refunded(self, store: Any) -> None:
-        a = put_goods(store, "k1", 1990, 10)
-        order = order_from_cart(store, "alice", (a, 1))
-        assert store.close_order(order, now=T0)
-        later = T0 + timedelta(hours=1)
-        assert store.mark_refunded(order.id, trade_no="T9", refund_request_no="R1",
-                                   now=later) is True
-        got = store.get_order(order.id)
-        assert got is not None
-        assert (got.status, got.transaction_id, got.refund_request_no) == (REFUNDED, "T9", "R1")
-        assert (got.update_time, got.close_time) == (ms(later), ms(T0))
-        assert stock_of(store, "k1") == 10
-
-    def test_mark_refunded_only_from_closed(self, store: Any) -> None:
-        a = put_goods(store, "k1", 1990, 10)
-        unpaid = order_from_cart(store, "alice", (a, 1))
-        paid = order_from_cart(store, "alice", (a, 1))
-        assert store.mark_paid(paid.id, total_fen=1990, trade_no="T1", pay_time=T0,
-                               notify_id=None, now=T0)
-        refunded = order_from_cart(store, "alice", (a, 1))
-        assert store.close_order(refunded, now=T0)
-        assert store.mark_refunded(refunded.id, trade_no="T2", refund_request_no="R2", now=T0)
-        for order_id, status in ((unpaid.id, UNPAID), (paid.id, PAID), (refunded.id, REFUNDED)):
-            before = store.get_order(order_id)
-            assert store.mark_refunded(order_id, trade_no="T3", refund_request_no="R3",
-                                       now=T0 + timedelta(hours=1)) is False
-            assert store.get_order(order_id) == before
-            assert status_of(store, order_id) == status
-        unknown = new_order_id(T0)
-        assert store.mark_refunded(unknown, trade_no="T3", refund_request_no="R3",
-                                   now=T0) is False
-        assert store.get_order(unknown) is None
-
     # --- unpaid_due ---------------------------------------------------------------------
 
     def test_unpaid_due_oldest_check_time_first_up_to_now_with_a_limit(
@@ -614,8 +687,221 @@ class StoreContract:
                                notify_id=None, now=T0)
         assert store.close_order(closed, now=T0)
         assert store.close_order(refunded, now=T0)
-        assert store.mark_refunded(refunded.id, trade_no="T2", refund_request_no="R", now=T0)
+        refunded_late(store, refunded.id, "T2", T0)
         assert store.unpaid_due(T0 + timedelta(days=1)) == [unpaid.id]
+
+    # --- what a new order keeps of refunds ---------------------------------------------
+
+    def test_a_new_order_keeps_no_refund_sums_or_link_expiry_of_the_order_given(
+            self, store: Any) -> None:
+        a = put_goods(store, "k1", 1990, 10)
+        order = dataclasses.replace(
+            new_order("alice", [line_of(a, 1)]), refunded_fen=500, refund_reserved_fen=700,
+            pending_refund_id="REFUND_x_1", refund_count=3, link_expire_time=T0)
+        store.create_order(order, None)
+        got = fresh(store, order.id)
+        assert (got.refunded_fen, got.refund_reserved_fen, got.pending_refund_id,
+                got.refund_count, got.link_expire_time) == (0, 0, None, 0, None)
+        assert got == as_stored(order)
+
+    # --- the recheck of orders closed before their payment link expired ---------------
+
+    def test_closing_before_the_link_expires_marks_the_order_for_a_recheck(
+            self, store: Any) -> None:
+        a = put_goods(store, "k1", 1990, 10)
+        order = order_from_cart(store, "alice", (a, 1))  # its link expires at T0 + 30 min
+        link = ms(order.expire_time)
+        assert store.close_order(order, now=T0 + timedelta(minutes=1)) is True
+        got = fresh(store, order.id)
+        assert (got.status, got.link_expire_time) == (CLOSED, link)
+        assert store.recheck_due(link - timedelta(milliseconds=1)) == []
+        assert store.recheck_due(link) == [order.id]
+        assert store.recheck_due(order.expire_time) == [order.id]  # to the millisecond
+        assert store.recheck_due(link + timedelta(days=1)) == [order.id]
+
+    def test_closing_at_or_after_the_expire_time_marks_no_recheck(self, store: Any) -> None:
+        a = put_goods(store, "k1", 1990, 10)
+        on_time = order_from_cart(store, "alice", (a, 1))
+        late = order_from_cart(store, "bob", (a, 1))
+        assert store.close_order(on_time, now=on_time.expire_time) is True
+        assert store.close_order(late, now=late.check_time) is True
+        assert [fresh(store, o.id).link_expire_time for o in (on_time, late)] == [None, None]
+        assert store.recheck_due(T0 + timedelta(days=1)) == []
+
+    def test_a_refused_close_marks_no_recheck(self, store: Any) -> None:
+        order = paid_order(store)
+        assert store.close_order(order, now=T0) is False
+        assert fresh(store, order.id).link_expire_time is None
+        assert store.recheck_due(T0 + timedelta(days=1)) == []
+
+    def test_recheck_due_oldest_link_first_up_to_now_with_a_limit(self, store: Any) -> None:
+        a = put_goods(store, "k1", 1990, 100)
+        orders = {m: order_from_cart(store, "alice", (a, 1), at=T0 + timedelta(minutes=m))
+                  for m in (20, 0, 40, 10)}
+        for order in orders.values():
+            assert store.close_order(order, now=T0)  # links expire at 30, 40, 50, 70 min
+        now = T0 + timedelta(minutes=60)
+        assert store.recheck_due(now) == [orders[m].id for m in (0, 10, 20)]
+        assert store.recheck_due(now, limit=2) == [orders[0].id, orders[10].id]
+        assert store.recheck_due(T0) == []
+
+    def test_clear_recheck_takes_the_order_off_the_list_and_keeps_it(self, store: Any) -> None:
+        a = put_goods(store, "k1", 1990, 10)
+        first = order_from_cart(store, "alice", (a, 1))
+        second = order_from_cart(store, "bob", (a, 1), at=T0 + timedelta(seconds=1))
+        for order in (first, second):
+            assert store.close_order(order, now=T0)
+        before = fresh(store, first.id)
+        store.clear_recheck(first.id)
+        store.clear_recheck(first.id)  # twice is no error
+        later = T0 + timedelta(days=1)
+        assert store.recheck_due(later) == [second.id]
+        assert fresh(store, first.id) == before  # still CLOSED, its link_expire_time kept
+        store.clear_recheck(second.id)
+        assert store.recheck_due(later) == []
+
+    # --- paid but closed ------------------------------------------------------------------
+
+    def test_mark_paid_but_closed_lists_a_closed_order_with_its_trade(
+            self, store: Any) -> None:
+        a = put_goods(store, "k1", 1990, 10)
+        order = order_from_cart(store, "alice", (a, 1))
+        assert store.close_order(order, now=T0)
+        later = T0 + timedelta(hours=1, microseconds=1234)
+        assert store.mark_paid_but_closed(order.id, trade_no="T-late", now=later) is None
+        got = fresh(store, order.id)
+        assert (got.status, got.transaction_id, got.update_time) == (CLOSED, "T-late",
+                                                                     ms(later))
+        assert (got.close_time, got.refund_request_no) == (ms(T0), None)
+        assert store.paid_but_closed() == [order.id]
+        assert store.order_by_trade("T-late") == got
+
+    def test_mark_paid_but_closed_of_an_order_not_closed_changes_nothing(
+            self, store: Any) -> None:
+        a = put_goods(store, "k1", 1990, 10)
+        unpaid = order_from_cart(store, "alice", (a, 1))
+        paid = paid_order(store, "k2")
+        refunded = order_from_cart(store, "carol", (a, 1))
+        assert store.close_order(refunded, now=T0)
+        refunded_late(store, refunded.id, "T-r", T0)
+        for order_id in (unpaid.id, paid.id, refunded.id):
+            before = store.get_order(order_id)
+            store.mark_paid_but_closed(order_id, trade_no="T-late", now=T0 + HOUR)
+            assert store.get_order(order_id) == before
+        unknown = new_order_id(T0)
+        store.mark_paid_but_closed(unknown, trade_no="T-late", now=T0)
+        assert store.get_order(unknown) is None
+        assert store.paid_but_closed() == []
+        assert store.order_by_trade("T-late") is None
+
+    def test_paid_but_closed_oldest_mark_first_with_a_limit(self, store: Any) -> None:
+        a = put_goods(store, "k1", 1990, 10)
+        orders = {h: order_from_cart(store, f"user{h}", (a, 1)) for h in (3, 1, 2)}
+        for h, order in orders.items():
+            assert store.close_order(order, now=T0)
+            store.mark_paid_but_closed(order.id, trade_no=f"T-{h}",
+                                       now=T0 + timedelta(hours=h))
+        assert store.paid_but_closed() == [orders[h].id for h in (1, 2, 3)]
+        assert store.paid_but_closed(limit=2) == [orders[1].id, orders[2].id]
+
+    # --- order_by_trade -------------------------------------------------------------------
+
+    def test_order_by_trade_finds_a_paid_order_by_its_trade_number(self, store: Any) -> None:
+        a = put_goods(store, "k1", 1990, 10)
+        first = paid_order(store, "k2")
+        second = paid_order(store, "k3", username="bob")
+        unpaid = order_from_cart(store, "carol", (a, 1))
+        assert store.order_by_trade(f"T-{first.id}") == first
+        assert store.order_by_trade(f"T-{second.id}") == second
+        assert store.order_by_trade("T-none") is None
+        assert store.order_by_trade(unpaid.id) is None
+
+    # --- search_orders --------------------------------------------------------------------
+
+    def _seven_orders(self, store: Any) -> list[Order]:
+        """Seven orders created a minute apart (put in shuffled order), in every status;
+        newest first, as the store has them."""
+        a = put_goods(store, "k1", 1990, 100)
+        plan = [(3, PAID), (0, UNPAID), (6, CLOSED), (1, PAID), (5, REFUNDED), (2, CLOSED),
+                (4, PAID)]
+        ids = []
+        for minute, status in plan:
+            at = T0 + timedelta(minutes=minute)
+            order = order_from_cart(store, f"user{minute}", (a, 1), at=at)
+            if status == PAID:
+                assert store.mark_paid(order.id, total_fen=1990, trade_no=f"T-{minute}",
+                                       pay_time=at, notify_id=None, now=at)
+            elif status in (CLOSED, REFUNDED):
+                assert store.close_order(order, now=at + HOUR)
+            if status == REFUNDED:
+                refunded_late(store, order.id, f"T-{minute}", at + HOUR)
+            ids.append(order.id)
+        orders = [fresh(store, i) for i in ids]
+        return sorted(orders, key=lambda o: o.create_time, reverse=True)
+
+    def test_search_orders_pages_every_status_newest_first(self, store: Any) -> None:
+        orders = self._seven_orders(store)
+        assert [o.create_time.minute - T0.minute for o in orders] == [6, 5, 4, 3, 2, 1, 0]
+        for limit in (3, 1, 2, 7):
+            assert_pages(search_pages(store, limit=limit), orders, limit)
+        assert store.search_orders(status=None, start=None, end=None, limit=10,
+                                   cursor=None) == (orders, None)
+
+    def test_search_orders_of_one_status(self, store: Any) -> None:
+        orders = self._seven_orders(store)
+        for status in OrderStatus:
+            mine = [o for o in orders if o.status == status]
+            for limit in (3, 2):
+                assert_pages(search_pages(store, limit=limit, status=status.value), mine,
+                             limit)
+        assert [o.create_time.minute - T0.minute
+                for o in search_pages(store, limit=10, status="PAID")[0]] == [4, 3, 1]
+
+    def test_search_orders_within_from_and_to(self, store: Any) -> None:
+        orders = self._seven_orders(store)  # minutes 6 .. 0
+        at = {o.create_time.minute - T0.minute: o for o in orders}
+
+        def minute(m: int) -> datetime:
+            return T0 + timedelta(minutes=m)
+
+        def within(low: int, high: int) -> list[Order]:
+            return [at[m] for m in range(high, low - 1, -1)]
+
+        assert_pages(search_pages(store, limit=3, start=minute(1), end=minute(5)),
+                     within(1, 5), 3)
+        assert_pages(search_pages(store, limit=3, start=minute(2)), within(2, 6), 3)
+        assert_pages(search_pages(store, limit=3, end=minute(4)), within(0, 4), 3)
+        assert_pages(search_pages(store, limit=2, status="PAID", start=minute(1),
+                                  end=minute(3)), [at[3], at[1]], 2)
+        # both bounds compare to the millisecond (T0 is at .678901 s), at either end
+        same_ms = search_pages(store, limit=10, start=minute(1) + timedelta(microseconds=98),
+                               end=minute(5) - timedelta(microseconds=901))
+        assert_pages(same_ms, within(1, 5), 10)
+        assert_pages(search_pages(store, limit=10, start=minute(1) + timedelta(milliseconds=1),
+                                  end=minute(5) - timedelta(milliseconds=1)),
+                     within(2, 4), 10)
+        assert store.search_orders(status=None, start=minute(7), end=None, limit=3,
+                                   cursor=None) == ([], None)
+        assert store.search_orders(status="UNPAID", start=minute(1), end=minute(6), limit=3,
+                                   cursor=None) == ([], None)
+
+    def test_search_orders_created_at_one_time_come_by_id(self, store: Any) -> None:
+        a = put_goods(store, "k1", 1990, 100)
+        same = [order_from_cart(store, f"user{i}", (a, 1)) for i in range(5)]
+        for order in same[:2]:
+            assert store.mark_paid(order.id, total_fen=1990, trade_no=f"T-{order.id}",
+                                   pay_time=T0, notify_id=None, now=T0)
+        older = order_from_cart(store, "old", (a, 1), at=T0 - timedelta(milliseconds=1))
+        expected = [fresh(store, o.id) for o in sorted(same, key=lambda o: o.id, reverse=True)]
+        expected.append(fresh(store, older.id))
+        for limit in (2, 3):
+            assert_pages(search_pages(store, limit=limit), expected, limit)
+
+    def test_a_cursor_the_store_did_not_give_is_invalid(self, store: Any) -> None:
+        self._seven_orders(store)
+        with pytest.raises(Invalid):
+            store.search_orders(status=None, start=None, end=None, limit=3,
+                                cursor="not a cursor")
 
     # --- sales ---------------------------------------------------------------------------
 
@@ -840,6 +1126,353 @@ class StoreContract:
         assert store.finish_ticket(ticket, TICKET_FAILED, release_claim=False, now=T0) is False
         assert store.get_ticket(ticket.id) is None
 
+    # --- reserve_refund -------------------------------------------------------------------
+
+    def test_reserve_refund_writes_the_refund_pending_and_the_reservation(
+            self, store: Any) -> None:
+        order = paid_order(store)
+        at = T0 + timedelta(hours=1, microseconds=2345)
+        refund = new_refund(order, 1, 300, at=at, key="key-1")
+        assert store.reserve_refund(refund, order, expect_status=PAID) is True
+        stored = refund_as_stored(refund)
+        assert store.get_refund(refund.id) == stored
+        assert stored.create_time == ms(at) and stored.create_time.utcoffset() == timedelta(0)
+        got = fresh(store, order.id)
+        assert (got.status, got.pending_refund_id, got.refund_reserved_fen, got.refund_count,
+                got.refunded_fen, got.update_time) == (PAID, refund.id, 300, 1, 0, ms(at))
+        assert dataclasses.replace(got, pending_refund_id=None, refund_reserved_fen=0,
+                                   refund_count=0, update_time=order.update_time) == order
+        assert store.refunds_of(order.id) == [stored]
+        assert store.open_refunds() == [stored]
+        assert store.refund_for_key(order.id, "key-1") == stored
+        assert store.get_refund(refund_id(order.id, 2)) is None
+        assert store.refunds_of(new_order_id(T0)) == []
+
+    def test_reserve_refund_needs_the_expected_status_and_writes_nothing_else(
+            self, store: Any) -> None:
+        a = put_goods(store, "k1", 1990, 10)
+        unpaid = order_from_cart(store, "alice", (a, 1))
+        closed = order_from_cart(store, "bob", (a, 1))
+        assert store.close_order(closed, now=T0)
+        paid = paid_order(store, "k2")
+        for order, expect in ((fresh(store, unpaid.id), PAID), (fresh(store, closed.id), PAID),
+                              (paid, CLOSED), (paid, UNPAID)):
+            refund = new_refund(order, 1, 100, key="key-1")
+            before = refund_state(store, order.id, refund.id, keys=("key-1",))
+            assert store.reserve_refund(refund, order, expect_status=expect) is False
+            assert refund_state(store, order.id, refund.id, keys=("key-1",)) == before
+        ghost = dataclasses.replace(paid, id=new_order_id(T0))
+        refund = new_refund(ghost, 1, 100)
+        assert store.reserve_refund(refund, ghost, expect_status=PAID) is False
+        assert (store.get_order(ghost.id), store.get_refund(refund.id)) == (None, None)
+        # the refund of money that came after the order closed expects CLOSED
+        late = fresh(store, closed.id)
+        assert store.reserve_refund(new_refund(late, 1, 1990), late,
+                                    expect_status=CLOSED) is True
+        assert fresh(store, closed.id).refund_reserved_fen == 1990
+
+    def test_one_pending_refund_per_order(self, store: Any) -> None:
+        order = paid_order(store)
+        first = reserved(store, order.id, 100)
+        current = fresh(store, order.id)
+        second = new_refund(current, 2, 100)
+        before = refund_state(store, order.id, first.id, second.id)
+        assert store.reserve_refund(second, current, expect_status=PAID) is False
+        assert store.reserve_refund(new_refund(order, 3, 100), order,
+                                    expect_status=PAID) is False  # read before the first
+        assert refund_state(store, order.id, first.id, second.id) == before
+        assert settled(store, first)
+        assert reserved(store, order.id, 100).id == second.id
+
+    def test_a_stale_reserved_sum_or_count_writes_nothing(self, store: Any) -> None:
+        order = paid_order(store)
+        first = reserved(store, order.id, 300)
+        assert settled(store, first, FAILED)  # reserved back to 0, count stays 1
+        current = fresh(store, order.id)
+        assert (current.refund_reserved_fen, current.refund_count) == (0, 1)
+        for stale in (order,  # count 0
+                      dataclasses.replace(current, refund_reserved_fen=300),
+                      dataclasses.replace(current, refund_reserved_fen=100),
+                      dataclasses.replace(current, refund_count=2)):
+            refund = new_refund(current, 2, 100, key="key-2")
+            before = refund_state(store, order.id, first.id, refund.id, keys=("key-2",))
+            assert store.reserve_refund(refund, stale, expect_status=PAID) is False
+            assert refund_state(store, order.id, first.id, refund.id,
+                                keys=("key-2",)) == before
+        assert store.reserve_refund(new_refund(current, 2, 100, key="key-2"), current,
+                                    expect_status=PAID) is True  # the key was not used up
+
+    def test_an_existing_refund_id_is_refused_and_writes_nothing(self, store: Any) -> None:
+        order = paid_order(store)
+        first = reserved(store, order.id, 300)
+        assert settled(store, first, FAILED, failure_code="X")
+        current = fresh(store, order.id)
+        again = new_refund(current, 1, 500, at=T0 + HOUR)  # refund 1 again
+        assert again.id == first.id
+        before = refund_state(store, order.id, first.id)
+        assert store.reserve_refund(again, current, expect_status=PAID) is False
+        assert refund_state(store, order.id, first.id) == before
+
+    def test_a_used_idempotency_key_is_refused_and_names_the_first_refund(
+            self, store: Any) -> None:
+        order = paid_order(store)
+        first = reserved(store, order.id, 300, key="key-1")
+        assert settled(store, first)
+        current = fresh(store, order.id)
+        second = new_refund(current, 2, 300, at=T0 + HOUR, key="key-1")
+        before = refund_state(store, order.id, first.id, second.id, keys=("key-1",))
+        assert store.reserve_refund(second, current, expect_status=PAID) is False
+        assert refund_state(store, order.id, first.id, second.id, keys=("key-1",)) == before
+        earlier = store.refund_for_key(order.id, "key-1")
+        assert earlier == store.get_refund(first.id)
+        assert (earlier.id, earlier.status) == (first.id, SUCCEEDED)
+        assert store.refund_for_key(order.id, "key-2") is None
+        # the same key on another order is that order's own
+        other = paid_order(store, "k2", username="bob")
+        theirs = reserved(store, other.id, 100, key="key-1")
+        assert store.refund_for_key(other.id, "key-1") == refund_as_stored(theirs)
+        assert store.refund_for_key(order.id, "key-1") == earlier
+        # another key on the first order is free
+        third = new_refund(current, 2, 300, key="key-2")
+        assert store.reserve_refund(third, current, expect_status=PAID) is True
+        assert store.refund_for_key(order.id, "key-2") == refund_as_stored(third)
+
+    # --- settle_refund --------------------------------------------------------------------
+
+    def test_settle_succeeded_adds_to_the_refunded_sum_refunded_exactly_at_the_total(
+            self, store: Any) -> None:
+        order = paid_order(store)  # 10.00
+        done = 0
+        for n, amount in enumerate((300, 699), 1):
+            refund = reserved(store, order.id, amount, at=T0 + timedelta(hours=n))
+            now = T0 + timedelta(hours=n, minutes=1, microseconds=n * 1111)
+            assert settled(store, refund, SUCCEEDED, now=now,
+                           trade_no="T-ignored") is True  # not the whole: no trade kept
+            done += amount
+            got = fresh(store, order.id)
+            assert (got.status, got.refunded_fen, got.refund_reserved_fen,
+                    got.pending_refund_id, got.refund_count) == (PAID, done, done, None, n)
+            assert (got.update_time, got.end_time) == (ms(now), None)
+            assert (got.transaction_id, got.refund_request_no) == (order.transaction_id, None)
+            assert store.get_refund(refund.id) == dataclasses.replace(
+                refund_as_stored(refund), status=SUCCEEDED, finish_time=ms(now))
+        assert store.open_refunds() == []
+        last = reserved(store, order.id, 1, at=T0 + timedelta(hours=5))
+        end = T0 + timedelta(hours=6, microseconds=4321)
+        assert settled(store, last, now=end) is True
+        got = fresh(store, order.id)
+        assert (got.status, got.refunded_fen, got.refund_reserved_fen, got.refund_count,
+                got.pending_refund_id) == (REFUNDED, 1000, 1000, 3, None)
+        assert (got.end_time, got.update_time, got.pay_time) == (ms(end), ms(end), ms(T0))
+        assert (got.transaction_id, got.refund_request_no) == (order.transaction_id, None)
+        assert [(r.amount_fen, r.status) for r in store.refunds_of(order.id)] == [
+            (300, SUCCEEDED), (699, SUCCEEDED), (1, SUCCEEDED)]
+
+    def test_settling_the_refund_of_money_that_came_after_the_order_closed(
+            self, store: Any) -> None:
+        a = put_goods(store, "k1", 1990, 10)
+        marked = order_from_cart(store, "alice", (a, 1))
+        plain = order_from_cart(store, "bob", (a, 1))
+        for order in (marked, plain):
+            assert store.close_order(order, now=T0 + timedelta(minutes=1))  # recheck due
+        store.mark_paid_but_closed(marked.id, trade_no="T-late", now=T0 + HOUR)
+        end = T0 + timedelta(hours=2, microseconds=999)
+        for order, trade in ((marked, "T-late"), (plain, "T-plain")):
+            refund = Refund(refund_request_no(order.id), order.id, 1990, "paid after closing",
+                            PENDING, SYSTEM_OPERATOR, T0 + HOUR)
+            assert store.reserve_refund(refund, fresh(store, order.id),
+                                        expect_status=CLOSED) is True
+            assert settled(store, refund, SUCCEEDED, now=end, trade_no=trade) is True
+            got = fresh(store, order.id)
+            assert (got.status, got.refunded_fen, got.transaction_id,
+                    got.refund_request_no) == (REFUNDED, 1990, trade, refund.id)
+            assert (got.end_time, got.close_time) == (ms(end), ms(T0 + timedelta(minutes=1)))
+            assert got.link_expire_time == ms(order.expire_time)
+            assert store.order_by_trade(trade) == got
+        assert store.paid_but_closed() == []
+        assert store.recheck_due(T0 + timedelta(days=1)) == []
+
+    def test_settle_failed_gives_the_reservation_back_and_keeps_the_reason(
+            self, store: Any) -> None:
+        order = paid_order(store)
+        refund = reserved(store, order.id, 400, at=T0 + HOUR)
+        now = T0 + timedelta(hours=2, microseconds=5555)
+        assert settled(store, refund, FAILED, now=now, failure_code="ACQ.TRADE_HAS_FINISHED",
+                       failure_message="the trade has finished") is True
+        got = fresh(store, order.id)
+        assert (got.status, got.refunded_fen, got.refund_reserved_fen, got.pending_refund_id,
+                got.refund_count, got.update_time) == (PAID, 0, 0, None, 1, ms(now))
+        failed = store.get_refund(refund.id)
+        assert failed == dataclasses.replace(
+            refund_as_stored(refund), status=FAILED, finish_time=ms(now),
+            failure_code="ACQ.TRADE_HAS_FINISHED", failure_message="the trade has finished")
+        assert store.open_refunds() == [failed]
+        # no code or message given; a message longer than 500 characters
+        second = reserved(store, order.id, 1000, at=T0 + timedelta(hours=3))
+        assert settled(store, second, FAILED, now=T0 + timedelta(hours=3)) is True
+        third = reserved(store, order.id, 500, at=T0 + timedelta(hours=4))
+        assert settled(store, third, FAILED, now=T0 + timedelta(hours=4), failure_code="X",
+                       failure_message="x" * 600) is True
+        assert [(r.failure_code, r.failure_message) for r in store.open_refunds()] == [
+            ("ACQ.TRADE_HAS_FINISHED", "the trade has finished"), ("UNKNOWN", ""),
+            ("X", "x" * 500)]
+        assert fresh(store, order.id).refund_reserved_fen == 0
+
+    def test_settle_of_a_refund_not_pending_is_false_and_writes_nothing(
+            self, store: Any) -> None:
+        order = paid_order(store)
+        done = reserved(store, order.id, 300, at=T0 + HOUR)
+        assert settled(store, done)
+        failed = reserved(store, order.id, 200, at=T0 + 2 * HOUR)
+        assert settled(store, failed, FAILED)
+        for refund in (done, failed):
+            for status in (SUCCEEDED, FAILED):
+                before = refund_state(store, order.id, done.id, failed.id)
+                assert settled(store, refund, status, now=T0 + 9 * HOUR) is False
+                assert refund_state(store, order.id, done.id, failed.id) == before
+        ghost = new_refund(order, 9, 100)
+        assert settled(store, ghost) is False
+        assert store.get_refund(ghost.id) is None
+
+    def test_settle_against_a_stale_refunded_sum_is_false_and_writes_nothing(
+            self, store: Any) -> None:
+        order = paid_order(store)
+        refund = reserved(store, order.id, 300)
+        current = fresh(store, order.id)
+        stale = dataclasses.replace(current, refunded_fen=100)
+        before = refund_state(store, order.id, refund.id)
+        for status in (SUCCEEDED, FAILED):
+            assert store.settle_refund(refund, stale, status=status, now=T0 + HOUR) is False
+        assert refund_state(store, order.id, refund.id) == before
+        assert store.settle_refund(refund, current, status=SUCCEEDED, now=T0 + HOUR) is True
+
+    # --- retry_refund ---------------------------------------------------------------------
+
+    def test_retry_makes_a_failed_refund_pending_again_with_its_reservation(
+            self, store: Any) -> None:
+        order = paid_order(store)
+        refund = reserved(store, order.id, 400, at=T0 + HOUR, key="key-1")
+        assert settled(store, refund, FAILED, now=T0 + 2 * HOUR, failure_code="X",
+                       failure_message="no")
+        now = T0 + timedelta(hours=3, microseconds=7777)
+        assert store.retry_refund(refund, fresh(store, order.id), now=now) is True
+        again = store.get_refund(refund.id)
+        assert again == dataclasses.replace(refund_as_stored(refund), create_time=ms(now))
+        assert (again.status, again.finish_time, again.failure_code) == (PENDING, None, None)
+        got = fresh(store, order.id)
+        assert (got.pending_refund_id, got.refund_reserved_fen, got.refund_count,
+                got.refunded_fen, got.update_time) == (refund.id, 400, 1, 0, ms(now))
+        assert store.open_refunds() == [again]
+        assert store.refund_for_key(order.id, "key-1") == again
+        assert settled(store, refund, now=T0 + 4 * HOUR) is True
+        assert fresh(store, order.id).refunded_fen == 400
+
+    def test_retry_only_of_a_failed_refund_against_the_order_as_it_is(
+            self, store: Any) -> None:
+        order = paid_order(store)
+        failed = reserved(store, order.id, 300, at=T0 + HOUR)
+        assert settled(store, failed, FAILED)
+        pending = reserved(store, order.id, 200, at=T0 + 2 * HOUR)
+        ids = (failed.id, pending.id)
+        before = refund_state(store, order.id, *ids)
+        for refund in (failed, pending):  # while a refund is pending; a PENDING refund
+            assert store.retry_refund(refund, fresh(store, order.id),
+                                      now=T0 + 9 * HOUR) is False
+        assert refund_state(store, order.id, *ids) == before
+        assert settled(store, pending)
+        current = fresh(store, order.id)
+        before = refund_state(store, order.id, *ids)
+        for refund, read in ((pending, current),  # SUCCEEDED
+                             (failed, dataclasses.replace(current, refund_reserved_fen=0)),
+                             (failed, dataclasses.replace(current, status=CLOSED)),
+                             (new_refund(order, 9, 100), current)):  # no such refund
+            assert store.retry_refund(refund, read, now=T0 + 9 * HOUR) is False
+        assert refund_state(store, order.id, *ids) == before
+        assert store.get_refund(refund_id(order.id, 9)) is None
+        assert store.retry_refund(failed, current, now=T0 + 9 * HOUR) is True
+        assert fresh(store, order.id).refund_reserved_fen == 500
+
+    # --- listing refunds ------------------------------------------------------------------
+
+    def test_open_refunds_hold_pending_and_failed_oldest_first_with_a_limit(
+            self, store: Any) -> None:
+        a, b, c = (paid_order(store, gid, username=gid) for gid in ("k1", "k2", "k3"))
+        fa = reserved(store, a.id, 100, at=T0 + HOUR)
+        assert settled(store, fa, FAILED)
+        sa = reserved(store, a.id, 100, at=T0 + 2 * HOUR)
+        assert settled(store, sa)
+        pb = reserved(store, b.id, 100, at=T0 + 3 * HOUR)
+        fc = reserved(store, c.id, 100, at=T0 + timedelta(minutes=30))
+        assert settled(store, fc, FAILED)
+        assert [r.id for r in store.open_refunds()] == [fc.id, fa.id, pb.id]
+        assert [r.status for r in store.open_refunds()] == [FAILED, FAILED, PENDING]
+        assert [r.id for r in store.open_refunds(limit=2)] == [fc.id, fa.id]
+        assert store.retry_refund(fc, fresh(store, c.id), now=T0 + 4 * HOUR)
+        assert [r.id for r in store.open_refunds()] == [fa.id, pb.id, fc.id]
+
+    def test_refunds_of_holds_the_orders_refunds_oldest_first(self, store: Any) -> None:
+        a = paid_order(store, "k1")
+        b = paid_order(store, "k2", username="bob")
+        first = reserved(store, a.id, 100, at=T0 + 2 * HOUR, key="key-a")
+        assert settled(store, first)
+        second = reserved(store, a.id, 200, at=T0 + 3 * HOUR)
+        theirs = reserved(store, b.id, 100, at=T0 + HOUR, key="key-b")
+        assert store.refunds_of(a.id) == [store.get_refund(first.id),
+                                          refund_as_stored(second)]
+        assert store.refunds_of(b.id) == [refund_as_stored(theirs)]
+
+    # --- the timeline ---------------------------------------------------------------------
+
+    def test_timeline_in_time_order_per_order_with_a_limit(self, store: Any) -> None:
+        order_id, other = new_order_id(T0), new_order_id(T0)
+        events = [TimelineEvent(order_id, T0 + timedelta(seconds=s, microseconds=s * 1001),
+                                kind, {"s": s})
+                  for s, kind in ((5, EventType.PAID), (0, EventType.CREATED),
+                                  (3, EventType.PAYMENT_LINK), (9, EventType.REFUND_REQUESTED))]
+        for event in events:
+            store.append_event(event)
+        store.append_event(TimelineEvent(other, T0, EventType.CREATED, {}))
+        want = [dataclasses.replace(e, time=ms(e.time))
+                for e in sorted(events, key=lambda e: e.time)]
+        got = store.timeline(order_id)
+        assert got == want
+        assert got[0].time.utcoffset() == timedelta(0)
+        assert store.timeline(order_id, limit=2) == want[:2]
+        assert store.timeline(other) == [TimelineEvent(other, ms(T0), EventType.CREATED, {})]
+        assert store.timeline(new_order_id(T0)) == []
+
+    def test_events_of_one_millisecond_are_all_kept(self, store: Any) -> None:
+        order_id = new_order_id(T0)
+        store.append_event(TimelineEvent(order_id, T0 + timedelta(milliseconds=1),
+                                         EventType.PAID, {"i": 9}))
+        for i in range(4):  # .678000 .. .678300: one millisecond
+            store.append_event(TimelineEvent(order_id, T0.replace(microsecond=678000 + i * 100),
+                                             EventType.NOTIFY, {"i": i}))
+        store.append_event(TimelineEvent(order_id, T0 - timedelta(milliseconds=1),
+                                         EventType.CREATED, {"i": -1}))
+        got = store.timeline(order_id)
+        assert [e.detail["i"] for e in got[:1] + got[-1:]] == [-1, 9]
+        middle = got[1:-1]  # in any order among themselves
+        assert sorted(e.detail["i"] for e in middle) == [0, 1, 2, 3]
+        assert {(e.time, e.type) for e in middle} == {(ms(T0), EventType.NOTIFY)}
+
+    def test_an_events_detail_comes_back_as_json_and_as_a_copy(self, store: Any) -> None:
+        order_id = new_order_id(T0)
+        detail: dict[str, Any] = {"amount": "1.00", "n": 3, "ok": True, "none": None,
+                                  "pair": (1, "a"), "when": T0, "nested": {"a": [1]},
+                                  "名": "退款"}
+        store.append_event(TimelineEvent(order_id, T0, EventType.NOTIFY, detail))
+        detail["n"] = 4
+        detail["nested"]["a"].append(2)
+        got = store.timeline(order_id)[0]
+        assert got.detail == {"amount": "1.00", "n": 3, "ok": True, "none": None,
+                              "pair": [1, "a"], "when": str(T0), "nested": {"a": [1]},
+                              "名": "退款"}
+        got.detail["n"] = 99
+        got.detail["nested"]["a"].clear()
+        assert store.timeline(order_id)[0].detail["nested"] == {"a": [1]}
+        assert store.timeline(order_id)[0].detail["n"] == 3
+
     # --- races -------------------------------------------------------------------------------
 
     def test_pay_against_close_has_one_winner_and_moves_stock_at_most_once(
@@ -921,3 +1554,72 @@ class StoreContract:
             1 if b in winners else 0 for b in buyers]
         assert [store.get_cart(b) for b in buyers] == [
             {} if b in winners else {gid: 1} for b in buyers]
+
+    def test_concurrent_refunds_never_reserve_more_than_was_paid(self, store: Any) -> None:
+        for n in range(self.race_rounds):
+            self._refund_race(store, f"k-race{n}")
+
+    def _refund_race(self, store: Any, gid: str) -> None:
+        """20 threads each refund 1.00 of a 10.00 order, each time against a fresh read,
+        as chalicelib/refunds.py does: ten get theirs, ten find nothing left."""
+        order = paid_order(store, gid, 1000)
+        threads, unit = 20, 100
+        start = threading.Barrier(threads)
+        lock = threading.Lock()
+        seen = {"holding": 0, "most_holding": 0, "most_reserved": 0}
+        results: dict[int, str] = {}
+
+        def refund_once(n: int) -> str:
+            for _ in range(5000):
+                current = fresh(store, order.id)
+                with lock:
+                    seen["most_reserved"] = max(seen["most_reserved"],
+                                                current.refund_reserved_fen)
+                if (current.status != PAID
+                        or current.refund_reserved_fen + unit > current.total_fen):
+                    return "nothing left"
+                if current.pending_refund_id:
+                    time.sleep(0.002)
+                    continue
+                refund = Refund(refund_id(order.id, current.refund_count + 1), order.id, unit,
+                                f"thread {n}", PENDING, f"op{n}",
+                                T0 + timedelta(milliseconds=n))
+                if not store.reserve_refund(refund, current, expect_status=PAID):
+                    continue
+                with lock:
+                    seen["holding"] += 1
+                    seen["most_holding"] = max(seen["most_holding"], seen["holding"])
+                mine = fresh(store, order.id)
+                with lock:
+                    seen["holding"] -= 1
+                if mine.pending_refund_id != refund.id:
+                    return f"pending is {mine.pending_refund_id}, not {refund.id}"
+                if not store.settle_refund(refund, mine, status=SUCCEEDED, now=T0 + HOUR):
+                    return "settle refused"
+                return "refunded"
+            return "gave up"
+
+        def run(n: int) -> None:
+            start.wait()
+            try:
+                results[n] = refund_once(n)
+            except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+                results[n] = repr(exc)
+
+        workers = [threading.Thread(target=run, args=(n,)) for n in range(threads)]
+        with eager_thread_switches():
+            for t in workers:
+                t.start()
+            for t in workers:
+                t.join(120)
+        assert sorted(results.values()) == ["nothing left"] * 10 + ["refunded"] * 10, results
+        assert (seen["most_holding"], seen["most_reserved"]) == (1, 1000), seen
+        got = fresh(store, order.id)
+        assert (got.status, got.refunded_fen, got.refund_reserved_fen, got.refund_count,
+                got.pending_refund_id) == (REFUNDED, 1000, 1000, 10, None)
+        refunds = store.refunds_of(order.id)
+        assert [r.status for r in refunds] == [SUCCEEDED] * 10
+        assert sorted(r.operator for r in refunds) == sorted(
+            f"op{n}" for n, outcome in results.items() if outcome == "refunded")
+        assert sorted(r.id for r in refunds) == sorted(
+            refund_id(order.id, i) for i in range(1, 11))

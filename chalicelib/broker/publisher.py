@@ -32,14 +32,18 @@ from chalicelib.broker.connection import (
 )
 from chalicelib.broker.messages import JSON, PERSISTENT, encode
 from chalicelib.broker.topology import (
+    CONSUMED_QUEUES,
     EXCHANGE_DELAY,
     EXCHANGE_PAY,
+    EXCHANGE_REFUND,
     EXCHANGE_SECKILL,
     QUEUE_DELAY,
     QUEUE_PAY,
+    QUEUE_REFUND,
     QUEUE_SECKILL,
     TopologyMismatch,
     declare_topology,
+    parked_queue_name,
     validate_topology_args,
 )
 
@@ -172,6 +176,10 @@ class Broker:
     def publish_seckill(self, msg: Mapping[str, Any]) -> None:
         self.publish(EXCHANGE_SECKILL, QUEUE_SECKILL, msg)
 
+    def publish_refund(self, refund_id: str) -> None:
+        """A refund whose outcome is not known: the worker settles it by asking."""
+        self.publish(EXCHANGE_REFUND, QUEUE_REFUND, {"refundId": refund_id})
+
     def ping(self) -> None:
         """A round trip to the broker; raises `BrokerUnavailable` when it cannot be made."""
         self._with_channel("ping", lambda ch: ch.queue_declare(QUEUE_DELAY, passive=True))
@@ -189,6 +197,17 @@ class Broker:
                 raise LookupError(f"no queue {queue!r} on the broker") from exc
 
         return self._with_channel(f"queue_depth({queue})", depth)
+
+    def parked_counts(self) -> dict[str, int]:
+        """Messages waiting for a person, per parked queue (a queue not declared yet: 0)."""
+        counts = {}
+        for queue in CONSUMED_QUEUES:
+            name = parked_queue_name(queue)
+            try:
+                counts[name] = self.queue_depth(name)
+            except LookupError:
+                counts[name] = 0
+        return counts
 
     def close(self) -> None:
         with self._lock:

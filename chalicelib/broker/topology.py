@@ -37,14 +37,18 @@ EXCHANGE_PAY = "exchange.order.pay"
 QUEUE_PAY = "queue.order.pay"
 EXCHANGE_SECKILL = "exchange.order.seckill"
 QUEUE_SECKILL = "queue.order.seckill"
+# A refund whose outcome is not known yet: `{"refundId"}`, settled by asking Alipay.
+EXCHANGE_REFUND = "exchange.order.refund"
+QUEUE_REFUND = "queue.order.refund"
 
 PARKED_SUFFIX = ".parked"
 QUEUE_CHECK_PARKED = QUEUE_CHECK + PARKED_SUFFIX
 QUEUE_PAY_PARKED = QUEUE_PAY + PARKED_SUFFIX
 QUEUE_SECKILL_PARKED = QUEUE_SECKILL + PARKED_SUFFIX
+QUEUE_REFUND_PARKED = QUEUE_REFUND + PARKED_SUFFIX
 
 #: The queues a consumer may read; each has retry queues and a parked queue.
-CONSUMED_QUEUES: tuple[str, ...] = (QUEUE_CHECK, QUEUE_PAY, QUEUE_SECKILL)
+CONSUMED_QUEUES: tuple[str, ...] = (QUEUE_CHECK, QUEUE_PAY, QUEUE_SECKILL, QUEUE_REFUND)
 
 DEFAULT_RETRY_DELAYS_MS: tuple[int, ...] = (1000, 5000, 30000)
 
@@ -86,7 +90,7 @@ def _queue_args(queue_type: str, **arguments: Any) -> dict[str, Any]:
 def _topology(
     check_delay_ms: int, queue_type: str, retry_delays_ms: Sequence[int]
 ) -> tuple[list[str], list[tuple[str, dict[str, Any]]], list[tuple[str, str, str]]]:
-    exchanges = [EXCHANGE_DELAY, EXCHANGE_PAY, EXCHANGE_SECKILL]
+    exchanges = [EXCHANGE_DELAY, EXCHANGE_PAY, EXCHANGE_SECKILL, EXCHANGE_REFUND]
     queues: list[tuple[str, dict[str, Any]]] = [
         (
             QUEUE_DELAY,
@@ -102,6 +106,7 @@ def _topology(
         (QUEUE_CHECK, _queue_args(queue_type)),
         (QUEUE_PAY, _queue_args(queue_type)),
         (QUEUE_SECKILL, _queue_args(queue_type)),
+        (QUEUE_REFUND, _queue_args(queue_type)),
     ]
     for queue in CONSUMED_QUEUES:
         queues.append((parked_queue_name(queue), _queue_args(queue_type)))
@@ -124,6 +129,7 @@ def _topology(
         (QUEUE_CHECK, EXCHANGE_DELAY, QUEUE_CHECK),
         (QUEUE_PAY, EXCHANGE_PAY, QUEUE_PAY),
         (QUEUE_SECKILL, EXCHANGE_SECKILL, QUEUE_SECKILL),
+        (QUEUE_REFUND, EXCHANGE_REFUND, QUEUE_REFUND),
     ]
     return exchanges, queues, bindings
 

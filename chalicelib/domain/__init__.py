@@ -54,7 +54,18 @@ from chalicelib.domain.order import (
     new_order_id,
     parse_iso,
 )
-from chalicelib.domain.refund import RefundStatus, refund_request_no
+from chalicelib.domain.refund import (
+    REFUND_ID_RE,
+    SYSTEM_OPERATOR,
+    Refund,
+    RefundExceedsPaid,
+    RefundInProgress,
+    RefundNotAllowed,
+    RefundStatus,
+    refund_id,
+    refund_request_no,
+)
+from chalicelib.domain.timeline import EventType, TimelineEvent
 
 __all__ = [
     "CLOSED", "GOODS_ID_RE", "MAX_CART_LINES", "MAX_NUM", "MAX_TRANSACTION_ACTIONS",
@@ -66,5 +77,7 @@ __all__ = [
     "OutOfStock", "Overloaded", "PriceChanged", "RefundStatus", "Sale", "SeckillOutcome",
     "ShopError", "SoldOut", "Ticket", "TicketStatus", "Unavailable", "Unprocessable",
     "from_fen", "iso", "money_str", "new_order_id", "new_ticket_id", "parse_amount",
-    "parse_iso", "refund_request_no", "to_fen",
+    "parse_iso", "refund_id", "refund_request_no", "to_fen",
+    "REFUND_ID_RE", "SYSTEM_OPERATOR", "Refund", "RefundExceedsPaid", "RefundInProgress",
+    "RefundNotAllowed", "EventType", "TimelineEvent",
 ]

@@ -97,6 +97,15 @@ class Order:
     transaction_id: str | None = None
     refund_request_no: str | None = None
     sale_id: str | None = None  # a flash-sale order: its stock is the sale's, not the goods'
+    # Refunds (chalicelib/domain/refund.py): what succeeded, what succeeded or is
+    # pending (never above what was paid), the one pending refund, refunds made so far.
+    refunded_fen: int = 0
+    refund_reserved_fen: int = 0
+    pending_refund_id: str | None = None
+    refund_count: int = 0
+    # When the payment link Alipay was given stops working (None: no link was issued):
+    # a closed order is checked once more after it, in case money came through it.
+    link_expire_time: datetime | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -138,6 +147,7 @@ class Order:
             "endTime": iso(self.end_time),
             "closeTime": iso(self.close_time),
             "transactionId": self.transaction_id,
+            "refundedMoney": money_str(self.refunded_fen),
             "items": [
                 {
                     "goodsId": line.goods_id,

@@ -12,7 +12,8 @@ cancel) resolve to exactly one winner:
                                          read order: PAID -> nothing to do
 
 The store is split along its seams: goods and carts (catalog.py), orders
-(orders.py), flash sales (sales.py), over the models of the tables it is given
+(orders.py), flash sales (sales.py), refunds and timelines (refunds.py), over
+the models of the tables it is given
 (models.py). `chalicelib/memstore.py` keeps the same rules in memory, for unit tests and
 development; tests/store_contract.py holds both to them.
 `AWS_ENDPOINT_URL_DYNAMODB` points models and transactions at moto's server alike.
@@ -23,10 +24,11 @@ from __future__ import annotations
 from chalicelib.config import Settings, Tables
 from chalicelib.store.catalog import CatalogStore
 from chalicelib.store.orders import OrderStore
+from chalicelib.store.refunds import RefundStore
 from chalicelib.store.sales import SaleStore
 
 
-class Store(CatalogStore, OrderStore, SaleStore):
+class Store(CatalogStore, OrderStore, SaleStore, RefundStore):
     """Goods, carts, orders and flash sales on DynamoDB. Plain data in, plain data out."""
 
     def __init__(self, tables: Tables, region: str = "us-east-1") -> None:

@@ -3,8 +3,12 @@ connection, and the mapping of DynamoDB's failures to `Unavailable`."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from pynamodb.connection import Connection
 from pynamodb.exceptions import (
@@ -20,7 +24,7 @@ from pynamodb.exceptions import (
 )
 
 from chalicelib.config import Tables
-from chalicelib.domain import Unavailable
+from chalicelib.domain import Invalid, Unavailable
 from chalicelib.store.models import (
     CONNECT_TIMEOUT_SECONDS,
     MAX_RETRY_ATTEMPTS,
@@ -59,6 +63,26 @@ def reasons(exc: TransactWriteError) -> list[str | None]:
 def retryable(exc: TransactWriteError) -> bool:
     return exc.cause_response_code == "TransactionInProgressException" or any(
         r in ("TransactionConflict", "ThrottlingError") for r in reasons(exc))
+
+
+def encode_cursor(position: dict[str, Any]) -> str:
+    """A page's position as an opaque, URL-safe string."""
+    raw = json.dumps(position, separators=(",", ":"), sort_keys=True).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> dict[str, Any]:
+    """The position a cursor names; Invalid when it is not one of ours."""
+    if not cursor:
+        return {}
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        position = json.loads(raw)
+    except (ValueError, binascii.Error) as exc:
+        raise Invalid("cursor is not one this API gave") from exc
+    if not isinstance(position, dict):
+        raise Invalid("cursor is not one this API gave")
+    return position
 
 
 class StoreBase:

@@ -28,6 +28,8 @@ from chalicelib.domain import (
     Line,
     Order,
     OrderStatus,
+    Refund,
+    RefundStatus,
     Sale,
     Ticket,
     TicketStatus,
@@ -36,6 +38,9 @@ from chalicelib.domain import (
 )
 
 UNPAID_FLAG = "1"  # the sparse index's key: present only while the order is UNPAID
+OPEN_FLAG = "1"  # a refund's, while it is PENDING or FAILED
+RECHECK_FLAG = "1"  # a closed order's, until it was asked about after its link expired
+PAID_CLOSED_FLAG = "1"  # an order's, while money is held for it though it closed
 CONNECT_TIMEOUT_SECONDS = 3
 READ_TIMEOUT_SECONDS = 10
 MAX_RETRY_ATTEMPTS = 2
@@ -50,11 +55,13 @@ class Models:
     Sale: Any
     Ticket: Any
     SeckillMarker: Any
+    Refund: Any
+    Timeline: Any
 
     @property
     def all(self) -> tuple[type[Model], ...]:
         return (self.Goods, self.CartLine, self.Order, self.Sale, self.Ticket,
-                self.SeckillMarker)
+                self.SeckillMarker, self.Refund, self.Timeline)
 
 
 @lru_cache(maxsize=8)
@@ -119,6 +126,47 @@ def models_for(tables: Tables, region: str) -> Models:
         check_time = UnicodeAttribute(range_key=True)
 
 
+    class StatusIndex(GlobalSecondaryIndex["OrderModel"]):
+        """The operator's search by status, newest first, within a time range."""
+
+        class Meta:
+            index_name = "by-status"
+            projection = AllProjection()
+
+        status = UnicodeAttribute(hash_key=True)
+        create_time = UnicodeAttribute(range_key=True)
+
+    class TradeIndex(GlobalSecondaryIndex["OrderModel"]):
+        """Sparse: the order of an Alipay trade number."""
+
+        class Meta:
+            index_name = "by-trade"
+            projection = KeysOnlyProjection()
+
+        transaction_id = UnicodeAttribute(hash_key=True)
+
+    class RecheckIndex(GlobalSecondaryIndex["OrderModel"]):
+        """Sparse: `recheck` exists while a closed order that had a payment link
+        waits to be asked about once more (when the link has expired)."""
+
+        class Meta:
+            index_name = "recheck-by-time"
+            projection = KeysOnlyProjection()
+
+        recheck = UnicodeAttribute(hash_key=True)
+        link_expire_time = UnicodeAttribute(range_key=True)
+
+    class AttentionIndex(GlobalSecondaryIndex["OrderModel"]):
+        """Sparse: `paid_but_closed` exists while the provider holds money for a
+        closed order that has not gone back yet."""
+
+        class Meta:
+            index_name = "paid-but-closed"
+            projection = KeysOnlyProjection()
+
+        paid_but_closed = UnicodeAttribute(hash_key=True)
+        update_time = UnicodeAttribute(range_key=True)
+
     class OrderModel(Model):
         class Meta(meta):
             table_name = tables.orders
@@ -143,8 +191,19 @@ def models_for(tables: Tables, region: str) -> Models:
         refund_request_no = UnicodeAttribute(null=True)
         unpaid = UnicodeAttribute(null=True)
         sale_id = UnicodeAttribute(null=True)  # a flash-sale order (its stock is the sale's)
+        refunded_fen = NumberAttribute(null=True)
+        refund_reserved_fen = NumberAttribute(null=True)
+        pending_refund_id = UnicodeAttribute(null=True)
+        refund_count = NumberAttribute(null=True)
+        link_expire_time = UnicodeAttribute(null=True)
+        recheck = UnicodeAttribute(null=True)
+        paid_but_closed = UnicodeAttribute(null=True)
 
         by_user = UserOrdersIndex()
+        by_status = StatusIndex()
+        by_trade = TradeIndex()
+        recheck_due = RecheckIndex()
+        attention = AttentionIndex()
         unpaid_due = UnpaidIndex()
 
 
@@ -197,9 +256,66 @@ def models_for(tables: Tables, region: str) -> Models:
         order_id = UnicodeAttribute(null=True)
         create_time = UnicodeAttribute()
 
+    # refunds (chalicelib/domain/refund.py)
+
+    class RefundsByOrderIndex(GlobalSecondaryIndex["RefundModel"]):
+        class Meta:
+            index_name = "by-order"
+            projection = AllProjection()
+
+        order_id = UnicodeAttribute(hash_key=True)
+        create_time = UnicodeAttribute(range_key=True)
+
+    class OpenRefundsIndex(GlobalSecondaryIndex["RefundModel"]):
+        """Sparse: `open_status` exists while the refund is PENDING or FAILED."""
+
+        class Meta:
+            index_name = "open-by-time"
+            projection = AllProjection()
+
+        open_status = UnicodeAttribute(hash_key=True)
+        create_time = UnicodeAttribute(range_key=True)
+
+    class RefundModel(Model):
+        """A refund (`id` REFUND_...), or an operator's idempotency key
+        (`id` IDEM#<order>#<key>, `refund_id` the refund it made) in the same table."""
+
+        class Meta(meta):
+            table_name = tables.refunds
+
+        id = UnicodeAttribute(hash_key=True)
+        order_id = UnicodeAttribute(null=True)
+        amount_fen = NumberAttribute(null=True)
+        reason = UnicodeAttribute(null=True)
+        status = UnicodeAttribute(null=True)
+        operator = UnicodeAttribute(null=True)
+        create_time = UnicodeAttribute(null=True)
+        finish_time = UnicodeAttribute(null=True)
+        failure_code = UnicodeAttribute(null=True)
+        failure_message = UnicodeAttribute(null=True)
+        idempotency_key = UnicodeAttribute(null=True)
+        open_status = UnicodeAttribute(null=True)
+        refund_id = UnicodeAttribute(null=True)
+
+        by_order = RefundsByOrderIndex()
+        open_refunds = OpenRefundsIndex()
+
+    class TimelineModel(Model):
+        """An order's events: `seq` is the event's time and a random tail, so a
+        query of the order gives them in time order."""
+
+        class Meta(meta):
+            table_name = tables.timeline
+
+        order_id = UnicodeAttribute(hash_key=True)
+        seq = UnicodeAttribute(range_key=True)
+        type = UnicodeAttribute()
+        detail = UnicodeAttribute()  # JSON
+
     return Models(Goods=GoodsModel, CartLine=CartLineModel, Order=OrderModel,
                   OrderLine=OrderLineAttribute, Sale=SaleModel, Ticket=TicketModel,
-                  SeckillMarker=SeckillMarkerModel)
+                  SeckillMarker=SeckillMarkerModel, Refund=RefundModel,
+                  Timeline=TimelineModel)
 
 
 def order_from_model(m: Any) -> Order:
@@ -227,6 +343,11 @@ def order_from_model(m: Any) -> Order:
         transaction_id=m.transaction_id,
         refund_request_no=m.refund_request_no,
         sale_id=m.sale_id,
+        refunded_fen=int(m.refunded_fen or 0),
+        refund_reserved_fen=int(m.refund_reserved_fen or 0),
+        pending_refund_id=m.pending_refund_id,
+        refund_count=int(m.refund_count or 0),
+        link_expire_time=opt(m.link_expire_time),
     )
 
 
@@ -249,6 +370,25 @@ def model_from_order(models: Models, o: Order) -> Any:
         unpaid=UNPAID_FLAG if o.status == UNPAID else None,
         sale_id=o.sale_id,
     )
+
+
+def refund_from_model(m: Any) -> Refund:
+    return Refund(
+        id=m.id, order_id=m.order_id, amount_fen=int(m.amount_fen), reason=m.reason,
+        status=RefundStatus(m.status), operator=m.operator,
+        create_time=parse_iso(m.create_time),
+        finish_time=parse_iso(m.finish_time) if m.finish_time else None,
+        failure_code=m.failure_code, failure_message=m.failure_message,
+        idempotency_key=m.idempotency_key)
+
+
+def model_from_refund(models: Models, r: Refund) -> Any:
+    return models.Refund(
+        r.id, order_id=r.order_id, amount_fen=r.amount_fen, reason=r.reason,
+        status=r.status.value, operator=r.operator, create_time=iso(r.create_time),
+        finish_time=iso(r.finish_time), failure_code=r.failure_code,
+        failure_message=r.failure_message, idempotency_key=r.idempotency_key,
+        open_status=OPEN_FLAG if r.status != RefundStatus.SUCCEEDED else None)
 
 
 def sale_from_model(m: Any) -> Sale:

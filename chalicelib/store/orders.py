@@ -7,6 +7,7 @@ import random
 import time
 from collections.abc import Mapping
 from datetime import datetime
+from typing import Any
 
 from pynamodb.exceptions import DoesNotExist, TransactWriteError, UpdateError
 from pynamodb.transactions import TransactWrite
@@ -14,17 +15,31 @@ from pynamodb.transactions import TransactWrite
 from chalicelib.domain import (
     CLOSED,
     PAID,
-    REFUNDED,
     UNPAID,
     Conflict,
     Order,
+    OrderStatus,
     OutOfStock,
     PriceChanged,
     Unavailable,
     iso,
 )
-from chalicelib.store.base import DYNAMO_ERRORS, StoreBase, dynamo, reasons, retryable
-from chalicelib.store.models import UNPAID_FLAG, model_from_order, order_from_model
+from chalicelib.store.base import (
+    DYNAMO_ERRORS,
+    StoreBase,
+    decode_cursor,
+    dynamo,
+    encode_cursor,
+    reasons,
+    retryable,
+)
+from chalicelib.store.models import (
+    PAID_CLOSED_FLAG,
+    RECHECK_FLAG,
+    UNPAID_FLAG,
+    model_from_order,
+    order_from_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -140,19 +155,26 @@ class OrderStore(StoreBase):
             raise Unavailable("dynamodb is not answering") from exc
 
     def close_order(self, order: Order, *, now: datetime) -> bool:
-        """UNPAID -> CLOSED and the stock back, in one transaction. False when not UNPAID."""
+        """UNPAID -> CLOSED and the stock back, in one transaction. False when not UNPAID.
+
+        Closed before its payment link expires (a cancel), the order waits in the
+        recheck index until then: money paid through the old link is found."""
         m = self.models
+        actions = [
+            m.Order.status.set(CLOSED),
+            m.Order.close_time.set(iso(now)),
+            m.Order.end_time.set(iso(now)),
+            m.Order.update_time.set(iso(now)),
+            m.Order.unpaid.remove(),
+        ]
+        if now < order.expire_time:
+            actions += [m.Order.recheck.set(RECHECK_FLAG),
+                        m.Order.link_expire_time.set(iso(order.expire_time))]
         try:
             with TransactWrite(connection=self.connection) as tx:
                 tx.update(
                     m.Order(order.id),
-                    actions=[
-                        m.Order.status.set(CLOSED),
-                        m.Order.close_time.set(iso(now)),
-                        m.Order.end_time.set(iso(now)),
-                        m.Order.update_time.set(iso(now)),
-                        m.Order.unpaid.remove(),
-                    ],
+                    actions=actions,
                     condition=m.Order.status == UNPAID,
                 )
                 for line in order.lines:
@@ -170,28 +192,96 @@ class OrderStore(StoreBase):
         except DYNAMO_ERRORS as exc:
             raise Unavailable("dynamodb is not answering") from exc
 
-    def mark_refunded(
-        self, order_id: str, *, trade_no: str, refund_request_no: str, now: datetime
-    ) -> bool:
-        """CLOSED -> REFUNDED once the money went back. False when not CLOSED."""
+    def recheck_due(self, now: datetime, limit: int = 500) -> list[str]:
+        """Ids of closed orders whose payment link has expired and that were not
+        asked about since, oldest first."""
+        m = self.models
+        with dynamo():
+            return [x.id for x in m.Order.recheck_due.query(
+                RECHECK_FLAG, m.Order.link_expire_time <= iso(now), limit=limit)]
+
+    def clear_recheck(self, order_id: str) -> None:
+        """The order was asked about after its link expired (an unknown one: nothing)."""
         m = self.models
         try:
-            m.Order(order_id).update(
-                actions=[
-                    m.Order.status.set(REFUNDED),
-                    m.Order.transaction_id.set(trade_no),
-                    m.Order.refund_request_no.set(refund_request_no),
-                    m.Order.update_time.set(iso(now)),
-                ],
-                condition=m.Order.status == CLOSED,
-            )
-            return True
+            m.Order._get_connection().update_item(
+                order_id, actions=[m.Order.recheck.remove()],
+                condition=m.Order.id.exists())
         except UpdateError as exc:
-            if exc.cause_response_code == "ConditionalCheckFailedException":
-                return False
-            raise Unavailable("dynamodb is not answering") from exc
+            if exc.cause_response_code != "ConditionalCheckFailedException":
+                raise Unavailable("dynamodb is not answering") from exc
         except DYNAMO_ERRORS as exc:
             raise Unavailable("dynamodb is not answering") from exc
+
+    def mark_paid_but_closed(self, order_id: str, *, trade_no: str, now: datetime) -> None:
+        """The provider holds money for this closed order: in front of a person
+        until it is refunded."""
+        m = self.models
+        try:
+            m.Order._get_connection().update_item(
+                order_id, actions=[m.Order.paid_but_closed.set(PAID_CLOSED_FLAG),
+                                   m.Order.transaction_id.set(trade_no),
+                                   m.Order.update_time.set(iso(now))],
+                condition=m.Order.status == CLOSED)
+        except UpdateError as exc:
+            if exc.cause_response_code != "ConditionalCheckFailedException":
+                raise Unavailable("dynamodb is not answering") from exc
+        except DYNAMO_ERRORS as exc:
+            raise Unavailable("dynamodb is not answering") from exc
+
+    def paid_but_closed(self, limit: int = 100) -> list[str]:
+        m = self.models
+        with dynamo():
+            return [x.id for x in m.Order.attention.query(PAID_CLOSED_FLAG, limit=limit)]
+
+    def order_by_trade(self, trade_no: str) -> Order | None:
+        m = self.models
+        if not trade_no:
+            return None
+        with dynamo():
+            ids = [x.id for x in m.Order.by_trade.query(trade_no, limit=1)]
+        return self.get_order(ids[0]) if ids else None
+
+    def search_orders(self, *, status: str | None, start: datetime | None,
+                      end: datetime | None, limit: int, cursor: str | None,
+                      ) -> tuple[list[Order], str | None]:
+        """Orders newest first, by status (every status when None) within
+        [start, end] on create time, through the by-status index. `cursor` (opaque)
+        continues where the last page stopped; the second value is the next one."""
+        m = self.models
+        statuses = [status] if status else [s.value for s in OrderStatus]
+        position = decode_cursor(cursor)
+        condition = None
+        if start is not None and end is not None:
+            condition = m.Order.create_time.between(iso(start), iso(end))
+        elif start is not None:
+            condition = m.Order.create_time >= iso(start)
+        elif end is not None:
+            condition = m.Order.create_time <= iso(end)
+        merged: list[Any] = []
+        more_in: dict[str, bool] = {}
+        with dynamo():
+            for st in statuses:
+                if st in position and position[st] is None:
+                    continue  # that status was read to its end
+                result = m.Order.by_status.query(
+                    st, condition, scan_index_forward=False, limit=limit,
+                    last_evaluated_key=position.get(st) or None)
+                merged += list(result)
+                more_in[st] = result.last_evaluated_key is not None
+        merged.sort(key=lambda x: (x.create_time, x.id), reverse=True)
+        page, rest = merged[:limit], merged[limit:]
+        nxt: dict[str, Any] = dict(position)
+        for st in more_in:
+            taken = [x for x in page if x.status == st]
+            if taken:
+                nxt[st] = {"id": {"S": taken[-1].id}, "status": {"S": st},
+                           "create_time": {"S": taken[-1].create_time}}
+            left = more_in[st] or any(x.status == st for x in rest)
+            if not left:
+                nxt[st] = None
+        done = all(nxt.get(st, "") is None for st in statuses)
+        return [order_from_model(x) for x in page], None if done else encode_cursor(nxt)
 
     def unpaid_due(self, now: datetime, limit: int = 500) -> list[str]:
         """Ids of UNPAID orders whose check time has passed, oldest first, from the sparse index."""

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from chalicelib import broker, handlers, seckill
+from chalicelib import admin, broker, handlers, metrics, refunds, seckill
 from chalicelib.config import Settings
 from chalicelib.domain import Unavailable, Unprocessable
 from chalicelib.handlers import Deps
@@ -82,6 +82,7 @@ def queue_handlers(d: Deps) -> dict[str, Handle]:
         broker.QUEUE_CHECK: consumer(handlers.on_check, d),
         broker.QUEUE_PAY: consumer(handlers.on_paid, d),
         broker.QUEUE_SECKILL: consumer(seckill.on_seckill, d),
+        broker.QUEUE_REFUND: consumer(refunds.resolve_refund, d),
     }
 
 
@@ -108,8 +109,9 @@ def sweep_forever(d: Deps, stop: threading.Event, interval: float) -> None:
     while not stop.wait(interval):
         try:
             result = handlers.sweep(d)
-            if result["due"]:
+            if any(result.values()):
                 log.info("sweep: %s", result)
+            metrics.emit_attention(admin.attention(d), stage=d.settings.stage)
         except Exception:  # noqa: BLE001 - the next round tries again
             log.exception("sweep failed")
 

@@ -27,6 +27,11 @@ def main() -> int:
     signal.signal(signal.SIGINT, on_signal)
     settings = config.get()
     logs.configure(settings.log_level, force=True)
+    try:
+        config.check(settings)
+    except config.SettingsError as exc:
+        log.error("%s", exc)
+        return 2
     log.info("worker: %s, prefetch %s, check delay %s s", broker.safe_url(settings.rmq_url),
              settings.bridge_prefetch, settings.check_delay_seconds)
     try:

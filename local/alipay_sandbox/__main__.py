@@ -1,4 +1,5 @@
-"""``python -m local.alipay_sandbox [--host 127.0.0.1] [--port 8001] [--keys local/.keys]``
+"""``python -m local.alipay_sandbox [--host 127.0.0.1] [--port 8001] [--keys local/.keys]
+[--refund-notify 1|0] [--refund-rule alipay|sandbox]``
 
 Prints one start line (gateway URL, app id, seller id, keys dir) on stdout, logs
 JSON lines on stderr, and stops cleanly on SIGTERM or SIGINT.
@@ -17,7 +18,16 @@ from types import FrameType
 
 from . import logs
 from .constants import DEFAULT_KEYS_DIR, DEFAULT_PORT, LOCAL_APP_ID, LOCAL_SELLER_ID
-from .server import NOTIFY_SCHEDULE_ENV, make_server, parse_schedule
+from .server import (
+    NOTIFY_SCHEDULE_ENV,
+    REFUND_NOTIFY_ENV,
+    REFUND_RULE_ENV,
+    make_server,
+    parse_flag,
+    parse_refund_rule,
+    parse_schedule,
+)
+from .trades import REFUND_RULES
 
 logger = logging.getLogger("local.alipay_sandbox")
 
@@ -41,6 +51,18 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--app-id", default=LOCAL_APP_ID)
     parser.add_argument("--seller-id", default=LOCAL_SELLER_ID)
+    parser.add_argument(
+        "--refund-notify",
+        choices=("1", "0"),
+        default=None,
+        help=f"notify refunds to the trade's notify_url (default: ${REFUND_NOTIFY_ENV}, else 1)",
+    )
+    parser.add_argument(
+        "--refund-rule",
+        choices=REFUND_RULES,
+        default=None,
+        help=f"sandbox: one full refund per trade (default: ${REFUND_RULE_ENV}, else alipay)",
+    )
     parser.add_argument("--log-level", default=os.environ.get("SANDBOX_LOG_LEVEL", "INFO"))
     return parser.parse_args(argv)
 
@@ -52,7 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         schedule = parse_schedule(schedule_env) if schedule_env else None
         server = make_server(
-            args.host, args.port, args.keys, schedule, app_id=args.app_id, seller_id=args.seller_id
+            args.host,
+            args.port,
+            args.keys,
+            schedule,
+            app_id=args.app_id,
+            seller_id=args.seller_id,
+            refund_notify=parse_flag(args.refund_notify) if args.refund_notify else None,
+            refund_rule=parse_refund_rule(args.refund_rule) if args.refund_rule else None,
         )
     except (OSError, ValueError) as exc:
         logger.error("sandbox cannot start: %s", exc)
@@ -72,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write(
         f"alipay sandbox: {server.gateway_url} app_id={server.app_id} "
         f"seller_id={server.seller_id} keys={server.keys_dir.resolve()} "
-        f"notify_schedule={','.join(f'{d:g}' for d in server.notifier.schedule)}\n"
+        f"notify_schedule={','.join(f'{d:g}' for d in server.notifier.schedule)} "
+        f"refund_notify={int(server.refund_notify)} refund_rule={server.refund_rule}\n"
     )
     sys.stdout.flush()
     while not stop.wait(1.0):

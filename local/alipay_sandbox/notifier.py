@@ -1,5 +1,10 @@
 """Alipay's async notify: a signed form POST to the merchant's notify_url, sent
-again on Alipay's schedule until the answer body is exactly ``success``."""
+again on Alipay's schedule until the answer body is exactly ``success``.
+
+Two kinds go out: the payment's (one per trade) and one per refund that moved
+money (to the same notify_url: trade_status TRADE_SUCCESS, or TRADE_CLOSED
+after a full refund, with ``refund_fee``, ``gmt_refund`` and ``out_biz_no``).
+Each has its own ``notify_id``, the same on every retry of it."""
 
 from __future__ import annotations
 
@@ -14,7 +19,15 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from .constants import LOCAL_BUYER_ID
 from .signer import alipay_time, sign_params
-from .trades import Clock, NotifyAttempt, PaidTrade, TradeBook
+from .trades import (
+    TRADE_CLOSED,
+    TRADE_SUCCESS,
+    Clock,
+    NotifyAttempt,
+    PaidTrade,
+    RefundNotice,
+    TradeBook,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +59,42 @@ def notify_params(paid: PaidTrade, notify_time: str, key: rsa.RSAPrivateKey) -> 
     return sign_params(fields, key)
 
 
+def refund_notify_params(
+    refund: RefundNotice, notify_time: str, key: rsa.RSAPrivateKey
+) -> dict[str, str]:
+    """The signed fields of a refund's trade_status_sync notify: the trade's fields
+    with ``refund_fee`` (the trade's total refunded once this refund was made),
+    ``gmt_refund`` and ``out_biz_no`` (the refund's out_request_no)."""
+    fields = {
+        "notify_time": notify_time,
+        "notify_type": "trade_status_sync",
+        "notify_id": refund.notify_id,
+        "app_id": refund.app_id,
+        "charset": "utf-8",
+        "version": "1.0",
+        "trade_no": refund.trade_no,
+        "out_trade_no": refund.out_trade_no,
+        "out_biz_no": refund.out_request_no,
+        "buyer_id": LOCAL_BUYER_ID,
+        "seller_id": refund.seller_id,
+        "trade_status": TRADE_CLOSED if refund.closed_trade else TRADE_SUCCESS,
+        "total_amount": refund.total_amount,
+        "receipt_amount": refund.total_amount,
+        "buyer_pay_amount": refund.total_amount,
+        "refund_fee": refund.refund_fee,
+        "gmt_create": refund.gmt_create,
+        "gmt_payment": refund.gmt_payment,
+        "gmt_refund": refund.gmt_refund,
+        "subject": refund.subject,
+    }
+    if refund.closed_trade:
+        fields["gmt_close"] = refund.gmt_refund.partition(".")[0]
+    return sign_params(fields, key)
+
+
+NoticeKey = tuple[str, str | None]  # (out_trade_no, out_request_no or None for the payment)
+
+
 class Notifier:
     def __init__(
         self,
@@ -62,62 +111,77 @@ class Notifier:
         self._timeout = timeout
         self._stop = threading.Event()
         self._threads_lock = threading.Lock()
-        self._threads: dict[str, threading.Thread] = {}
+        self._threads: dict[NoticeKey, threading.Thread] = {}
 
     @property
     def schedule(self) -> tuple[float, ...]:
         return self._schedule
 
-    def start(self, out_trade_no: str) -> None:
-        """Send now in the background, then again on the schedule until ``success``."""
-        thread = threading.Thread(
-            target=self._run, args=(out_trade_no,), name=f"notify-{out_trade_no}", daemon=True
-        )
+    def start(self, out_trade_no: str, out_request_no: str | None = None) -> None:
+        """Send the payment's notify (or the refund ``out_request_no``'s) now in the
+        background, then again on the schedule until ``success``."""
+        key: NoticeKey = (out_trade_no, out_request_no)
+        name = f"notify-{out_trade_no}" + (f"-{out_request_no}" if out_request_no else "")
+        thread = threading.Thread(target=self._run, args=(key,), name=name, daemon=True)
         with self._threads_lock:
-            self._threads[out_trade_no] = thread
+            self._threads[key] = thread
         thread.start()
 
-    def _run(self, out_trade_no: str) -> None:
+    def _run(self, key: NoticeKey) -> None:
         try:
-            self._attempts(out_trade_no)
+            self._attempts(key)
         finally:
             with self._threads_lock:
-                self._threads.pop(out_trade_no, None)
+                self._threads.pop(key, None)
 
-    def _attempts(self, out_trade_no: str) -> None:
+    def _attempts(self, key: NoticeKey) -> None:
+        out_trade_no, out_request_no = key
         for attempt, delay in enumerate((0.0, *self._schedule), start=1):
             if self._stop.wait(delay):
                 return
-            if self._book.notify_acknowledged(out_trade_no):
+            if self._book.notify_acknowledged(out_trade_no, out_request_no):
                 return
-            if self.send_once(out_trade_no).ok:
+            if self.send_once(out_trade_no, out_request_no).ok:
                 return
             logger.info(
                 "notify not acknowledged",
                 extra={
                     "event": "notify_retry_pending",
                     "out_trade_no": out_trade_no,
+                    "out_request_no": out_request_no,
                     "attempt": attempt,
                 },
             )
         logger.warning(
             "notify given up after the whole schedule",
-            extra={"event": "notify_given_up", "out_trade_no": out_trade_no},
+            extra={
+                "event": "notify_given_up",
+                "out_trade_no": out_trade_no,
+                "out_request_no": out_request_no,
+            },
         )
 
-    def send_once(self, out_trade_no: str) -> NotifyAttempt:
-        """One notify now (also the test hook's resend); records the attempt."""
-        paid = self._book.paid_trade(out_trade_no)
-        if paid is None:
-            raise KeyError(out_trade_no)
+    def send_once(self, out_trade_no: str, out_request_no: str | None = None) -> NotifyAttempt:
+        """One notify now (also the test hook's resend); records the attempt. KeyError:
+        no such paid trade (or no such refund of it)."""
         now = self._clock()
-        if not paid.notify_url:
+        notice: PaidTrade | RefundNotice | None
+        if out_request_no is None:
+            notice = self._book.paid_trade(out_trade_no)
+        else:
+            notice = self._book.refund_notice(out_trade_no, out_request_no)
+        if notice is None:
+            raise KeyError(out_trade_no if out_request_no is None else out_request_no)
+        if not notice.notify_url:
             attempt = NotifyAttempt(now, None, None, "no notify_url", False)
-            self._book.record_notify(out_trade_no, attempt)
+            self._book.record_notify(out_trade_no, attempt, out_request_no)
             return attempt
-        params = notify_params(paid, alipay_time(now), self._key)
+        if isinstance(notice, RefundNotice):
+            params = refund_notify_params(notice, alipay_time(now), self._key)
+        else:
+            params = notify_params(notice, alipay_time(now), self._key)
         request = urllib.request.Request(
-            paid.notify_url,
+            notice.notify_url,
             data=urllib.parse.urlencode(params).encode("utf-8"),
             headers={"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"},
             method="POST",
@@ -136,14 +200,16 @@ class Notifier:
             error = f"{type(exc).__name__}: {exc}"
         ok = status == 200 and answer == "success"
         attempt = NotifyAttempt(now, status, answer, error, ok)
-        self._book.record_notify(out_trade_no, attempt)
+        self._book.record_notify(out_trade_no, attempt, out_request_no)
         logger.info(
             "notify sent",
             extra={
                 "event": "notify_sent",
-                "out_trade_no": paid.out_trade_no,
-                "trade_no": paid.trade_no,
-                "notify_id": paid.notify_id,
+                "out_trade_no": notice.out_trade_no,
+                "trade_no": notice.trade_no,
+                "notify_id": notice.notify_id,
+                "out_request_no": out_request_no,
+                "trade_status": params["trade_status"],
                 "http_status": status,
                 "answer": answer,
                 "error": error,

@@ -6,9 +6,20 @@ Routes:
   ``alipay.trade.query``, ``.close``, ``.refund``, ``.fastpay.refund.query``
   answer signed JSON as Alipay does.
 - ``POST /sandbox/pay`` (form ``out_trade_no``, optional ``notify=drop``).
-- ``POST /sandbox/notify/{out_trade_no}``: send the async notify again now.
+- ``POST /sandbox/notify/{out_trade_no}``: send the async notify again now
+  (``?out_request_no=...``: that refund's notify).
 - ``GET /sandbox/trades/{out_trade_no}``, ``GET /sandbox/trades``: trades as JSON.
+- ``PUT /sandbox/trades/{out_trade_no}/refund-fault`` with JSON
+  ``{"code": "ACQ.SELLER_BALANCE_NOT_ENOUGH" | "ACQ.SYSTEM_ERROR", "applied": false}``:
+  the trade's next refunds fail so (see ``trades``); ``DELETE`` clears it.
+  400 on a bad body, 404 on an unknown trade.
 - ``GET /health``.
+
+Settings (``make_server`` arguments, else the environment):
+``SANDBOX_REFUND_NOTIFY`` (``1``, the default: a refund that moved money is
+notified to the trade's notify_url; ``0``: not) and ``SANDBOX_REFUND_RULE``
+(``alipay``, the default: partial refunds; ``sandbox``: Alipay's sandbox quirk,
+one refund per trade, of the whole amount).
 """
 
 from __future__ import annotations
@@ -37,14 +48,51 @@ from .keys import ensure_keys, load_private_key, load_public_key
 from .notifier import Notifier
 from .pages import cashier_page, error_page, paid_page
 from .signer import alipay_time, sign_content, sign_params, verify_request
-from .trades import ApiError, PayRefused, TradeBook, utc_now
+from .trades import (
+    REFUND_FAULT_CODES,
+    REFUND_RULE_ALIPAY,
+    REFUND_RULES,
+    SYSTEM_ERROR,
+    ApiError,
+    PayRefused,
+    RefundFault,
+    TradeBook,
+    utc_now,
+)
 
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
 NOTIFY_SCHEDULE_ENV = "SANDBOX_NOTIFY_SCHEDULE"
+REFUND_NOTIFY_ENV = "SANDBOX_REFUND_NOTIFY"
+REFUND_RULE_ENV = "SANDBOX_REFUND_RULE"
+_FAULT_SUFFIX = "/refund-fault"
 
-__all__ = ["SandboxServer", "make_server", "parse_schedule", "render_api_response"]
+__all__ = [
+    "SandboxServer",
+    "make_server",
+    "parse_flag",
+    "parse_refund_rule",
+    "parse_schedule",
+    "render_api_response",
+]
+
+
+def parse_flag(text: str, name: str = REFUND_NOTIFY_ENV) -> bool:
+    """``1/true/yes/on`` or ``0/false/no/off`` (any case)."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be 1 or 0: {text!r}")
+
+
+def parse_refund_rule(text: str) -> str:
+    value = text.strip().lower()
+    if value not in REFUND_RULES:
+        raise ValueError(f"{REFUND_RULE_ENV} must be one of {', '.join(REFUND_RULES)}: {text!r}")
+    return value
 
 
 def parse_schedule(text: str) -> list[float]:
@@ -85,6 +133,8 @@ class SandboxServer(ThreadingHTTPServer):
         seller_id: str,
         notify_schedule: Sequence[float],
         clock: Callable[[], datetime],
+        refund_notify: bool = True,
+        refund_rule: str = REFUND_RULE_ALIPAY,
     ) -> None:
         super().__init__(address, SandboxHandler)
         self.keys_dir = keys["app_private"].parent
@@ -93,8 +143,22 @@ class SandboxServer(ThreadingHTTPServer):
         self.clock = clock
         self.app_public_key = load_public_key(keys["app_public"])
         self.alipay_private_key = load_private_key(keys["alipay_private"])
-        self.book = TradeBook(clock)
+        self.book = TradeBook(clock, refund_rule)
         self.notifier = Notifier(self.book, self.alipay_private_key, notify_schedule, clock)
+        self.refund_notify = refund_notify
+        self.book.on_refund(self._refunded)
+
+    @property
+    def refund_rule(self) -> str:
+        return self.book.refund_rule
+
+    def _refunded(self, out_trade_no: str, out_request_no: str) -> None:
+        """A refund moved money: Alipay notifies the trade's notify_url."""
+        if not self.refund_notify:
+            return
+        notice = self.book.refund_notice(out_trade_no, out_request_no)
+        if notice is not None and notice.notify_url:
+            self.notifier.start(out_trade_no, out_request_no)
 
     @property
     def base_url(self) -> str:
@@ -138,6 +202,18 @@ class SandboxHandler(BaseHTTPRequestHandler):
     def _html(self, status: int, body: bytes) -> None:
         self._send(status, body, "text/html; charset=utf-8")
 
+    def _read_json(self) -> Any:
+        """The request's JSON body; ValueError when absent, too large or not JSON."""
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = 0
+        if length <= 0:
+            raise ValueError("a JSON body is required")
+        if length > MAX_BODY_BYTES:
+            raise ValueError("body too large")
+        return json.loads(self.rfile.read(length).decode("utf-8"))
+
     def _json(self, status: int, payload: Any) -> None:
         body = json.dumps(payload, ensure_ascii=False, indent=2).encode("utf-8")
         self._send(status, body, "application/json; charset=utf-8")
@@ -168,6 +244,12 @@ class SandboxHandler(BaseHTTPRequestHandler):
             self._json(200, {"status": "ok"})
         elif path == "/sandbox/trades":
             self._json(200, {"items": self.server.book.snapshot_all()})
+        elif (fault_of := self._fault_target(path)) is not None:
+            trade = self.server.book.snapshot(fault_of)
+            if trade is None:
+                self._json(404, {"error": "TRADE_NOT_EXIST", "out_trade_no": fault_of})
+            else:
+                self._json(200, {"out_trade_no": fault_of, "refund_fault": trade["refund_fault"]})
         elif path.startswith("/sandbox/trades/"):
             out_trade_no = urllib.parse.unquote(path.removeprefix("/sandbox/trades/"))
             trade = self.server.book.snapshot(out_trade_no)
@@ -190,9 +272,52 @@ class SandboxHandler(BaseHTTPRequestHandler):
         elif path == "/sandbox/pay":
             self._pay(form)
         elif path.startswith("/sandbox/notify/"):
-            self._resend(urllib.parse.unquote(path.removeprefix("/sandbox/notify/")))
+            self._resend(
+                urllib.parse.unquote(path.removeprefix("/sandbox/notify/")),
+                query.get("out_request_no") or None,
+            )
         else:
             self._json(404, {"error": "NOT_FOUND", "path": path})
+
+    def do_PUT(self) -> None:
+        path, _ = self._split()
+        out_trade_no = self._fault_target(path)
+        if out_trade_no is None:
+            self._json(404, {"error": "NOT_FOUND", "path": path})
+            return
+        try:
+            fault = _parse_fault(self._read_json())
+        except (ValueError, UnicodeDecodeError) as exc:
+            self._json(400, {"error": "BAD_REQUEST", "detail": str(exc)})
+            return
+        self._set_fault(out_trade_no, fault)
+
+    def do_DELETE(self) -> None:
+        path, _ = self._split()
+        out_trade_no = self._fault_target(path)
+        if out_trade_no is None:
+            self._json(404, {"error": "NOT_FOUND", "path": path})
+            return
+        self._set_fault(out_trade_no, None)
+
+    # --- test hooks -------------------------------------------------------
+
+    @staticmethod
+    def _fault_target(path: str) -> str | None:
+        """``/sandbox/trades/{out_trade_no}/refund-fault`` -> out_trade_no."""
+        if not (path.startswith("/sandbox/trades/") and path.endswith(_FAULT_SUFFIX)):
+            return None
+        name = path.removeprefix("/sandbox/trades/").removesuffix(_FAULT_SUFFIX)
+        return urllib.parse.unquote(name) if name and "/" not in name else None
+
+    def _set_fault(self, out_trade_no: str, fault: RefundFault | None) -> None:
+        if not self.server.book.set_refund_fault(out_trade_no, fault):
+            self._json(404, {"error": "TRADE_NOT_EXIST", "out_trade_no": out_trade_no})
+            return
+        self._json(
+            200,
+            {"out_trade_no": out_trade_no, "refund_fault": fault.to_json() if fault else None},
+        )
 
     # --- the gateway ------------------------------------------------------
 
@@ -352,22 +477,42 @@ class SandboxHandler(BaseHTTPRequestHandler):
         location = paid.return_url + separator + urllib.parse.urlencode(sync)
         self._send(HTTPStatus.FOUND, b"", "text/plain; charset=utf-8", {"Location": location})
 
-    def _resend(self, out_trade_no: str) -> None:
+    def _resend(self, out_trade_no: str, out_request_no: str | None) -> None:
         try:
-            attempt = self.server.notifier.send_once(out_trade_no)
+            attempt = self.server.notifier.send_once(out_trade_no, out_request_no)
         except KeyError:
-            self._json(404, {"error": "TRADE_NOT_PAID", "out_trade_no": out_trade_no})
+            error = "REFUND_NOT_EXIST" if out_request_no else "TRADE_NOT_PAID"
+            self._json(404, {"error": error, "out_trade_no": out_trade_no,
+                             "out_request_no": out_request_no})
             return
         self._json(
             200,
             {
                 "out_trade_no": out_trade_no,
+                "out_request_no": out_request_no,
                 "status": attempt.status,
                 "answer": attempt.answer,
                 "error": attempt.error,
                 "ok": attempt.ok,
             },
         )
+
+
+def _parse_fault(body: Any) -> RefundFault:
+    if not isinstance(body, dict):
+        raise ValueError("the body must be a JSON object")
+    unknown = set(body) - {"code", "applied"}
+    if unknown:
+        raise ValueError(f"unknown fields: {', '.join(sorted(unknown))}")
+    code = body.get("code")
+    if code not in REFUND_FAULT_CODES:
+        raise ValueError(f"code must be one of {', '.join(REFUND_FAULT_CODES)}")
+    applied = body.get("applied", False)
+    if not isinstance(applied, bool):
+        raise ValueError("applied must be true or false")
+    if applied and code != SYSTEM_ERROR:
+        raise ValueError(f"applied: true only goes with {SYSTEM_ERROR} (a refusal moves nothing)")
+    return RefundFault(code=code, applied=applied)
 
 
 def make_server(
@@ -379,16 +524,28 @@ def make_server(
     app_id: str = LOCAL_APP_ID,
     seller_id: str = LOCAL_SELLER_ID,
     clock: Callable[[], datetime] = utc_now,
+    refund_notify: bool | None = None,
+    refund_rule: str | None = None,
 ) -> SandboxServer:
     """A sandbox bound to ``host:port`` (0 picks a free port); call ``serve_forever``.
 
     ``notify_schedule`` is the list of delays (seconds) between notify attempts;
     default: env ``SANDBOX_NOTIFY_SCHEDULE``, else Alipay's schedule with a minute
-    compressed to a second. Keys are made in ``keys_dir`` when missing.
+    compressed to a second. ``refund_notify`` (default: env ``SANDBOX_REFUND_NOTIFY``,
+    else on) and ``refund_rule`` (default: env ``SANDBOX_REFUND_RULE``, else
+    ``alipay``): see the module's docstring. Keys are made in ``keys_dir`` when missing.
     """
     if notify_schedule is None:
         env = os.environ.get(NOTIFY_SCHEDULE_ENV)
         notify_schedule = parse_schedule(env) if env else list(DEFAULT_NOTIFY_SCHEDULE)
+    if refund_notify is None:
+        env = os.environ.get(REFUND_NOTIFY_ENV)
+        refund_notify = parse_flag(env) if env else True
+    if refund_rule is None:
+        env = os.environ.get(REFUND_RULE_ENV)
+        refund_rule = parse_refund_rule(env) if env else REFUND_RULE_ALIPAY
+    else:
+        refund_rule = parse_refund_rule(refund_rule)
     keys = ensure_keys(Path(keys_dir))
     server = SandboxServer(
         (host, port),
@@ -397,6 +554,8 @@ def make_server(
         seller_id=seller_id,
         notify_schedule=notify_schedule,
         clock=clock,
+        refund_notify=refund_notify,
+        refund_rule=refund_rule,
     )
     logger.info(
         "sandbox ready",
@@ -406,6 +565,8 @@ def make_server(
             "app_id": app_id,
             "seller_id": seller_id,
             "keys_dir": str(server.keys_dir),
+            "refund_notify": refund_notify,
+            "refund_rule": refund_rule,
         },
     )
     return server

@@ -91,6 +91,14 @@ def alipay_time(moment: datetime) -> str:
     return moment.astimezone(SHANGHAI).strftime(ALIPAY_TIME_FORMAT)
 
 
+def alipay_time_ms(moment: datetime) -> str:
+    """``yyyy-MM-dd HH:mm:ss.SSS`` in Asia/Shanghai: how Alipay writes ``gmt_refund``."""
+    if moment.tzinfo is None:
+        raise ValueError("alipay_time_ms needs an aware datetime")
+    local = moment.astimezone(SHANGHAI)
+    return f"{local.strftime(ALIPAY_TIME_FORMAT)}.{local.microsecond // 1000:03d}"
+
+
 def parse_alipay_time(value: str) -> datetime:
     """Alipay's ``yyyy-MM-dd HH:mm:ss`` (Asia/Shanghai) as an aware UTC datetime."""
     return datetime.strptime(value, ALIPAY_TIME_FORMAT).replace(tzinfo=SHANGHAI).astimezone(UTC)

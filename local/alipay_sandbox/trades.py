@@ -4,6 +4,37 @@ The book is the sandbox's whole state and implements Alipay's trade rules: a
 page-pay trade is created when the buyer opens the cashier, ``time_expire``
 closes it, a paid trade can be refunded in parts (each ``out_request_no`` at
 most once) and a fully refunded trade is TRADE_CLOSED, as on Alipay.
+
+Refunds answer as ``alipay.trade.refund`` does (code 40004 "Business Failed"
+unless said otherwise):
+
+- the same ``out_request_no`` and amount again: the first answer with
+  ``fund_change: "N"``; nothing moves;
+- the same ``out_request_no`` with another amount: ``ACQ.DISCORDANT_REPEAT_REQUEST``
+  (不一致的请求);
+- ``refund_amount`` not a positive number with at most two decimals (or above
+  100000000): ``ACQ.REASON_TRADE_REFUND_FEE_ERR`` (退款金额无效);
+- more than what is left of the trade: ``ACQ.REFUND_AMT_NOT_EQUAL_TOTAL`` (退款金额超限);
+- an unpaid trade: ``ACQ.TRADE_STATUS_ERROR``;
+- the refund rule ``sandbox`` (``SANDBOX_REFUND_RULE=sandbox``) is the quirk of
+  Alipay's own sandbox: one refund per trade, of the whole amount. Any other
+  amount is refused with ``ACQ.REFUND_AMT_NOT_EQUAL_TOTAL`` and the sub_msg
+  撤销或退款金额与订单金额不一致 (the code's literal meaning: the refund is not the
+  order's total); a second refund finds nothing left and gets the same code.
+
+A refund fault set by the test hook (``set_refund_fault``) stays until cleared:
+
+- ``ACQ.SELLER_BALANCE_NOT_ENOUGH``: every refund that would move money is
+  refused, signed, code 40004, sub_msg 卖家余额不足; nothing moves (a repeat of a
+  refund made before still answers ``fund_change: "N"``);
+- ``ACQ.SYSTEM_ERROR``: every refund call of the trade answers code 20000
+  "Service Currently Unavailable", sub_code ``aop.ACQ.SYSTEM_ERROR``, sub_msg
+  系统异常 (how Alipay's gateway reports the refund system's failure; its docs
+  list ``ACQ.SYSTEM_ERROR`` as the business code, and the gateway answers it
+  as code 20000 with the ``aop.`` prefix, the outcome unknown). With
+  ``applied`` false nothing is done; with ``applied`` true the call is carried
+  out as usual (the refund is made and recorded, notified) and the answer is
+  the error anyway.
 """
 
 from __future__ import annotations
@@ -20,13 +51,21 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from .constants import LOCAL_BUYER_ID
-from .signer import ALIPAY_TIME_FORMAT, SHANGHAI, alipay_time, money
+from .signer import ALIPAY_TIME_FORMAT, SHANGHAI, alipay_time, alipay_time_ms, money
 
 logger = logging.getLogger(__name__)
 
 WAIT_BUYER_PAY = "WAIT_BUYER_PAY"
 TRADE_SUCCESS = "TRADE_SUCCESS"
 TRADE_CLOSED = "TRADE_CLOSED"
+
+REFUND_RULE_ALIPAY = "alipay"  # partial refunds, as Alipay's production does
+REFUND_RULE_SANDBOX = "sandbox"  # Alipay's sandbox: one refund per trade, of the whole amount
+REFUND_RULES = (REFUND_RULE_ALIPAY, REFUND_RULE_SANDBOX)
+
+SELLER_BALANCE_NOT_ENOUGH = "ACQ.SELLER_BALANCE_NOT_ENOUGH"
+SYSTEM_ERROR = "ACQ.SYSTEM_ERROR"
+REFUND_FAULT_CODES = (SELLER_BALANCE_NOT_ENOUGH, SYSTEM_ERROR)
 
 MIN_AMOUNT = Decimal("0.01")
 MAX_AMOUNT = Decimal("100000000.00")
@@ -73,6 +112,29 @@ def invalid_parameter(detail: str) -> ApiError:
     return business_error("ACQ.INVALID_PARAMETER", detail)
 
 
+def system_error() -> ApiError:
+    """Alipay's gateway when the refund system fails: the outcome is unknown."""
+    return ApiError(
+        "20000", "Service Currently Unavailable", "aop." + SYSTEM_ERROR, "系统异常"
+    )
+
+
+def parse_refund_amount(value: Any) -> Decimal:
+    """``refund_amount``: a positive number with at most two decimals (a JSON
+    string, as python-alipay-sdk sends it, or a JSON number, as some SDKs do)."""
+    if value is None or value == "":
+        raise invalid_parameter("refund_amount is required")
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise business_error("ACQ.REASON_TRADE_REFUND_FEE_ERR", "退款金额无效")
+    text = value if isinstance(value, str) else str(value)
+    if not _AMOUNT_RE.match(text):
+        raise business_error("ACQ.REASON_TRADE_REFUND_FEE_ERR", "退款金额无效")
+    amount = Decimal(text)
+    if not MIN_AMOUNT <= amount <= MAX_AMOUNT:
+        raise business_error("ACQ.REASON_TRADE_REFUND_FEE_ERR", "退款金额无效")
+    return amount
+
+
 def parse_amount(value: Any, name: str) -> Decimal:
     if not isinstance(value, str) or not _AMOUNT_RE.match(value):
         raise invalid_parameter(f"{name} must be a decimal string with at most two decimals")
@@ -105,20 +167,36 @@ def parse_expiry(biz: dict[str, Any], now: datetime) -> datetime:
 
 
 @dataclass
-class Refund:
-    out_request_no: str
-    refund_amount: Decimal
-    gmt_refund: datetime
-    answer: dict[str, str]
-
-
-@dataclass
 class NotifyAttempt:
     at: datetime
     status: int | None
     answer: str | None
     error: str | None
     ok: bool
+
+
+@dataclass
+class Refund:
+    out_request_no: str
+    refund_amount: Decimal
+    gmt_refund: datetime
+    answer: dict[str, str]
+    refund_fee: Decimal = Decimal("0.00")  # the trade's total refunded once this one was made
+    closed_trade: bool = False  # this refund took the trade to TRADE_CLOSED
+    notify_id: str = ""
+    notify_acknowledged: bool = False
+    notify_attempts: list[NotifyAttempt] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RefundFault:
+    """The test hook's fault: the trade's next refunds fail with ``code``."""
+
+    code: str
+    applied: bool = False  # SYSTEM_ERROR only: the refund is made, the answer is the error
+
+    def to_json(self) -> dict[str, Any]:
+        return {"code": self.code, "applied": self.applied}
 
 
 @dataclass
@@ -142,6 +220,8 @@ class Trade:
     notify_dropped: bool = False
     notify_acknowledged: bool = False
     notify_attempts: list[NotifyAttempt] = field(default_factory=list)
+    refund_calls: int = 0  # refund API calls that moved money
+    refund_fault: RefundFault | None = None
 
     @property
     def refunded_amount(self) -> Decimal:
@@ -150,6 +230,13 @@ class Trade:
     def to_json(self) -> dict[str, Any]:
         def iso(moment: datetime | None) -> str | None:
             return moment.astimezone(UTC).isoformat().replace("+00:00", "Z") if moment else None
+
+        def attempts(items: list[NotifyAttempt]) -> list[dict[str, Any]]:
+            return [
+                {"at": iso(a.at), "status": a.status, "answer": a.answer, "error": a.error,
+                 "ok": a.ok}
+                for a in items
+            ]
 
         return {
             "out_trade_no": self.out_trade_no,
@@ -175,18 +262,24 @@ class Trade:
                 }
                 for r in self.refunds.values()
             ],
+            "refund_calls": self.refund_calls,
+            "refund_fault": self.refund_fault.to_json() if self.refund_fault else None,
             "notify_id": self.notify_id,
             "notify_dropped": self.notify_dropped,
             "notify_acknowledged": self.notify_acknowledged,
-            "notify_attempts": [
+            "notify_attempts": attempts(self.notify_attempts),
+            # The refund notifies (each its own notify_id), apart from the refunds
+            # themselves so that a notify in flight leaves "refunds" unchanged.
+            "refund_notifies": [
                 {
-                    "at": iso(a.at),
-                    "status": a.status,
-                    "answer": a.answer,
-                    "error": a.error,
-                    "ok": a.ok,
+                    "out_request_no": r.out_request_no,
+                    "notify_id": r.notify_id,
+                    "trade_status": TRADE_CLOSED if r.closed_trade else TRADE_SUCCESS,
+                    "refund_fee": money(r.refund_fee),
+                    "acknowledged": r.notify_acknowledged,
+                    "attempts": attempts(r.notify_attempts),
                 }
-                for a in self.notify_attempts
+                for r in self.refunds.values()
             ],
         }
 
@@ -221,6 +314,29 @@ class PaidTrade:
     notify_id: str
 
 
+@dataclass(frozen=True)
+class RefundNotice:
+    """A copy of what the notifier needs for one refund's notify."""
+
+    out_trade_no: str
+    trade_no: str
+    app_id: str
+    seller_id: str
+    subject: str
+    total_amount: str
+    notify_url: str | None
+    gmt_create: str
+    gmt_payment: str
+    out_request_no: str
+    refund_fee: str  # the trade's total refunded once this refund was made
+    gmt_refund: str  # Alipay writes it with milliseconds: 2015-04-28 15:45:57.320
+    closed_trade: bool
+    notify_id: str
+
+
+RefundListener = Callable[[str, str], None]
+
+
 class PayRefused(Exception):
     def __init__(self, status: int, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
@@ -230,11 +346,21 @@ class PayRefused(Exception):
 
 
 class TradeBook:
-    def __init__(self, clock: Clock = utc_now) -> None:
+    def __init__(self, clock: Clock = utc_now, refund_rule: str = REFUND_RULE_ALIPAY) -> None:
+        if refund_rule not in REFUND_RULES:
+            raise ValueError(f"refund rule must be one of {', '.join(REFUND_RULES)}: "
+                             f"{refund_rule!r}")
         self._clock = clock
         self._lock = threading.Lock()
         self._trades: dict[str, Trade] = {}
         self._sequence = itertools.count(1)
+        self.refund_rule = refund_rule
+        self._refund_listener: RefundListener | None = None
+
+    def on_refund(self, listener: RefundListener | None) -> None:
+        """Call ``listener(out_trade_no, out_request_no)`` after each refund that
+        moved money (outside the lock; the server sends the refund notify)."""
+        self._refund_listener = listener
 
     # --- helpers (call with the lock held) ---------------------------------
 
@@ -387,17 +513,52 @@ class TradeBook:
                 return None
             return self._paid_view(trade)
 
-    def notify_acknowledged(self, out_trade_no: str) -> bool:
+    def refund_notice(self, out_trade_no: str, out_request_no: str) -> RefundNotice | None:
         with self._lock:
             trade = self._trades.get(out_trade_no)
-            return trade is None or trade.notify_acknowledged
+            refund = trade.refunds.get(out_request_no) if trade is not None else None
+            if trade is None or refund is None or trade.gmt_payment is None:
+                return None
+            return RefundNotice(
+                out_trade_no=trade.out_trade_no,
+                trade_no=trade.trade_no,
+                app_id=trade.app_id,
+                seller_id=trade.seller_id,
+                subject=trade.subject,
+                total_amount=money(trade.total_amount),
+                notify_url=trade.notify_url,
+                gmt_create=alipay_time(trade.gmt_create),
+                gmt_payment=alipay_time(trade.gmt_payment),
+                out_request_no=refund.out_request_no,
+                refund_fee=money(refund.refund_fee),
+                gmt_refund=alipay_time_ms(refund.gmt_refund),
+                closed_trade=refund.closed_trade,
+                notify_id=refund.notify_id,
+            )
 
-    def record_notify(self, out_trade_no: str, attempt: NotifyAttempt) -> None:
+    def notify_acknowledged(self, out_trade_no: str, out_request_no: str | None = None) -> bool:
+        """Whether the payment notify (or the refund ``out_request_no``'s) was answered
+        ``success``; True for what does not exist (nothing left to send)."""
+        with self._lock:
+            trade = self._trades.get(out_trade_no)
+            if trade is None:
+                return True
+            if out_request_no is None:
+                return trade.notify_acknowledged
+            refund = trade.refunds.get(out_request_no)
+            return refund is None or refund.notify_acknowledged
+
+    def record_notify(
+        self, out_trade_no: str, attempt: NotifyAttempt, out_request_no: str | None = None
+    ) -> None:
         with self._lock:
             trade = self._trades[out_trade_no]
-            trade.notify_attempts.append(attempt)
+            target: Trade | Refund = (
+                trade if out_request_no is None else trade.refunds[out_request_no]
+            )
+            target.notify_attempts.append(attempt)
             if attempt.ok:
-                trade.notify_acknowledged = True
+                target.notify_acknowledged = True
 
     # --- server APIs (each returns the ..._response object for code 10000) --
 
@@ -450,89 +611,165 @@ class TradeBook:
             }
 
     def refund(self, biz: dict[str, Any]) -> dict[str, str]:
+        """alipay.trade.refund (the rules and faults: see the module's docstring)."""
         now = self._clock()
-        amount = parse_amount(biz.get("refund_amount"), "refund_amount")
+        amount = parse_refund_amount(biz.get("refund_amount"))
+        made: tuple[str, str] | None = None
+        failure: ApiError | None = None
+        answer: dict[str, str] = {}
         with self._lock:
             trade = self._find(biz, now)
-            # Without out_request_no Alipay treats the call as the trade's one full refund.
+            fault = trade.refund_fault
             request_no = str(biz.get("out_request_no") or trade.out_trade_no)
-            earlier = trade.refunds.get(request_no)
-            if earlier is not None:
-                if earlier.refund_amount != amount:
-                    raise invalid_parameter(
-                        "out_request_no was already used with another refund_amount"
-                    )
+            if fault is not None and fault.code == SYSTEM_ERROR and not fault.applied:
+                failure = system_error()
+            else:
+                try:
+                    answer = self._refund(trade, request_no, amount, now, fault)
+                    if answer.get("fund_change") == "Y":
+                        made = (trade.out_trade_no, request_no)
+                except ApiError as exc:
+                    failure = exc
+                if fault is not None and fault.code == SYSTEM_ERROR:  # applied: done, yet
+                    failure = system_error()
+            if failure is not None:
                 logger.info(
-                    "refund repeated",
+                    "refund refused",
                     extra={
-                        "event": "refund_repeated",
+                        "event": "refund_refused",
                         "out_trade_no": trade.out_trade_no,
                         "trade_no": trade.trade_no,
                         "out_request_no": request_no,
+                        "refund_amount": money(amount),
+                        "code": failure.code,
+                        "sub_code": failure.sub_code,
+                        "fault": fault.code if fault else None,
+                        "moved": made is not None,
                     },
                 )
-                return {**earlier.answer, "fund_change": "N"}
-            if trade.gmt_payment is None:
-                raise business_error("ACQ.TRADE_STATUS_ERROR", "交易状态不合法")
-            if amount > trade.total_amount - trade.refunded_amount:
-                raise business_error("ACQ.REFUND_AMT_NOT_EQUAL_TOTAL", "退款金额超限")
-            refund = Refund(
-                out_request_no=request_no, refund_amount=amount, gmt_refund=now, answer={}
-            )
-            trade.refunds[request_no] = refund
-            if trade.refunded_amount == trade.total_amount:
-                trade.status = TRADE_CLOSED
-                trade.gmt_close = now
-                trade.close_reason = "REFUNDED_IN_FULL"
-            refund.answer = {
-                "code": "10000",
-                "msg": "Success",
-                "trade_no": trade.trade_no,
-                "out_trade_no": trade.out_trade_no,
-                "buyer_logon_id": "sandbox***@example.com",
-                "fund_change": "Y",
-                "refund_fee": money(trade.refunded_amount),
-                "gmt_refund_pay": alipay_time(now),
-                "buyer_user_id": LOCAL_BUYER_ID,
-            }
+        listener = self._refund_listener
+        if made is not None and listener is not None:
+            listener(*made)
+        if failure is not None:
+            raise failure
+        return answer
+
+    def _refund(
+        self,
+        trade: Trade,
+        request_no: str,
+        amount: Decimal,
+        now: datetime,
+        fault: RefundFault | None,
+    ) -> dict[str, str]:
+        """One refund call, with the lock held: the answer, or raises ApiError."""
+        earlier = trade.refunds.get(request_no)
+        if earlier is not None:
+            if earlier.refund_amount != amount:
+                raise business_error("ACQ.DISCORDANT_REPEAT_REQUEST", "不一致的请求")
             logger.info(
-                "refunded",
+                "refund repeated",
                 extra={
-                    "event": "refunded",
+                    "event": "refund_repeated",
                     "out_trade_no": trade.out_trade_no,
                     "trade_no": trade.trade_no,
                     "out_request_no": request_no,
-                    "refund_amount": money(amount),
-                    "status": trade.status,
                 },
             )
-            return dict(refund.answer)
+            return {**earlier.answer, "fund_change": "N"}
+        if trade.gmt_payment is None:
+            raise business_error("ACQ.TRADE_STATUS_ERROR", "交易状态不合法")
+        if self.refund_rule == REFUND_RULE_SANDBOX and amount != trade.total_amount:
+            raise business_error(
+                "ACQ.REFUND_AMT_NOT_EQUAL_TOTAL", "撤销或退款金额与订单金额不一致"
+            )
+        if amount > trade.total_amount - trade.refunded_amount:
+            raise business_error("ACQ.REFUND_AMT_NOT_EQUAL_TOTAL", "退款金额超限")
+        if fault is not None and fault.code == SELLER_BALANCE_NOT_ENOUGH:
+            raise business_error(SELLER_BALANCE_NOT_ENOUGH, "卖家余额不足")
+        refund = Refund(
+            out_request_no=request_no,
+            refund_amount=amount,
+            gmt_refund=now,
+            answer={},
+            notify_id=uuid.uuid4().hex,
+        )
+        trade.refunds[request_no] = refund
+        trade.refund_calls += 1
+        refund.refund_fee = trade.refunded_amount
+        if trade.refunded_amount == trade.total_amount:
+            trade.status = TRADE_CLOSED
+            trade.gmt_close = now
+            trade.close_reason = "REFUNDED_IN_FULL"
+            refund.closed_trade = True
+        refund.answer = {
+            "code": "10000",
+            "msg": "Success",
+            "trade_no": trade.trade_no,
+            "out_trade_no": trade.out_trade_no,
+            "buyer_logon_id": "sandbox***@example.com",
+            "fund_change": "Y",
+            "refund_fee": money(refund.refund_fee),
+            "gmt_refund_pay": alipay_time(now),
+            "buyer_user_id": LOCAL_BUYER_ID,
+        }
+        logger.info(
+            "refunded",
+            extra={
+                "event": "refunded",
+                "out_trade_no": trade.out_trade_no,
+                "trade_no": trade.trade_no,
+                "out_request_no": request_no,
+                "refund_amount": money(amount),
+                "refund_fee": money(refund.refund_fee),
+                "status": trade.status,
+            },
+        )
+        return dict(refund.answer)
 
     def refund_query(self, biz: dict[str, Any]) -> dict[str, str]:
+        """alipay.trade.fastpay.refund.query: the refund's fields when it was made;
+        only code and msg when it was not (Alipay: no refund fields, no refund)."""
         now = self._clock()
         request_no = biz.get("out_request_no")
         if not request_no:
             raise invalid_parameter("out_request_no is required")
         with self._lock:
             trade = self._find(biz, now)
-            answer = {
+            refund = trade.refunds.get(str(request_no))
+            if refund is None:
+                return {"code": "10000", "msg": "Success"}
+            return {
                 "code": "10000",
                 "msg": "Success",
                 "trade_no": trade.trade_no,
                 "out_trade_no": trade.out_trade_no,
-                "out_request_no": str(request_no),
+                "out_request_no": refund.out_request_no,
+                "total_amount": money(trade.total_amount),
+                "refund_amount": money(refund.refund_amount),
+                "refund_status": "REFUND_SUCCESS",
+                "gmt_refund_pay": alipay_time(refund.gmt_refund),
             }
-            refund = trade.refunds.get(str(request_no))
-            if refund is not None:  # Alipay: no refund fields means no such refund
-                answer.update(
-                    {
-                        "total_amount": money(trade.total_amount),
-                        "refund_amount": money(refund.refund_amount),
-                        "refund_status": "REFUND_SUCCESS",
-                        "gmt_refund_pay": alipay_time(refund.gmt_refund),
-                    }
-                )
-            return answer
+
+    # --- test hooks -------------------------------------------------------
+
+    def set_refund_fault(self, out_trade_no: str, fault: RefundFault | None) -> bool:
+        """Set (or clear, with None) the trade's refund fault; False: no such trade."""
+        with self._lock:
+            trade = self._trades.get(out_trade_no)
+            if trade is None:
+                return False
+            trade.refund_fault = fault
+            logger.info(
+                "refund fault set" if fault else "refund fault cleared",
+                extra={
+                    "event": "refund_fault",
+                    "out_trade_no": out_trade_no,
+                    "trade_no": trade.trade_no,
+                    "fault": fault.to_json() if fault else None,
+                },
+            )
+            return True
 
     # --- inspection -------------------------------------------------------
 

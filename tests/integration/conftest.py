@@ -148,3 +148,52 @@ def private_vhost(private_rabbit: rabbit_node.PrivateRabbit) -> Iterator[str]:
     private_rabbit.ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
     yield f"amqp://guest:guest@127.0.0.1:{private_rabbit.port}/{quote(vhost, safe='')}"
     private_rabbit.ctl("delete_vhost", vhost, check=False)
+
+
+class Sandbox:
+    """The local Alipay on a free port, with the merchant's keys, for a test."""
+
+    def __init__(self, keys: dict[str, Path]) -> None:
+        from local.alipay_sandbox import make_server
+
+        self.keys = keys
+        self.server = make_server("127.0.0.1", 0, keys["app_private"].parent, [0.3] * 7)
+        self.gateway_url = self.server.gateway_url
+        self.base_url = self.server.base_url
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def gateway(self) -> Any:
+        from chalicelib.alipay_gateway import AlipayGateway
+        from local.alipay_sandbox import LOCAL_APP_ID, LOCAL_SELLER_ID
+
+        return AlipayGateway(LOCAL_APP_ID, LOCAL_SELLER_ID, self.gateway_url,
+                             self.keys["app_private"].read_text(),
+                             self.keys["alipay_public"].read_text())
+
+    def env(self) -> dict[str, str]:
+        """The payment settings of a worker process that uses this sandbox."""
+        from local.alipay_sandbox import LOCAL_APP_ID, LOCAL_SELLER_ID
+
+        return {"ALIPAY_APP_ID": LOCAL_APP_ID, "ALIPAY_SELLER_ID": LOCAL_SELLER_ID,
+                "ALIPAY_GATEWAY": self.gateway_url,
+                "ALIPAY_APP_PRIVATE_KEY_FILE": str(self.keys["app_private"]),
+                "ALIPAY_PUBLIC_KEY_FILE": str(self.keys["alipay_public"])}
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="session")
+def sandbox_keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from local.alipay_sandbox.keys import ensure_keys
+
+    return ensure_keys(tmp_path_factory.mktemp("sandbox-keys"))
+
+
+@pytest.fixture
+def sandbox(sandbox_keys: dict[str, Path]) -> Iterator[Sandbox]:
+    s = Sandbox(sandbox_keys)
+    yield s
+    s.close()

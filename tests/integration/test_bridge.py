@@ -17,9 +17,11 @@ import pika
 import pytest
 
 from chalicelib import broker, config, handlers
+from chalicelib.domain import to_fen
 from chalicelib.handlers import Deps
-from chalicelib.ports import PaymentUnavailable
+from chalicelib.ports import PaymentUnavailable, RefundOutcome
 from tests.conftest import FakePublisher
+from tests.integration.conftest import Sandbox
 from tests.rabbit_node import PrivateRabbit
 from tests.waiting import wait_until
 
@@ -108,8 +110,10 @@ class RefundingGateway:
     def query_trade(self, order_id: str) -> None:
         return None  # no trade at the provider
 
-    def refund_payment(self, order_id: str, amount: Any, request_no: str) -> None:
+    def refund_payment(self, order_id: str, amount: Any, request_no: str) -> RefundOutcome:
         self.refunds.append((order_id, request_no))
+        return RefundOutcome(order_id=order_id, trade_no="T1", refunded_fen=to_fen(amount),
+                             moved=True)
 
 
 @pytest.mark.parametrize("order_of_arrival", ["pay, then check", "check, then pay", "together"])
@@ -161,7 +165,8 @@ def test_pay_and_check_each_delivered_twice_end_in_one_state(
     assert d.broker.queue_depth(broker.QUEUE_PAY + ".parked") == 0
 
 
-def test_bridge_killed_after_the_write_before_the_ack(rdeps: Deps, rmq_vhost: str) -> None:
+def test_bridge_killed_after_the_write_before_the_ack(rdeps: Deps, rmq_vhost: str,
+                                                      sandbox: Sandbox) -> None:
     before = stock(rdeps)
     order = order_for(rdeps, "alice")
     check_now(rdeps, order)
@@ -169,7 +174,8 @@ def test_bridge_killed_after_the_write_before_the_ack(rdeps: Deps, rmq_vhost: st
     env = {**os.environ, "STAGE": "test", "RMQ_URL": str(rmq_vhost),
            "ORDER_CHECK_DELAY_SECONDS": str(DELAY), "GOODS_TABLE": settings.goods_table,
            "CARTS_TABLE": settings.carts_table, "ORDERS_TABLE": settings.orders_table,
-           "SWEEP_INTERVAL_SECONDS": "3600", "BRIDGE_FAULT": "kill-before-ack"}
+           "SWEEP_INTERVAL_SECONDS": "3600", "BRIDGE_FAULT": "kill-before-ack",
+           **sandbox.env()}
     crashed = subprocess.run([sys.executable, "-m", "local", "bridge"], cwd=PROJECT, env=env,
                              capture_output=True, text=True, timeout=60)
     assert crashed.returncode == -9, crashed.stderr[-2000:]
@@ -231,8 +237,10 @@ def test_rabbitmq_restarted_while_the_bridge_runs(
     rdeps: Deps, private_rabbit: PrivateRabbit, private_vhost: str,
     run_bridge: Callable[..., threading.Event],
 ) -> None:
-    """On a private node (tests/rabbit_node.py): the machine's RabbitMQ is never stopped."""
-    settings = dataclasses.replace(rdeps.settings, rmq_url=private_vhost)
+    """On a private node (tests/rabbit_node.py): the machine's RabbitMQ is never stopped.
+    The check delay is long here: the consumer may take its longest backoff (10 s) to
+    come back, and the orders' checks must not race their payments."""
+    settings = dataclasses.replace(rdeps.settings, rmq_url=private_vhost, check_delay_seconds=120)
     d = dataclasses.replace(rdeps, settings=settings, broker=Broker(settings))
     try:
         run_bridge(d)

@@ -1,8 +1,9 @@
 """`make package STAGE=prod`, checked offline: the SAM template chalice writes with
 .chalice/resources.json merged in holds the tables (keys and indexes as the
 pynamodb models declare them), the functions, the sweeper's schedule, the notify
-function URL, a least-privilege policy, and no secret, only references to SSM
-and Secrets Manager.
+function URL, a least-privilege policy (per table, the actions the store's code
+makes), the alarms that page a person on the attention list's metrics, and no
+secret, only references to SSM and Secrets Manager.
 
 The build is the real one (local.package, as the Makefile runs it). The first
 build on a machine downloads the Lambda wheels from PyPI; chalice caches them in
@@ -19,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from chalicelib import config
+from chalicelib import config, metrics
 from local import package
 from tests.conftest import MODELS
 
@@ -95,9 +96,10 @@ def test_tables_match_the_models_keys_and_indexes(built: Any) -> None:
     for suffix, schema in declared.items():
         table = tables[f"shop-{STAGE}-{suffix}"]
         props = table["Properties"]
-        assert table["DeletionPolicy"] == "Retain"
+        assert table["DeletionPolicy"] == table["UpdateReplacePolicy"] == "Retain"
         assert props["BillingMode"] == "PAY_PER_REQUEST"
         assert props["PointInTimeRecoverySpecification"] == {"PointInTimeRecoveryEnabled": True}
+        assert props["SSESpecification"] == {"SSEEnabled": True}
         assert _keys(props["KeySchema"]) == _keys(schema["key_schema"]), suffix
         assert ({a["AttributeName"]: a["AttributeType"] for a in props["AttributeDefinitions"]}
                 == {a["AttributeName"]: a["AttributeType"]
@@ -110,13 +112,20 @@ def test_tables_match_the_models_keys_and_indexes(built: Any) -> None:
 
 
 def test_every_function_names_the_tables_of_the_template(built: Any) -> None:
+    """The settings each function builds from its environment name exactly the
+    template's tables (every one, the refunds' and the timeline's too), each by
+    its own variable in .chalice/config.json."""
     template, _, _ = built
     names = {t["Properties"]["TableName"]
              for t in resources(template, "AWS::DynamoDB::Table").values()}
     for fn in FUNCTIONS:
         env = function_env(template, fn)
         assert env["STAGE"] == STAGE
-        assert {env["GOODS_TABLE"], env["CARTS_TABLE"], env["ORDERS_TABLE"]} <= names
+        settings = config.load({k: v for k, v in env.items() if isinstance(v, str)})
+        tables = vars(settings.tables)
+        assert set(tables.values()) == names, fn
+        for field, name in tables.items():
+            assert env[f"{field.upper()}_TABLE"] == name, (fn, field)
 
 
 def test_the_notify_function_url(built: Any) -> None:
@@ -165,6 +174,175 @@ def test_policy_is_least_privilege(built: Any) -> None:
                         for r in (st["Resource"] if isinstance(st["Resource"], list)
                                   else [st["Resource"]]) if ":dynamodb:" in r)
         assert dynamo == sorted(tables + indexes), name
+
+
+# What the functions (and the worker, whose task role takes the same statements) may
+# do on each table: what chalicelib/store/*.py calls, nothing more. No
+# TransactWriteItems here: IAM checks each action of a transaction as PutItem,
+# UpdateItem, DeleteItem or ConditionCheckItem on its own table. Left out on
+# purpose: CreateTable/DescribeTable of create_tables (local and tests only) and
+# PutItem on goods and sales (put_goods/put_sale: only the seed writes the
+# catalogue, with the deployer's credentials, README "Deploy to AWS" step 5).
+TABLE_ACTIONS = {
+    "goods": {"BatchGetItem", "Scan", "UpdateItem"},  # get_goods, list_goods, stock -/+ n
+    "carts": {"Query", "PutItem", "UpdateItem", "DeleteItem"},
+    "orders": {"DescribeTable", "GetItem", "PutItem", "UpdateItem"},  # DescribeTable: ping
+    "sales": {"GetItem", "Scan", "UpdateItem"},  # get_sale, list_sales, stock -/+ 1
+    "seckill": {"GetItem", "PutItem", "UpdateItem", "DeleteItem"},  # tickets, claims
+    "refunds": {"GetItem", "PutItem", "UpdateItem"},
+    "timeline": {"Query", "PutItem"},
+}
+# The actions a reader sees in the store's source, per table: each must be in the
+# policy, and the policy grants none of these the code does not make.
+SEEN_IN_SOURCE = ("Scan", "BatchGetItem", "BatchWriteItem", "DeleteItem",
+                  "ConditionCheckItem", "DescribeTable", "Query")
+
+
+def _policy_grants(statements: list[dict[str, Any]]) -> dict[str, set[str]]:
+    """resource after `:table/` -> the dynamodb actions granted on it."""
+    grants: dict[str, set[str]] = {}
+    for st in statements:
+        actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
+        res = st["Resource"] if isinstance(st["Resource"], list) else [st["Resource"]]
+        for r in res:
+            if ":dynamodb:" in r:
+                grants.setdefault(r.split(":table/")[1], set()).update(
+                    a.removeprefix("dynamodb:") for a in actions)
+    return grants
+
+
+def _store_calls() -> set[tuple[str, str]]:
+    """(action, table suffix or suffix/index/name) of the calls chalicelib/store/*.py
+    visibly makes on the models: scans, batch reads and writes, queries (of a table
+    or of an index), deletes, condition checks, describe_table. Every occurrence of
+    those methods must be one of the forms understood here, so none goes unseen."""
+    prefix = f"shop-{config.get().stage}-"
+    fields = {f: getattr(MODELS, f) for f in vars(MODELS) if getattr(MODELS, f) in MODELS.all}
+    suffix = {f: m.Meta.table_name.removeprefix(prefix) for f, m in fields.items()}
+    calls: set[tuple[str, str]] = set()
+    for path in sorted((REPO / "chalicelib" / "store").glob("*.py")):
+        src = path.read_text().replace("self.models.", "m.")
+        for alias, field in set(re.findall(r"^\s*(\w+) = m\.(\w+)\s*$", src, re.M)):
+            src = re.sub(rf"\b{alias}(?=[.(])", f"m.{field}", src)
+        forms = {
+            "Scan": (r"\.scan\(", [r"\bm\.(\w+)\.scan\("]),
+            "BatchGetItem": (r"\.batch_get\(", [r"\bm\.(\w+)\.batch_get\("]),
+            "BatchWriteItem": (r"\bbatch_write\(", [r"\bm\.(\w+)\.batch_write\("]),
+            "DescribeTable": (r"\.describe_table\(", [r"\bm\.(\w+)\.describe_table\("]),
+            "ConditionCheckItem": (r"\.condition_check\(",
+                                   [r"\btx\.condition_check\(\s*m\.(\w+)\("]),
+            "DeleteItem": (r"\.delete\(", [r"\bm\.(\w+)\([^()]*\)\.delete\(",
+                                             r"\btx\.delete\(\s*m\.(\w+)\("]),
+        }
+        for action, (any_form, known) in forms.items():
+            found = [f for form in known for f in re.findall(form, src)]
+            assert len(found) == len(re.findall(any_form, src)), (
+                f"{path.name}: a {action} call this test cannot place; name the model "
+                f"as m.<Model> there")
+            calls |= {(action, suffix[f]) for f in found}
+        table_queries = re.findall(r"\bm\.(\w+)\.query\(", src)
+        index_queries = re.findall(r"\bm\.(\w+)\.(\w+)\.query\(", src)
+        assert len(table_queries) + len(index_queries) == len(re.findall(r"\.query\(", src)), (
+            f"{path.name}: a query this test cannot place; name the model as m.<Model>")
+        calls |= {("Query", suffix[f]) for f in table_queries}
+        calls |= {("Query", f"{suffix[f]}/index/{getattr(fields[f], attr).Meta.index_name}")
+                  for f, attr in index_queries}
+    return calls
+
+
+def test_policy_grants_each_table_only_what_the_store_calls(built: Any) -> None:
+    template, _, _ = built
+    indexes = {f"{t['Properties']['TableName'].removeprefix(f'shop-{STAGE}-')}/index/"
+               f"{i['IndexName']}"
+               for t in resources(template, "AWS::DynamoDB::Table").values()
+               for i in t["Properties"].get("GlobalSecondaryIndexes", [])}
+    want = {**TABLE_ACTIONS, **{i: {"Query"} for i in indexes}}
+    assert set(TABLE_ACTIONS) == set(_model_tables())
+    for name, role in resources(template, "AWS::IAM::Role").items():
+        (policy,) = role["Properties"]["Policies"]
+        grants = _policy_grants(policy["PolicyDocument"]["Statement"])
+        got = {r.removeprefix(f"shop-{STAGE}-"): a for r, a in grants.items()}
+        assert got == want, name
+    # Cross-checked against the source: what it visibly calls is granted, and of
+    # those kinds of calls nothing is granted that it does not make.
+    calls = _store_calls()
+    assert {("Scan", "goods"), ("Query", "orders/index/unpaid-by-check-time"),
+            ("DeleteItem", "carts"), ("DescribeTable", "orders")} <= calls  # the parser works
+    granted = {(a, r) for r, acts in want.items() for a in acts}
+    assert calls - granted == set(), "the store calls what the policy does not grant"
+    assert {(a, r) for a, r in granted if a in SEEN_IN_SOURCE} - calls == set(), (
+        "the policy grants what the store never calls")
+
+
+def test_the_stages_policies_differ_only_in_the_stage() -> None:
+    dev = (REPO / ".chalice" / "policy-dev.json").read_text()
+    prod = (REPO / ".chalice" / "policy-prod.json").read_text()
+    assert dev.replace("shop-dev-", "shop-prod-").replace("shop-pay-dev", "shop-pay-prod") == prod
+    stages = json.loads((REPO / ".chalice" / "config.json").read_text())["stages"]
+    for stage in ("dev", "prod"):
+        env = stages[stage]["environment_variables"]
+        tables = vars(config.load({**env, "STAGE": stage}).tables)
+        assert {env[f"{f.upper()}_TABLE"] for f in tables} == {
+            f"shop-{stage}-{s}" for s in TABLE_ACTIONS}, stage
+
+
+def test_each_attention_metric_has_an_alarm_that_notifies_the_topic(built: Any) -> None:
+    """chalicelib/metrics.py writes the metrics (namespace ShopPay, dimension Stage =
+    the STAGE the functions run with); an alarm on each pages through AttentionTopic."""
+    template, _, _ = built
+    (topic_id,) = resources(template, "AWS::SNS::Topic")
+    assert topic_id == "AttentionTopic"
+    stage = function_env(template, "Sweeper")["STAGE"]
+    emitted = metrics.emf_record(dict.fromkeys(metrics.METRICS, 0), stage=stage)
+    (directive,) = emitted["_aws"]["CloudWatchMetrics"]
+    alarms = {a["Properties"]["MetricName"]: a["Properties"]
+              for a in resources(template, "AWS::CloudWatch::Alarm").values()}
+    assert set(alarms) == set(metrics.METRICS) == {m["Name"] for m in directive["Metrics"]}
+    assert len(resources(template, "AWS::CloudWatch::Alarm")) == len(alarms)
+    for metric, alarm in alarms.items():
+        assert alarm["Namespace"] == directive["Namespace"] == "ShopPay", metric
+        assert directive["Dimensions"] == [["Stage"]]
+        assert alarm["Dimensions"] == [{"Name": "Stage", "Value": emitted["Stage"]}], metric
+        assert emitted["Stage"] == STAGE
+        assert (alarm["ComparisonOperator"], alarm["Threshold"]) == ("GreaterThanThreshold", 0)
+        assert alarm["Statistic"] == "Maximum" and alarm["Period"] == 300
+        assert alarm["EvaluationPeriods"] == alarm["DatapointsToAlarm"] == 1
+        assert alarm["TreatMissingData"] == "notBreaching", metric
+        assert alarm["AlarmActions"] == alarm["OKActions"] == [{"Ref": topic_id}], metric
+        assert alarm["AlarmName"].startswith(f"shop-pay-{STAGE}-") and alarm["AlarmDescription"]
+    # People subscribe: an optional email parameter, and the topic's ARN as an output.
+    param = template["Parameters"]["AttentionEmail"]
+    assert param["Type"] == "String" and param["Default"] == ""
+    assert re.fullmatch(param["AllowedPattern"], "") and re.fullmatch(
+        param["AllowedPattern"], "oncall@example.com")
+    (sub,) = resources(template, "AWS::SNS::Subscription").values()
+    assert sub["Condition"] == "HasAttentionEmail"
+    assert template["Conditions"]["HasAttentionEmail"] == {
+        "Fn::Not": [{"Fn::Equals": [{"Ref": "AttentionEmail"}, ""]}]}
+    assert sub["Properties"] == {"TopicArn": {"Ref": topic_id}, "Protocol": "email",
+                                 "Endpoint": {"Ref": "AttentionEmail"}}
+    assert template["Outputs"]["AttentionTopicArn"]["Value"] == {"Ref": topic_id}
+
+
+def test_indexes_can_be_left_out_for_a_table_that_exists_already() -> None:
+    """An existing table takes one new index per deployment; `--without-index`
+    builds the steps (their key attributes go too, or CloudFormation refuses)."""
+    full = package.merge_template(STAGE)["Resources"]["OrdersTable"]["Properties"]
+    step = package.merge_template(STAGE, ["by-trade", "recheck-by-time", "paid-but-closed"])
+    props = step["Resources"]["OrdersTable"]["Properties"]
+    assert [i["IndexName"] for i in props["GlobalSecondaryIndexes"]] == [
+        i["IndexName"] for i in full["GlobalSecondaryIndexes"]
+        if i["IndexName"] not in ("by-trade", "recheck-by-time", "paid-but-closed")]
+    used = {k["AttributeName"] for k in props["KeySchema"]} | {
+        k["AttributeName"] for i in props["GlobalSecondaryIndexes"] for k in i["KeySchema"]}
+    assert {a["AttributeName"] for a in props["AttributeDefinitions"]} == used
+    assert "transaction_id" not in used and "status" in used
+    refunds = package.merge_template(STAGE, ["by-order", "open-by-time"])["Resources"]
+    assert "GlobalSecondaryIndexes" not in refunds["RefundsTable"]["Properties"]
+    assert refunds["RefundsTable"]["Properties"]["AttributeDefinitions"] == [
+        {"AttributeName": "id", "AttributeType": "S"}]
+    with pytest.raises(SystemExit, match="no index by-nothing"):
+        package.merge_template(STAGE, ["by-nothing"])
 
 
 def test_settings_come_from_ssm_and_secrets_manager(built: Any) -> None:

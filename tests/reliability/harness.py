@@ -47,7 +47,7 @@ from chalicelib.handlers import Deps
 from chalicelib.store import Store
 from chalicelib.store.models import order_from_model
 from local.alipay_sandbox import LOCAL_APP_ID, LOCAL_SELLER_ID, make_server
-from tests.conftest import MODELS, token
+from tests.conftest import MODELS, operator_bearer, token
 from tests.counting import CountingStore, read_transitions
 from tests.waiting import wait_until
 
@@ -150,6 +150,7 @@ class Findings:
 
 
 _EXPECTED = {UNPAID: set(), PAID: {PAID}, CLOSED: {CLOSED}, REFUNDED: {CLOSED, REFUNDED}}
+_REFUNDED_AFTER_PAID = {PAID, REFUNDED}  # paid, then refunded in full by an operator
 
 
 def audit(
@@ -184,7 +185,8 @@ def audit(
     held: Counter[str] = Counter()
     held_by_sales: Counter[str] = Counter()
     for o, _ in orders:
-        if o.status in (PAID, UNPAID):
+        # a refund gives money back, not stock: a paid order refunded keeps its units
+        if o.status in (PAID, UNPAID) or (o.status == REFUNDED and o.pay_time is not None):
             for line in o.lines:
                 if o.sale_id:
                     held_by_sales[o.sale_id] += line.num
@@ -206,6 +208,8 @@ def audit(
             found.lost.append(f"{o.id} still {o.status} after settling")
         kinds = counted.get(o.id, Counter())
         expected = _EXPECTED.get(o.status, set())
+        if o.status == REFUNDED and o.pay_time is not None:
+            expected = _REFUNDED_AFTER_PAID
         if any(n > 1 for n in kinds.values()):
             found.double.append(f"{o.id}: transitions {dict(kinds)}")
         elif kinds.keys() - expected:
@@ -240,17 +244,27 @@ def _state_problems(o: Order, m: Any) -> list[str]:
     if o.status == PAID and (o.close_time or not o.pay_time or not o.transaction_id
                              or o.refund_request_no):
         why.append(f"{o.id} PAID with close/refund fields or without its trade")
+    if o.refunded_fen > o.refund_reserved_fen or o.refund_reserved_fen > o.total_fen:
+        why.append(f"{o.id} refunded {o.refunded_fen} / reserved {o.refund_reserved_fen} "
+                   f"of {o.total_fen}")
+    if (o.status == REFUNDED) != (o.refunded_fen == o.total_fen > 0):
+        why.append(f"{o.id} is {o.status} with {o.refunded_fen} of {o.total_fen} refunded")
     if o.status == CLOSED and (not o.close_time or o.pay_time or o.transaction_id):
         why.append(f"{o.id} CLOSED with payment fields or without a close time")
-    if o.status == REFUNDED and (not o.close_time or not o.refund_request_no
-                                 or not o.transaction_id or o.pay_time):
-        why.append(f"{o.id} REFUNDED without close time, refund number or trade")
+    # REFUNDED: money that came after the order closed went back (a close time, no pay
+    # time), or a paid order was refunded in full (a pay time, no close time).
+    if o.status == REFUNDED and not o.transaction_id:
+        why.append(f"{o.id} REFUNDED without its trade")
+    if o.status == REFUNDED and o.pay_time is None and (not o.close_time
+                                                        or not o.refund_request_no):
+        why.append(f"{o.id} REFUNDED after closing without close time or refund number")
     return why
 
 
 def _money_problems(o: Order | None, order_id: str, trade: Mapping[str, Any],
                     found: Findings) -> list[str]:
-    """The sandbox's side: paid trades end PAID (no refund) or REFUNDED (one full refund)."""
+    """The sandbox's side: a paid trade's order is PAID or REFUNDED, and Alipay refunded
+    exactly what the order's succeeded refunds say (a late payment: once, in full)."""
     paid = trade.get("gmt_payment") is not None
     refunds = trade.get("refunds") or []
     refunded = to_fen(str(trade.get("refunded_amount") or "0.00"))
@@ -259,13 +273,17 @@ def _money_problems(o: Order | None, order_id: str, trade: Mapping[str, Any],
         if o is not None and o.status in (PAID, REFUNDED):
             found.violations.append(f"{order_id} is {status} but Alipay has no payment")
         return []
-    if status == PAID and refunds:
-        found.double.append(f"{order_id} PAID and refunded {trade.get('refunded_amount')}")
-    elif status == REFUNDED and (len(refunds) != 1 or refunded != to_fen(
-            str(trade.get("total_amount")))):
-        found.double.append(f"{order_id} REFUNDED with refunds {refunds}")
-    elif status not in (PAID, REFUNDED):
+    if status not in (PAID, REFUNDED):
         return [f"{order_id} paid at Alipay but {status}"]
+    assert o is not None
+    if refunded != o.refunded_fen:
+        found.double.append(f"{order_id} {status}: Alipay refunded {refunded}, the shop's "
+                            f"succeeded refunds {o.refunded_fen}")
+    if status == REFUNDED and o.pay_time is None and len(refunds) != 1:
+        found.double.append(f"{order_id} REFUNDED after closing with refunds {refunds}")
+    requests = [r.get("out_request_no") for r in refunds]
+    if len(requests) != len(set(requests)):
+        found.double.append(f"{order_id}: a request number refunded twice: {requests}")
     return []
 
 
@@ -358,6 +376,13 @@ class Http:
     def api(self, method: str, path: str, user: str, body: bytes = b"{}") -> Answer:
         return self.request(method, path, body=body, headers={
             "Authorization": f"Bearer {token(user)}", "Content-Type": "application/json"})
+
+    def admin(self, method: str, path: str, operator: str = "carol", body: Any = None,
+              headers: Mapping[str, str] | None = None) -> Answer:
+        """An operator's call: JSON in and out, with an operator token."""
+        data = None if body is None else json.dumps(body).encode()
+        return self.request(method, path, body=data, headers={
+            **operator_bearer(operator), **(headers or {})})
 
     @property
     def count_5xx(self) -> int:

@@ -37,10 +37,23 @@ from chalicelib.alipay_gateway import (
     load_key,
     parse_alipay_time,
 )
+from chalicelib.ports import (
+    NoticeKind,
+    NoticeRefused,
+    PaymentRefused,
+    PaymentUnavailable,
+    RefundOutcome,
+    RefundState,
+    TradeNotFound,
+    TradeState,
+    TradeStateConflict,
+)
 from local.alipay_sandbox import LOCAL_APP_ID, LOCAL_SELLER_ID, ensure_keys
 from local.alipay_sandbox.keys import load_private_key, load_public_key
+from local.alipay_sandbox.notifier import refund_notify_params
 from local.alipay_sandbox.server import render_api_response
 from local.alipay_sandbox.signer import sign_params, verify_request
+from local.alipay_sandbox.trades import RefundNotice
 
 GATEWAY_URL = "http://alipay.test/gateway.do"
 NOTIFY_URL = "http://shop.test/alipay/notify"
@@ -520,24 +533,391 @@ def test_signed_business_errors_raise_business_error(
     assert err.is_trade_status_error == (sub_code == "ACQ.TRADE_STATUS_ERROR")
 
 
+def _unsigned(payload: dict[str, object], name: str = "error_response") -> Responder:
+    body = json.dumps({name: payload}, ensure_ascii=False).encode()
+    return lambda _request: (200, body)
+
+
 def test_unsigned_error_response_keeps_its_code(
     gateway: AlipayGateway, canned: Callable[[Responder], CannedHTTP]
 ) -> None:
-    body = json.dumps(
-        {
-            "error_response": {
+    """An unsigned error answer is no business fact: Alipay unavailable, with the
+    code it claimed kept for the logs (it used to raise AlipayBusinessError)."""
+    canned(
+        _unsigned(
+            {
                 "code": "40002",
                 "msg": "Invalid Arguments",
                 "sub_code": "isv.invalid-app-id",
                 "sub_msg": "无效的AppID参数",
             }
-        }
-    ).encode()
-    canned(lambda _request: (200, body))
+        )
+    )
 
-    with pytest.raises(AlipayBusinessError) as caught:
+    with pytest.raises(AlipayUnavailable) as caught:
         gateway.query("ORDER_1")
+    assert not isinstance(caught.value, PaymentRefused)
     assert (caught.value.code, caught.value.sub_code) == ("40002", "isv.invalid-app-id")
+    assert str(caught.value).startswith("Alipay unavailable")
+
+
+@pytest.mark.parametrize("name", ["alipay_trade_query_response", "error_response"])
+def test_unsigned_trade_not_exist_never_reads_as_no_trade(
+    name: str, gateway: AlipayGateway, canned: Callable[[Responder], CannedHTTP]
+) -> None:
+    """Anyone on the path can write an unsigned 40004 ACQ.TRADE_NOT_EXIST; read as a
+    fact it would make the shop close a paid order."""
+    canned(
+        _unsigned(
+            {
+                "code": "40004",
+                "msg": "Business Failed",
+                "sub_code": "ACQ.TRADE_NOT_EXIST",
+                "sub_msg": "交易不存在",
+            },
+            name,
+        )
+    )
+
+    with pytest.raises(AlipayUnavailable) as caught:
+        gateway.query_trade("ORDER_1")
+    assert (caught.value.code, caught.value.sub_code) == ("40004", "ACQ.TRADE_NOT_EXIST")
+    with pytest.raises(PaymentUnavailable):
+        gateway.close_trade("ORDER_1")
+    with pytest.raises(PaymentUnavailable):
+        gateway.refund_payment("ORDER_1", Decimal("1.00"), "ORDER_1-R1")
+    with pytest.raises(PaymentUnavailable):
+        gateway.query_refund("ORDER_1", "ORDER_1-R1")
+
+
+def test_unsigned_answer_without_a_code_is_unavailable(
+    gateway: AlipayGateway, canned: Callable[[Responder], CannedHTTP]
+) -> None:
+    canned(_unsigned({"msg": "Success", "trade_status": "TRADE_SUCCESS"},
+                     "alipay_trade_query_response"))
+
+    with pytest.raises(AlipayUnavailable) as caught:
+        gateway.query("ORDER_1")
+    assert (caught.value.code, caught.value.sub_code) == (None, None)
+
+
+# --- refunds through the port ---------------------------------------------
+
+
+def test_refund_payment_answers_the_outcome(
+    gateway: AlipayGateway,
+    alipay_key: rsa.RSAPrivateKey,
+    canned: Callable[[Responder], CannedHTTP],
+) -> None:
+    canned(
+        signed_answer(
+            alipay_key,
+            "alipay.trade.refund",
+            {
+                "code": "10000",
+                "msg": "Success",
+                "out_trade_no": "ORDER_1",
+                "trade_no": "T1",
+                "refund_fee": "30.00",
+                "fund_change": "Y",
+            },
+        )
+    )
+
+    outcome = gateway.refund_payment("ORDER_1", Decimal("10.00"), "ORDER_1-R2")
+
+    assert outcome == RefundOutcome("ORDER_1", "T1", 3000, True)
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason", "detail"),
+    [
+        (
+            {"code": "40004", "msg": "Business Failed",
+             "sub_code": "ACQ.SELLER_BALANCE_NOT_ENOUGH", "sub_msg": "卖家余额不足"},
+            "ACQ.SELLER_BALANCE_NOT_ENOUGH",
+            "卖家余额不足",
+        ),
+        (
+            {"code": "40004", "msg": "Business Failed",
+             "sub_code": "ACQ.DISCORDANT_REPEAT_REQUEST"},
+            "ACQ.DISCORDANT_REPEAT_REQUEST",
+            "Business Failed",
+        ),
+        (
+            {"code": "40004", "msg": "Business Failed",
+             "sub_code": "ACQ.REASON_TRADE_REFUND_FEE_ERR", "sub_msg": "退款金额无效"},
+            "ACQ.REASON_TRADE_REFUND_FEE_ERR",
+            "退款金额无效",
+        ),
+        ({"code": "40004", "msg": "Business Failed"}, "40004", "Business Failed"),
+    ],
+)
+def test_refund_refusal_is_payment_refused_with_reason_and_detail(
+    payload: dict[str, str],
+    reason: str,
+    detail: str,
+    gateway: AlipayGateway,
+    alipay_key: rsa.RSAPrivateKey,
+    canned: Callable[[Responder], CannedHTTP],
+) -> None:
+    canned(signed_answer(alipay_key, "alipay.trade.refund", payload))
+
+    with pytest.raises(PaymentRefused) as caught:
+        gateway.refund_payment("ORDER_1", Decimal("10.00"), "ORDER_1-R1")
+
+    assert type(caught.value) is AlipayBusinessError
+    assert (caught.value.reason, caught.value.detail) == (reason, detail)
+
+
+@pytest.mark.parametrize(
+    ("sub_code", "kind"),
+    [("ACQ.TRADE_NOT_EXIST", TradeNotFound), ("ACQ.TRADE_STATUS_ERROR", TradeStateConflict)],
+)
+def test_typed_refusals_carry_their_reason(
+    sub_code: str,
+    kind: type[PaymentRefused],
+    gateway: AlipayGateway,
+    alipay_key: rsa.RSAPrivateKey,
+    canned: Callable[[Responder], CannedHTTP],
+) -> None:
+    canned(signed_answer(alipay_key, "alipay.trade.refund",
+                         {"code": "40004", "msg": "Business Failed", "sub_code": sub_code,
+                          "sub_msg": "说明"}))
+
+    with pytest.raises(kind) as caught:
+        gateway.refund_payment("ORDER_1", Decimal("10.00"), "ORDER_1-R1")
+
+    assert (caught.value.reason, caught.value.detail) == (sub_code, "说明")
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "20000 aop.ACQ.SYSTEM_ERROR",
+        "20000 isp.unknow-error",
+        "40004 ACQ.SYSTEM_ERROR",
+        "timeout",
+        "http 500",
+        "unsigned success",
+        "refund_fee not an amount",
+    ],
+)
+def test_refund_with_an_unknown_outcome_is_unavailable(
+    case: str,
+    gateway: AlipayGateway,
+    alipay_key: rsa.RSAPrivateKey,
+    canned: Callable[[Responder], CannedHTTP],
+) -> None:
+    method = "alipay.trade.refund"
+    success = {"code": "10000", "msg": "Success", "out_trade_no": "ORDER_1", "trade_no": "T1",
+               "refund_fee": "10.00", "fund_change": "Y"}
+    respond: Responder = {
+        "20000 aop.ACQ.SYSTEM_ERROR": signed_answer(
+            alipay_key, method, {"code": "20000", "msg": "Service Currently Unavailable",
+                                 "sub_code": "aop.ACQ.SYSTEM_ERROR", "sub_msg": "系统异常"}),
+        "20000 isp.unknow-error": signed_answer(
+            alipay_key, method, {"code": "20000", "msg": "Service Currently Unavailable",
+                                 "sub_code": "isp.unknow-error", "sub_msg": "系统繁忙"}),
+        "40004 ACQ.SYSTEM_ERROR": signed_answer(
+            alipay_key, method, {"code": "40004", "msg": "Business Failed",
+                                 "sub_code": "ACQ.SYSTEM_ERROR", "sub_msg": "系统错误"}),
+        "timeout": _raise(TimeoutError("timed out")),
+        "http 500": lambda _r: (500, b"<html>oops</html>"),
+        "unsigned success": _unsigned(success, "alipay_trade_refund_response"),
+        "refund_fee not an amount": signed_answer(
+            alipay_key, method, {**success, "refund_fee": "10.001"}),
+    }[case]
+    canned(respond)
+
+    with pytest.raises(PaymentUnavailable) as caught:
+        gateway.refund_payment("ORDER_1", Decimal("10.00"), "ORDER_1-R1")
+    assert isinstance(caught.value, AlipayUnavailable)
+    assert not isinstance(caught.value, PaymentRefused)
+
+
+def _refund_query_answer(**fields: str) -> dict[str, str]:
+    return {"code": "10000", "msg": "Success", **fields}
+
+
+@pytest.mark.parametrize(
+    ("payload", "state"),
+    [
+        (
+            _refund_query_answer(out_trade_no="ORDER_1", trade_no="T1",
+                                 out_request_no="ORDER_1-R1", total_amount="59.90",
+                                 refund_amount="10.00", refund_status="REFUND_SUCCESS"),
+            RefundState.SUCCEEDED,
+        ),
+        (  # older answers: the refund's fields and an empty refund_status
+            _refund_query_answer(out_trade_no="ORDER_1", trade_no="T1",
+                                 out_request_no="ORDER_1-R1", refund_amount="10.00",
+                                 refund_status=""),
+            RefundState.SUCCEEDED,
+        ),
+        (
+            _refund_query_answer(out_trade_no="ORDER_1", out_request_no="ORDER_1-R1",
+                                 refund_amount="10.00"),
+            RefundState.SUCCEEDED,
+        ),
+        (_refund_query_answer(), RefundState.NOT_MADE),
+        (_refund_query_answer(out_trade_no="ORDER_1", trade_no="T1"), RefundState.NOT_MADE),
+        (
+            {"code": "40004", "msg": "Business Failed", "sub_code": "ACQ.TRADE_NOT_EXIST",
+             "sub_msg": "交易不存在"},
+            RefundState.NOT_MADE,
+        ),
+    ],
+)
+def test_query_refund_reads_alipays_answer(
+    payload: dict[str, str],
+    state: RefundState,
+    gateway: AlipayGateway,
+    alipay_key: rsa.RSAPrivateKey,
+    canned: Callable[[Responder], CannedHTTP],
+) -> None:
+    http = canned(signed_answer(alipay_key, "alipay.trade.fastpay.refund.query", payload))
+
+    assert gateway.query_refund("ORDER_1", "ORDER_1-R1") is state
+    sent = _request_params(http.requests[0])
+    assert sent["method"] == "alipay.trade.fastpay.refund.query"
+    assert json.loads(sent["biz_content"]) == {
+        "out_trade_no": "ORDER_1",
+        "out_request_no": "ORDER_1-R1",
+    }
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        _refund_query_answer(out_trade_no="ORDER_1", refund_amount="10.00",
+                             refund_status="REFUND_PROCESSING"),
+        _refund_query_answer(out_trade_no="ORDER_1", out_request_no="ORDER_1-R2",
+                             refund_amount="10.00", refund_status="REFUND_SUCCESS"),
+        _refund_query_answer(out_trade_no="ORDER_2", out_request_no="ORDER_1-R1",
+                             refund_amount="10.00", refund_status="REFUND_SUCCESS"),
+        _refund_query_answer(out_trade_no="ORDER_1", refund_amount="ten"),
+        {"code": "20000", "msg": "Service Currently Unavailable",
+         "sub_code": "aop.ACQ.SYSTEM_ERROR"},
+        {"code": "40004", "msg": "Business Failed", "sub_code": "ACQ.SYSTEM_ERROR"},
+    ],
+    ids=["unknown status", "another refund", "another trade", "bad amount", "20000",
+         "system error"],
+)
+def test_query_refund_unknown_is_unavailable(
+    payload: dict[str, str],
+    gateway: AlipayGateway,
+    alipay_key: rsa.RSAPrivateKey,
+    canned: Callable[[Responder], CannedHTTP],
+) -> None:
+    canned(signed_answer(alipay_key, "alipay.trade.fastpay.refund.query", payload))
+
+    with pytest.raises(AlipayUnavailable):
+        gateway.query_refund("ORDER_1", "ORDER_1-R1")
+
+
+# --- notices ---------------------------------------------------------------
+
+
+def test_payment_notify_is_a_payment_notice_with_its_fields(
+    gateway: AlipayGateway, alipay_key: rsa.RSAPrivateKey
+) -> None:
+    signed = sign_params(notify_fields(), alipay_key)
+
+    notice = gateway.read_notice(signed)
+
+    assert notice.kind is NoticeKind.PAYMENT
+    assert (notice.order_id, notice.state, notice.amount_fen) == (
+        "ORDER_1", TradeState.PAID, 5990)
+    assert (notice.refund_id, notice.refunded_fen, notice.refunded_at) == (None, None, None)
+    assert notice.fields == {k: v for k, v in signed.items() if k != "sign"}
+    assert "sign_type" in notice.fields and "sign" not in notice.fields
+
+
+def _refund_notice(closed: bool, refund_fee: str = "20.00") -> RefundNotice:
+    return RefundNotice(
+        out_trade_no="ORDER_1",
+        trade_no="2025031422001400000000000001",
+        app_id=LOCAL_APP_ID,
+        seller_id=LOCAL_SELLER_ID,
+        subject="商品 ORDER_1",
+        total_amount="59.90",
+        notify_url=NOTIFY_URL,
+        gmt_create="2025-03-14 12:00:00",
+        gmt_payment="2025-03-14 12:00:04",
+        out_request_no="ORDER_1-R1",
+        refund_fee=refund_fee,
+        gmt_refund="2025-03-14 13:00:00.320",
+        closed_trade=closed,
+        notify_id="n-refund-1",
+    )
+
+
+@pytest.mark.parametrize(
+    ("closed", "trade_status", "state"),
+    [(False, "TRADE_SUCCESS", TradeState.PAID), (True, "TRADE_CLOSED", TradeState.CLOSED)],
+)
+def test_refund_notify_from_the_sandbox_is_a_refund_notice(
+    closed: bool,
+    trade_status: str,
+    state: TradeState,
+    gateway: AlipayGateway,
+    alipay_key: rsa.RSAPrivateKey,
+) -> None:
+    fee = "59.90" if closed else "20.00"
+    signed = refund_notify_params(_refund_notice(closed, fee), "2025-03-14 13:00:01", alipay_key)
+    assert signed["trade_status"] == trade_status
+
+    notice = gateway.read_notice(signed)
+
+    assert notice.kind is NoticeKind.REFUND
+    assert notice.state is state
+    assert (notice.order_id, notice.trade_no) == ("ORDER_1", "2025031422001400000000000001")
+    assert notice.refund_id == "ORDER_1-R1"
+    assert notice.refunded_fen == (5990 if closed else 2000)
+    assert notice.amount_fen == 5990
+    # 13:00:00.320 in Shanghai
+    assert notice.refunded_at == datetime(2025, 3, 14, 5, 0, 0, 320000, tzinfo=UTC)
+    assert notice.notice_id == "n-refund-1"
+    assert notice.fields == {k: v for k, v in signed.items() if k != "sign"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "refund_id", "refunded_fen", "refunded_at"),
+    [
+        ({"refund_fee": "10.00"}, None, 1000, None),
+        ({"out_biz_no": "R9"}, "R9", None, None),
+        ({"gmt_refund": "2025-03-14 13:00:00"}, None, None,
+         datetime(2025, 3, 14, 5, 0, tzinfo=UTC)),
+        ({"refund_fee": "10.001", "out_biz_no": "R9", "gmt_refund": "yesterday"}, "R9", None,
+         None),
+        ({"refund_fee": "-1.00", "gmt_refund": "2025-03-14 13:00:00.32x"}, None, None, None),
+    ],
+)
+def test_any_refund_field_makes_a_refund_notice(
+    extra: dict[str, str],
+    refund_id: str | None,
+    refunded_fen: int | None,
+    refunded_at: datetime | None,
+    gateway: AlipayGateway,
+    alipay_key: rsa.RSAPrivateKey,
+) -> None:
+    signed = sign_params(notify_fields(**extra), alipay_key)
+
+    notice = gateway.read_notice(signed)
+
+    assert notice.kind is NoticeKind.REFUND
+    assert (notice.refund_id, notice.refunded_fen, notice.refunded_at) == (
+        refund_id, refunded_fen, refunded_at)
+
+
+def test_forged_refund_notify_is_refused(
+    gateway: AlipayGateway, alipay_key: rsa.RSAPrivateKey
+) -> None:
+    signed = refund_notify_params(_refund_notice(False), "2025-03-14 13:00:01", alipay_key)
+
+    with pytest.raises(NoticeRefused):
+        gateway.read_notice({**signed, "refund_fee": "59.90"})
 
 
 def _raise(exc: BaseException) -> Responder:

@@ -7,7 +7,14 @@ import pytest
 
 from chalicelib.domain import Goods, Unavailable
 from chalicelib.memstore import InMemoryStore
-from tests.store_contract import T0, StoreContract
+from tests.store_contract import (
+    PAID,
+    T0,
+    StoreContract,
+    new_refund,
+    paid_order,
+    refund_state,
+)
 
 
 class TestInMemoryStore(StoreContract):
@@ -49,3 +56,14 @@ def test_fail_next_zero_ends_it() -> None:
     store.warm()
     store.ping()
 
+
+def test_fail_next_on_a_refund_write_writes_nothing() -> None:
+    store = InMemoryStore()
+    order = paid_order(store)
+    refund = new_refund(order, 1, 300, key="key-1")
+    before = refund_state(store, order.id, refund.id, keys=("key-1",))
+    store.fail_next(1, only={"reserve_refund"})
+    with pytest.raises(Unavailable):
+        store.reserve_refund(refund, order, expect_status=PAID)
+    assert refund_state(store, order.id, refund.id, keys=("key-1",)) == before
+    assert store.reserve_refund(refund, order, expect_status=PAID) is True

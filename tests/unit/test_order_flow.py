@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from chalicelib import handlers
-from chalicelib.domain import Unavailable, Unprocessable
+from chalicelib.domain import Unavailable, Unprocessable, to_fen
+from chalicelib.ports import RefundOutcome
 from tests.conftest import bearer, body
 
 
@@ -29,8 +30,10 @@ class FakeRefunds:
     def close_trade(self, order_id: str) -> None:
         return None
 
-    def refund_payment(self, order_id: str, amount: Decimal, request_no: str) -> None:
+    def refund_payment(self, order_id: str, amount: Decimal, request_no: str) -> RefundOutcome:
         self.refunds.append((order_id, amount, request_no))
+        return RefundOutcome(order_id=order_id, trade_no="T1", refunded_fen=to_fen(amount),
+                             moved=True)
 
 
 def order_for(app_deps: Any, user: str = "alice", **cart: int) -> dict[str, Any]:
@@ -117,12 +120,24 @@ def test_money_for_a_closed_order_is_refunded_once(app_deps: Any) -> None:
     assert stock(app_deps)["g1"] == before_close["g1"] + 2
 
 
-def test_late_money_without_a_gateway_is_retried_not_lost(app_deps: Any) -> None:
+def test_late_money_without_a_gateway_is_recorded_in_front_of_a_person(app_deps: Any) -> None:
     order = order_for(app_deps)
     handlers.on_check(app_deps, {"orderId": order["id"]})
-    with pytest.raises(Unavailable):
-        handlers.on_paid(app_deps, pay_msg(order))
+    app_deps.gateway = None  # the provider cannot be asked: nothing is lost, a person sees it
+    assert handlers.on_paid(app_deps, pay_msg(order)) == "CLOSED"
     assert status(app_deps, order) == "CLOSED"
+    refund = app_deps.store.get_refund(f"REFUND_{order['id']}")
+    assert refund is not None and refund.status == "PENDING" and refund.operator == "system"
+    assert app_deps.store.paid_but_closed() == [order["id"]]
+
+
+def test_without_a_gateway_an_unpaid_order_is_never_closed(app_deps: Any) -> None:
+    app_deps.gateway = None
+    order = order_for(app_deps)
+    taken = stock(app_deps)
+    with pytest.raises(Unavailable):
+        handlers.on_check(app_deps, {"orderId": order["id"]})
+    assert status(app_deps, order) == "UNPAID" and stock(app_deps) == taken
 
 
 def test_pay_and_check_race_resolves_to_one_winner(app_deps: Any) -> None:
@@ -179,8 +194,10 @@ def test_sweeper_finds_orders_whose_delay_message_was_lost(app_deps: Any) -> Non
     app_deps.clock.now = datetime.now(UTC) + timedelta(hours=1)
     # only `old` is due: `fresh` was created "later", `paid` left the sparse index
     assert app_deps.store.unpaid_due(app_deps.clock()) == [old["id"]]
-    assert handlers.sweep(app_deps) == {"due": 1, "settled": 1, "failed": 0}
+    assert handlers.sweep(app_deps) == {"due": 1, "settled": 1, "failed": 0, "rechecked": 0,
+                                        "refunds": 0}
     assert status(app_deps, old) == "CLOSED"
     assert status(app_deps, fresh) == "UNPAID"
     assert stock(app_deps)["g2"] == before["g2"]
-    assert handlers.sweep(app_deps) == {"due": 0, "settled": 0, "failed": 0}
+    assert handlers.sweep(app_deps) == {"due": 0, "settled": 0, "failed": 0, "rechecked": 0,
+                                        "refunds": 0}

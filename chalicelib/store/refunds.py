@@ -1,0 +1,232 @@
+"""Refunds and the orders' timelines.
+
+The rule of refunds is one conditional write each way, on the order and the
+refund together:
+
+    reserve   put refund PENDING (new)         order: pending := id,
+                                               reserved += amount, count += 1
+                                               if status is the expected one,
+                                               no refund pending, reserved and
+                                               count as read (the caller checked
+                                               reserved + amount <= paid)
+    settle    refund PENDING -> SUCCEEDED      order: refunded += amount (REFUNDED
+                                               when it reaches what was paid),
+                                               pending removed, if pending = id
+              refund PENDING -> FAILED         order: reserved -= amount, pending
+                                               removed, if pending = id
+    retry     refund FAILED -> PENDING         order as in reserve
+
+So two operators refunding at once make one PENDING refund and one refusal, and
+the sum of succeeded and pending refunds never passes what was paid.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import secrets
+import time
+from datetime import datetime
+from typing import Any
+
+from pynamodb.exceptions import DoesNotExist, TransactWriteError
+from pynamodb.transactions import TransactWrite
+
+from chalicelib.domain import (
+    REFUNDED,
+    EventType,
+    Order,
+    OrderStatus,
+    Refund,
+    RefundStatus,
+    TimelineEvent,
+    Unavailable,
+    iso,
+    parse_iso,
+)
+from chalicelib.store.base import DYNAMO_ERRORS, StoreBase, dynamo, reasons, retryable
+from chalicelib.store.models import OPEN_FLAG, model_from_refund, refund_from_model
+
+log = logging.getLogger(__name__)
+
+
+def idempotency_id(order_id: str, key: str) -> str:
+    return f"IDEM#{order_id}#{key}"
+
+
+class RefundStore(StoreBase):
+    # --- refunds ----------------------------------------------------------------
+
+    def reserve_refund(self, refund: Refund, order: Order, *,
+                       expect_status: OrderStatus) -> bool:
+        """The refund PENDING and the order's reservation, both or neither. False
+        when the order changed since it was read, another refund is pending, the
+        refund exists, or its idempotency key was used."""
+        m = self.models
+        o = m.Order
+        condition = ((o.status == expect_status.value) & o.pending_refund_id.does_not_exist()
+                     & _equals_or_absent(o.refund_reserved_fen, order.refund_reserved_fen)
+                     & _equals_or_absent(o.refund_count, order.refund_count))
+        try:
+            with TransactWrite(connection=self.connection) as tx:
+                tx.save(model_from_refund(m, refund), condition=m.Refund.id.does_not_exist())
+                if refund.idempotency_key:
+                    tx.save(m.Refund(idempotency_id(order.id, refund.idempotency_key),
+                                     refund_id=refund.id, order_id=order.id,
+                                     create_time=iso(refund.create_time)),
+                            condition=m.Refund.id.does_not_exist())
+                tx.update(o(order.id), actions=[
+                    o.pending_refund_id.set(refund.id),
+                    o.refund_reserved_fen.set(order.refund_reserved_fen + refund.amount_fen),
+                    o.refund_count.set(order.refund_count + 1),
+                    o.update_time.set(iso(refund.create_time)),
+                ], condition=condition)
+            return True
+        except TransactWriteError as exc:
+            # A condition that failed, or another transaction on the order at the same
+            # moment: the caller reads the order again and decides again.
+            if "ConditionalCheckFailed" in reasons(exc) or retryable(exc):
+                return False
+            raise Unavailable(f"refund {refund.id} could not be written: {reasons(exc)}") from exc
+        except DYNAMO_ERRORS as exc:
+            raise Unavailable("dynamodb is not answering") from exc
+
+    def settle_refund(self, refund: Refund, order: Order, *, status: RefundStatus,
+                      now: datetime, failure_code: str | None = None,
+                      failure_message: str | None = None,
+                      trade_no: str | None = None) -> bool:
+        """PENDING -> SUCCEEDED or FAILED, and the order's sums with it. `order` as
+        read while this refund is its pending one. A refund that brings the order's
+        refunded total to what was paid makes it REFUNDED (`trade_no`: the payment
+        it returns, for the refund of money that came after the order closed).
+        False when the refund was not PENDING (settled meanwhile)."""
+        m = self.models
+        o = m.Order
+        r = m.Refund
+        refund_actions = [r.status.set(status.value), r.finish_time.set(iso(now))]
+        if status == RefundStatus.SUCCEEDED:
+            refund_actions += [r.open_status.remove(), r.failure_code.remove(),
+                               r.failure_message.remove()]
+        else:
+            refund_actions += [r.open_status.set(OPEN_FLAG),
+                               r.failure_code.set(failure_code or "UNKNOWN"),
+                               r.failure_message.set((failure_message or "")[:500])]
+        order_actions: list[Any] = [o.pending_refund_id.remove(), o.update_time.set(iso(now))]
+        if status == RefundStatus.SUCCEEDED:
+            refunded = order.refunded_fen + refund.amount_fen
+            order_actions.append(o.refunded_fen.set(refunded))
+            if refunded >= order.total_fen:
+                order_actions += [o.status.set(REFUNDED.value), o.paid_but_closed.remove(),
+                                  o.recheck.remove(), o.end_time.set(iso(now))]
+                if trade_no:
+                    order_actions += [o.transaction_id.set(trade_no),
+                                      o.refund_request_no.set(refund.id)]
+        else:
+            order_actions.append(
+                o.refund_reserved_fen.set(order.refund_reserved_fen - refund.amount_fen))
+        attempts = 3
+        for attempt in range(1, attempts + 1):
+            try:
+                with TransactWrite(connection=self.connection) as tx:
+                    tx.update(r(refund.id), actions=refund_actions,
+                              condition=r.status == RefundStatus.PENDING.value)
+                    tx.update(o(order.id), actions=order_actions,
+                              condition=(o.pending_refund_id == refund.id)
+                              & _equals_or_absent(o.refunded_fen, order.refunded_fen))
+                return True
+            except TransactWriteError as exc:
+                if "ConditionalCheckFailed" in reasons(exc):
+                    return False
+                if retryable(exc) and attempt < attempts:
+                    time.sleep(random.uniform(0.02, 0.1) * attempt)
+                    continue
+                raise Unavailable(
+                    f"refund {refund.id} could not be settled: {reasons(exc)}") from exc
+            except DYNAMO_ERRORS as exc:
+                raise Unavailable("dynamodb is not answering") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def retry_refund(self, refund: Refund, order: Order, *, now: datetime) -> bool:
+        """A FAILED refund PENDING again (the same request number), with the order's
+        reservation. False when it was not FAILED or the order changed."""
+        m = self.models
+        o = m.Order
+        r = m.Refund
+        try:
+            with TransactWrite(connection=self.connection) as tx:
+                tx.update(r(refund.id), actions=[
+                    r.status.set(RefundStatus.PENDING.value), r.finish_time.remove(),
+                    r.failure_code.remove(), r.failure_message.remove(),
+                    r.open_status.set(OPEN_FLAG), r.create_time.set(iso(now))],
+                    condition=r.status == RefundStatus.FAILED.value)
+                tx.update(o(order.id), actions=[
+                    o.pending_refund_id.set(refund.id),
+                    o.refund_reserved_fen.set(order.refund_reserved_fen + refund.amount_fen),
+                    o.update_time.set(iso(now))],
+                    condition=(o.status == order.status.value)
+                    & o.pending_refund_id.does_not_exist()
+                    & _equals_or_absent(o.refund_reserved_fen, order.refund_reserved_fen))
+            return True
+        except TransactWriteError as exc:
+            if "ConditionalCheckFailed" in reasons(exc) or retryable(exc):
+                return False
+            raise Unavailable(f"refund {refund.id} could not be retried: {reasons(exc)}") from exc
+        except DYNAMO_ERRORS as exc:
+            raise Unavailable("dynamodb is not answering") from exc
+
+    def get_refund(self, refund_id: str) -> Refund | None:
+        m = self.models
+        try:
+            item = m.Refund.get(refund_id, consistent_read=True)
+        except DoesNotExist:
+            return None
+        except DYNAMO_ERRORS as exc:
+            raise Unavailable("dynamodb is not answering") from exc
+        return refund_from_model(item) if item.status else None
+
+    def refund_for_key(self, order_id: str, key: str) -> Refund | None:
+        """The refund an operator's idempotency key made on this order, if any."""
+        m = self.models
+        try:
+            marker = m.Refund.get(idempotency_id(order_id, key), consistent_read=True)
+        except DoesNotExist:
+            return None
+        except DYNAMO_ERRORS as exc:
+            raise Unavailable("dynamodb is not answering") from exc
+        return self.get_refund(marker.refund_id)
+
+    def refunds_of(self, order_id: str) -> list[Refund]:
+        m = self.models
+        with dynamo():
+            return [refund_from_model(x) for x in m.Refund.by_order.query(order_id)
+                    if x.status]
+
+    def open_refunds(self, limit: int = 200) -> list[Refund]:
+        """PENDING and FAILED refunds, oldest first."""
+        m = self.models
+        with dynamo():
+            return [refund_from_model(x)
+                    for x in m.Refund.open_refunds.query(OPEN_FLAG, limit=limit)]
+
+    # --- the timeline -----------------------------------------------------------
+
+    def append_event(self, event: TimelineEvent) -> None:
+        m = self.models
+        with dynamo():
+            m.Timeline(event.order_id, f"{iso(event.time)}#{secrets.token_hex(4)}",
+                       type=event.type.value,
+                       detail=json.dumps(event.detail, ensure_ascii=False, default=str)).save()
+
+    def timeline(self, order_id: str, limit: int = 1000) -> list[TimelineEvent]:
+        m = self.models
+        with dynamo():
+            return [TimelineEvent(order_id, parse_iso(x.seq.split("#")[0]), EventType(x.type),
+                                  json.loads(x.detail))
+                    for x in m.Timeline.query(order_id, limit=limit)]
+
+
+def _equals_or_absent(attribute: Any, value: int) -> Any:
+    """attribute = value, where an absent attribute counts as 0 (older items)."""
+    return attribute.does_not_exist() | (attribute == value) if value == 0 else (
+        attribute == value)
