@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint unit soak bench token package clean
+.PHONY: run test lint unit soak bench token package clean system
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,7 +14,13 @@ $(STAMP): requirements.txt requirements-dev.txt
 run: $(STAMP)
 	$(PY) -m local run
 
-test: $(STAMP)
+# Debian's chromium (browser tests) and podman with its local base image (container
+# test), each installed only when missing (apt-get: run as root, as CI does).
+system:
+	bash .ci/browser.sh
+	bash .ci/podman.sh
+
+test: $(STAMP) system
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q -m "not soak"
 
