@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -85,8 +86,27 @@ def rabbitmq_running() -> None:
     )
 
 
+@pytest.fixture(scope="session")
+def vhost_deleter() -> Iterator[Callable[[str], None]]:
+    """Deletes used vhosts in the background: each rabbitmqctl call starts an Erlang VM
+    (about a second), and no test waits on the deletion of another's vhost. All are
+    gone when the session ends."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vhost-deleter")
+    pending: list[Future[Any]] = []
+
+    def delete(vhost: str) -> None:
+        pending.append(pool.submit(subprocess.run, ["rabbitmqctl", "-q", "delete_vhost", vhost],
+                                   capture_output=True, timeout=60, check=False))
+
+    yield delete
+    for job in pending:
+        job.result()
+    pool.shutdown()
+
+
 @pytest.fixture
-def rmq_vhost(rabbitmq_running: None) -> Iterator[RabbitURL]:
+def rmq_vhost(rabbitmq_running: None,
+              vhost_deleter: Callable[[str], None]) -> Iterator[RabbitURL]:
     """A fresh vhost for guest, deleted after the test; yields its amqp URL (a str).
 
     The URL also has a `.vhost` attribute with the vhost's name.
@@ -97,7 +117,7 @@ def rmq_vhost(rabbitmq_running: None) -> Iterator[RabbitURL]:
         rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
         yield RabbitURL(vhost)
     finally:
-        rabbitmqctl("delete_vhost", vhost, check=False)
+        vhost_deleter(vhost)
 
 
 @pytest.fixture
