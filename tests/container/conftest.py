@@ -23,11 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import (  # noqa: F401 - fixtures
-    rabbitmq_running,
-    rmq_vhost,
-    vhost_deleter,
-)
+from tests.integration.conftest import rabbitmq_running, rmq_vhost  # noqa: F401 - fixtures
 
 REPO = Path(__file__).resolve().parents[2]
 CONTAINERS_CONF = REPO / ".ci" / "containers.conf"

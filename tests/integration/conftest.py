@@ -14,7 +14,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -86,27 +85,8 @@ def rabbitmq_running() -> None:
     )
 
 
-@pytest.fixture(scope="session")
-def vhost_deleter() -> Iterator[Callable[[str], None]]:
-    """Deletes used vhosts in the background: each rabbitmqctl call starts an Erlang VM
-    (about a second), and no test waits on the deletion of another's vhost. All are
-    gone when the session ends."""
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vhost-deleter")
-    pending: list[Future[Any]] = []
-
-    def delete(vhost: str) -> None:
-        pending.append(pool.submit(subprocess.run, ["rabbitmqctl", "-q", "delete_vhost", vhost],
-                                   capture_output=True, timeout=60, check=False))
-
-    yield delete
-    for job in pending:
-        job.result()
-    pool.shutdown()
-
-
 @pytest.fixture
-def rmq_vhost(rabbitmq_running: None,
-              vhost_deleter: Callable[[str], None]) -> Iterator[RabbitURL]:
+def rmq_vhost(rabbitmq_running: None) -> Iterator[RabbitURL]:
     """A fresh vhost for guest, deleted after the test; yields its amqp URL (a str).
 
     The URL also has a `.vhost` attribute with the vhost's name.
@@ -117,7 +97,7 @@ def rmq_vhost(rabbitmq_running: None,
         rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
         yield RabbitURL(vhost)
     finally:
-        vhost_deleter(vhost)
+        rabbitmqctl("delete_vhost", vhost, check=False)
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ from tests.integration.conftest import (  # noqa: F401 - fixtures
     private_vhost,
     rabbitmq_running,
     rmq_vhost,
-    vhost_deleter,
 )
 from tests.reliability.harness import SCOREBOARD
 
