@@ -203,7 +203,7 @@ def test_system_error_and_a_killed_worker_end_in_one_refund(stack: Stack,
 def test_cancel_then_pay_with_the_notify_lost_ends_refunded(stack: Stack) -> None:
     started = time.monotonic()
     row = Row("refunds: cancel, pay old link, notify lost")
-    stack.deps.settings = replace(stack.deps.settings, pay_timeout_seconds=3)
+    stack.deps.settings = replace(stack.deps.settings, pay_timeout_seconds=10)
     order = stack.order("late", {TEN.id: 1})
     assert order is not None
     oid = order["id"]
@@ -215,7 +215,7 @@ def test_cancel_then_pay_with_the_notify_lost_ends_refunded(stack: Stack) -> Non
     assert trade(stack, oid)["status"] == "TRADE_SUCCESS"
     assert stack.store.get_order(oid).status == "CLOSED"
     assert handlers.sweep(stack.deps)["rechecked"] == 0  # the link has not expired yet
-    time.sleep(3.5)
+    time.sleep(10.5)
     result = handlers.sweep(stack.deps)  # what the scheduled sweeper does
     assert result["rechecked"] == 1, result
     final = stack.store.get_order(oid)
