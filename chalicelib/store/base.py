@@ -6,13 +6,17 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Iterator
+import random
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from pynamodb.connection import Connection
 from pynamodb.exceptions import (
     DeleteError,
+    DoesNotExist,
     GetError,
     PutError,
     PynamoDBConnectionError,
@@ -22,6 +26,7 @@ from pynamodb.exceptions import (
     TransactWriteError,
     UpdateError,
 )
+from pynamodb.transactions import TransactWrite
 
 from chalicelib.config import Tables
 from chalicelib.domain import Invalid, Unavailable
@@ -53,6 +58,58 @@ def dynamo() -> Iterator[None]:
         yield
     except DYNAMO_ERRORS as exc:
         raise Unavailable("dynamodb is not answering") from exc
+
+
+def get_item(model: Any, key: str, *, consistent: bool = True) -> Any | None:
+    """The item, or None when there is none."""
+    try:
+        return model.get(key, consistent_read=consistent)
+    except DoesNotExist:
+        return None
+    except DYNAMO_ERRORS as exc:
+        raise Unavailable("dynamodb is not answering") from exc
+
+
+@dataclass
+class Condition:
+    held: bool = True
+
+
+@contextmanager
+def conditional() -> Iterator[Condition]:
+    """A write with a condition: `.held` is False after the block when the condition
+    failed (nothing was written); DynamoDB not answering raises Unavailable."""
+    outcome = Condition()
+    try:
+        yield outcome
+    except UpdateError as exc:
+        if exc.cause_response_code != "ConditionalCheckFailedException":
+            raise Unavailable("dynamodb is not answering") from exc
+        outcome.held = False
+    except DYNAMO_ERRORS as exc:
+        raise Unavailable("dynamodb is not answering") from exc
+
+
+def write_transaction(connection: Connection, build: Callable[[TransactWrite], None], *,
+                      attempts: int = 1) -> None:
+    """Commits the transaction `build` fills. Cancelled only because another
+    transaction held one of its items (no condition failed), it is tried again
+    after a short pause, `attempts` times in all. Otherwise the TransactWriteError
+    is raised for the caller to read its reasons; DynamoDB not answering:
+    Unavailable."""
+    for attempt in range(1, attempts + 1):
+        try:
+            with TransactWrite(connection=connection) as tx:
+                build(tx)
+            return
+        except TransactWriteError as exc:
+            if (attempt < attempts and retryable(exc)
+                    and "ConditionalCheckFailed" not in reasons(exc)):
+                time.sleep(random.uniform(0.02, 0.1) * attempt)
+                continue
+            raise
+        except DYNAMO_ERRORS as exc:
+            raise Unavailable("dynamodb is not answering") from exc
 
 
 def reasons(exc: TransactWriteError) -> list[str | None]:

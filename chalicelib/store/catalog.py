@@ -5,10 +5,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from pynamodb.exceptions import UpdateError
-
-from chalicelib.domain import CartLine, Goods, Unavailable
-from chalicelib.store.base import DYNAMO_ERRORS, StoreBase, dynamo
+from chalicelib.domain import CartLine, Goods
+from chalicelib.store.base import StoreBase, conditional, dynamo
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +57,17 @@ class CatalogStore(StoreBase):
         m = self.models
         with dynamo():
             m.CartLine(username, goods_id, num=num,
-                          price_fen=goods.price_fen if goods else None,
-                          name=goods.name if goods else None).save()
+                       price_fen=goods.price_fen if goods else None,
+                       name=goods.name if goods else None).save()
 
     def refresh_cart_line(self, username: str, goods: Goods) -> None:
         """The goods' current price and name onto the user's line, if it still exists."""
         m = self.models
-        try:
+        with conditional():  # the line is gone: nothing to refresh
             m.CartLine(username, goods.id).update(
                 actions=[m.CartLine.price_fen.set(goods.price_fen),
                          m.CartLine.name.set(goods.name)],
                 condition=m.CartLine.num.exists())
-        except UpdateError as exc:
-            if exc.cause_response_code != "ConditionalCheckFailedException":
-                raise Unavailable("dynamodb is not answering") from exc
-        except DYNAMO_ERRORS as exc:
-            raise Unavailable("dynamodb is not answering") from exc
 
     def delete_cart_line(self, username: str, goods_id: str) -> None:
         m = self.models

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import logging
-import random
-import time
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from pynamodb.exceptions import DoesNotExist, TransactWriteError, UpdateError
+from pynamodb.exceptions import TransactWriteError
 from pynamodb.transactions import TransactWrite
 
 from chalicelib.domain import (
@@ -25,13 +23,14 @@ from chalicelib.domain import (
     iso,
 )
 from chalicelib.store.base import (
-    DYNAMO_ERRORS,
     StoreBase,
+    conditional,
     decode_cursor,
     dynamo,
     encode_cursor,
+    get_item,
     reasons,
-    retryable,
+    write_transaction,
 )
 from chalicelib.store.models import (
     PAID_CLOSED_FLAG,
@@ -55,57 +54,44 @@ class OrderStore(StoreBase):
         cancels the whole transaction instead of losing the change.
         """
         m = self.models
-        attempts = 3
-        for attempt in range(1, attempts + 1):
-            try:
-                with TransactWrite(connection=self.connection) as tx:
-                    tx.save(model_from_order(m, order), condition=m.Order.id.does_not_exist())
-                    for line in order.lines:
-                        tx.update(
-                            m.Goods(line.goods_id),
-                            actions=[m.Goods.stock.add(-line.num)],
-                            condition=(m.Goods.stock >= line.num)
-                            & (m.Goods.price_fen == line.price_fen),
-                        )
-                    for goods_id, num in (cart or {}).items():
-                        tx.delete(
-                            m.CartLine(order.username, goods_id),
-                            condition=m.CartLine.num == num,
-                        )
-                return
-            except TransactWriteError as exc:
-                why = reasons(exc)
-                if "ConditionalCheckFailed" in why:
-                    # pynamodb sends condition checks, deletes, puts, updates in that order.
-                    kinds = [("cart", gid) for gid in (cart or {})] + [("order", order.id)]
-                    kinds += [("stock", line.goods_id) for line in order.lines]
-                    kind, key = kinds[why.index("ConditionalCheckFailed")]
-                    if kind == "stock":
-                        line = next(x for x in order.lines if x.goods_id == key)
-                        now = self.get_goods([key]).get(key)
-                        if now is not None and now.price_fen != line.price_fen:
-                            raise PriceChanged(key, now) from exc
-                        raise OutOfStock(key) from exc
-                    if kind == "order":
-                        raise Conflict(f"order {key} exists already") from exc
-                    raise Conflict("the cart changed while ordering; try again") from exc
-                if retryable(exc) and attempt < attempts:
-                    time.sleep(random.uniform(0.02, 0.1) * attempt)
-                    continue
-                log.warning("create order %s failed: %s %s", order.id, why, exc,
-                            extra={"orderId": order.id})
-                raise Unavailable("the order could not be written; try again") from exc
-            except DYNAMO_ERRORS as exc:
-                raise Unavailable("dynamodb is not answering") from exc
+
+        def build(tx: TransactWrite) -> None:
+            tx.save(model_from_order(m, order), condition=m.Order.id.does_not_exist())
+            for line in order.lines:
+                tx.update(
+                    m.Goods(line.goods_id),
+                    actions=[m.Goods.stock.add(-line.num)],
+                    condition=(m.Goods.stock >= line.num)
+                    & (m.Goods.price_fen == line.price_fen),
+                )
+            for goods_id, num in (cart or {}).items():
+                tx.delete(m.CartLine(order.username, goods_id), condition=m.CartLine.num == num)
+
+        try:
+            write_transaction(self.connection, build, attempts=3)
+        except TransactWriteError as exc:
+            why = reasons(exc)
+            if "ConditionalCheckFailed" in why:
+                # pynamodb sends condition checks, deletes, puts, updates in that order.
+                kinds = [("cart", gid) for gid in (cart or {})] + [("order", order.id)]
+                kinds += [("stock", line.goods_id) for line in order.lines]
+                kind, key = kinds[why.index("ConditionalCheckFailed")]
+                if kind == "stock":
+                    line = next(x for x in order.lines if x.goods_id == key)
+                    now = self.get_goods([key]).get(key)
+                    if now is not None and now.price_fen != line.price_fen:
+                        raise PriceChanged(key, now) from exc
+                    raise OutOfStock(key) from exc
+                if kind == "order":
+                    raise Conflict(f"order {key} exists already") from exc
+                raise Conflict("the cart changed while ordering; try again") from exc
+            log.warning("create order %s failed: %s %s", order.id, why, exc,
+                        extra={"orderId": order.id})
+            raise Unavailable("the order could not be written; try again") from exc
 
     def get_order(self, order_id: str, *, consistent: bool = True) -> Order | None:
-        m = self.models
-        try:
-            return order_from_model(m.Order.get(order_id, consistent_read=consistent))
-        except DoesNotExist:
-            return None
-        except DYNAMO_ERRORS as exc:
-            raise Unavailable("dynamodb is not answering") from exc
+        item = get_item(self.models.Order, order_id, consistent=consistent)
+        return order_from_model(item) if item is not None else None
 
     def list_orders(self, username: str, limit: int = 100) -> list[Order]:
         m = self.models
@@ -130,7 +116,7 @@ class OrderStore(StoreBase):
         """UNPAID -> PAID for exactly this amount. False when the order was not UNPAID
         (or does not exist: a failed condition never creates the item)."""
         m = self.models
-        try:
+        with conditional() as written:
             # The table's own call rather than Model.update, which asks for ALL_NEW and
             # decodes the whole item that nobody reads here (a quarter of this write's
             # time on moto, see local/bench.py stage 1).
@@ -146,13 +132,7 @@ class OrderStore(StoreBase):
                 ],
                 condition=(m.Order.status == UNPAID) & (m.Order.total_fen == total_fen),
             )
-            return True
-        except UpdateError as exc:
-            if exc.cause_response_code == "ConditionalCheckFailedException":
-                return False
-            raise Unavailable("dynamodb is not answering") from exc
-        except DYNAMO_ERRORS as exc:
-            raise Unavailable("dynamodb is not answering") from exc
+        return written.held
 
     def close_order(self, order: Order, *, now: datetime) -> bool:
         """UNPAID -> CLOSED and the stock back, in one transaction. False when not UNPAID.
@@ -170,27 +150,22 @@ class OrderStore(StoreBase):
         if now < order.expire_time:
             actions += [m.Order.recheck.set(RECHECK_FLAG),
                         m.Order.link_expire_time.set(iso(order.expire_time))]
+
+        def build(tx: TransactWrite) -> None:
+            tx.update(m.Order(order.id), actions=actions, condition=m.Order.status == UNPAID)
+            for line in order.lines:
+                if order.sale_id:  # a flash-sale order gives its unit back to the sale
+                    tx.update(m.Sale(order.sale_id), actions=[m.Sale.stock.add(line.num)])
+                else:
+                    tx.update(m.Goods(line.goods_id), actions=[m.Goods.stock.add(line.num)])
+
         try:
-            with TransactWrite(connection=self.connection) as tx:
-                tx.update(
-                    m.Order(order.id),
-                    actions=actions,
-                    condition=m.Order.status == UNPAID,
-                )
-                for line in order.lines:
-                    if order.sale_id:  # a flash-sale order gives its unit back to the sale
-                        tx.update(m.Sale(order.sale_id),
-                                  actions=[m.Sale.stock.add(line.num)])
-                    else:
-                        tx.update(m.Goods(line.goods_id),
-                                  actions=[m.Goods.stock.add(line.num)])
+            write_transaction(self.connection, build)
             return True
         except TransactWriteError as exc:
             if reasons(exc)[:1] == ["ConditionalCheckFailed"]:
                 return False
             raise Unavailable(f"closing {order.id} failed: {reasons(exc)}") from exc
-        except DYNAMO_ERRORS as exc:
-            raise Unavailable("dynamodb is not answering") from exc
 
     def recheck_due(self, now: datetime, limit: int = 500) -> list[str]:
         """Ids of closed orders whose payment link has expired and that were not
@@ -203,31 +178,21 @@ class OrderStore(StoreBase):
     def clear_recheck(self, order_id: str) -> None:
         """The order was asked about after its link expired (an unknown one: nothing)."""
         m = self.models
-        try:
+        with conditional():
             m.Order._get_connection().update_item(
                 order_id, actions=[m.Order.recheck.remove()],
                 condition=m.Order.id.exists())
-        except UpdateError as exc:
-            if exc.cause_response_code != "ConditionalCheckFailedException":
-                raise Unavailable("dynamodb is not answering") from exc
-        except DYNAMO_ERRORS as exc:
-            raise Unavailable("dynamodb is not answering") from exc
 
     def mark_paid_but_closed(self, order_id: str, *, trade_no: str, now: datetime) -> None:
         """The provider holds money for this closed order: in front of a person
         until it is refunded."""
         m = self.models
-        try:
+        with conditional():  # not CLOSED (any more): nothing to flag
             m.Order._get_connection().update_item(
                 order_id, actions=[m.Order.paid_but_closed.set(PAID_CLOSED_FLAG),
                                    m.Order.transaction_id.set(trade_no),
                                    m.Order.update_time.set(iso(now))],
                 condition=m.Order.status == CLOSED)
-        except UpdateError as exc:
-            if exc.cause_response_code != "ConditionalCheckFailedException":
-                raise Unavailable("dynamodb is not answering") from exc
-        except DYNAMO_ERRORS as exc:
-            raise Unavailable("dynamodb is not answering") from exc
 
     def paid_but_closed(self, limit: int = 100) -> list[str]:
         m = self.models

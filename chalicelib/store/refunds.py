@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import secrets
-import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from pynamodb.exceptions import DoesNotExist, TransactWriteError
+from pynamodb.connection import Connection
+from pynamodb.exceptions import TransactWriteError
 from pynamodb.transactions import TransactWrite
 
 from chalicelib.domain import (
@@ -45,7 +45,14 @@ from chalicelib.domain import (
     iso,
     parse_iso,
 )
-from chalicelib.store.base import DYNAMO_ERRORS, StoreBase, dynamo, reasons, retryable
+from chalicelib.store.base import (
+    StoreBase,
+    dynamo,
+    get_item,
+    reasons,
+    retryable,
+    write_transaction,
+)
 from chalicelib.store.models import OPEN_FLAG, model_from_refund, refund_from_model
 
 log = logging.getLogger(__name__)
@@ -68,29 +75,22 @@ class RefundStore(StoreBase):
         condition = ((o.status == expect_status.value) & o.pending_refund_id.does_not_exist()
                      & _equals_or_absent(o.refund_reserved_fen, order.refund_reserved_fen)
                      & _equals_or_absent(o.refund_count, order.refund_count))
-        try:
-            with TransactWrite(connection=self.connection) as tx:
-                tx.save(model_from_refund(m, refund), condition=m.Refund.id.does_not_exist())
-                if refund.idempotency_key:
-                    tx.save(m.Refund(idempotency_id(order.id, refund.idempotency_key),
-                                     refund_id=refund.id, order_id=order.id,
-                                     create_time=iso(refund.create_time)),
-                            condition=m.Refund.id.does_not_exist())
-                tx.update(o(order.id), actions=[
-                    o.pending_refund_id.set(refund.id),
-                    o.refund_reserved_fen.set(order.refund_reserved_fen + refund.amount_fen),
-                    o.refund_count.set(order.refund_count + 1),
-                    o.update_time.set(iso(refund.create_time)),
-                ], condition=condition)
-            return True
-        except TransactWriteError as exc:
-            # A condition that failed, or another transaction on the order at the same
-            # moment: the caller reads the order again and decides again.
-            if "ConditionalCheckFailed" in reasons(exc) or retryable(exc):
-                return False
-            raise Unavailable(f"refund {refund.id} could not be written: {reasons(exc)}") from exc
-        except DYNAMO_ERRORS as exc:
-            raise Unavailable("dynamodb is not answering") from exc
+
+        def build(tx: TransactWrite) -> None:
+            tx.save(model_from_refund(m, refund), condition=m.Refund.id.does_not_exist())
+            if refund.idempotency_key:
+                tx.save(m.Refund(idempotency_id(order.id, refund.idempotency_key),
+                                 refund_id=refund.id, order_id=order.id,
+                                 create_time=iso(refund.create_time)),
+                        condition=m.Refund.id.does_not_exist())
+            tx.update(o(order.id), actions=[
+                o.pending_refund_id.set(refund.id),
+                o.refund_reserved_fen.set(order.refund_reserved_fen + refund.amount_fen),
+                o.refund_count.set(order.refund_count + 1),
+                o.update_time.set(iso(refund.create_time)),
+            ], condition=condition)
+
+        return _written(self.connection, build, f"refund {refund.id}")
 
     def settle_refund(self, refund: Refund, order: Order, *, status: RefundStatus,
                       now: datetime, failure_code: str | None = None,
@@ -125,27 +125,21 @@ class RefundStore(StoreBase):
         else:
             order_actions.append(
                 o.refund_reserved_fen.set(order.refund_reserved_fen - refund.amount_fen))
-        attempts = 3
-        for attempt in range(1, attempts + 1):
-            try:
-                with TransactWrite(connection=self.connection) as tx:
-                    tx.update(r(refund.id), actions=refund_actions,
-                              condition=r.status == RefundStatus.PENDING.value)
-                    tx.update(o(order.id), actions=order_actions,
-                              condition=(o.pending_refund_id == refund.id)
-                              & _equals_or_absent(o.refunded_fen, order.refunded_fen))
-                return True
-            except TransactWriteError as exc:
-                if "ConditionalCheckFailed" in reasons(exc):
-                    return False
-                if retryable(exc) and attempt < attempts:
-                    time.sleep(random.uniform(0.02, 0.1) * attempt)
-                    continue
-                raise Unavailable(
-                    f"refund {refund.id} could not be settled: {reasons(exc)}") from exc
-            except DYNAMO_ERRORS as exc:
-                raise Unavailable("dynamodb is not answering") from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+
+        def build(tx: TransactWrite) -> None:
+            tx.update(r(refund.id), actions=refund_actions,
+                      condition=r.status == RefundStatus.PENDING.value)
+            tx.update(o(order.id), actions=order_actions,
+                      condition=(o.pending_refund_id == refund.id)
+                      & _equals_or_absent(o.refunded_fen, order.refunded_fen))
+
+        try:
+            write_transaction(self.connection, build, attempts=3)
+            return True
+        except TransactWriteError as exc:
+            if "ConditionalCheckFailed" in reasons(exc):
+                return False
+            raise Unavailable(f"refund {refund.id} could not be settled: {reasons(exc)}") from exc
 
     def retry_refund(self, refund: Refund, order: Order, *, now: datetime) -> bool:
         """A FAILED refund PENDING again (the same request number), with the order's
@@ -153,48 +147,32 @@ class RefundStore(StoreBase):
         m = self.models
         o = m.Order
         r = m.Refund
-        try:
-            with TransactWrite(connection=self.connection) as tx:
-                tx.update(r(refund.id), actions=[
-                    r.status.set(RefundStatus.PENDING.value), r.finish_time.remove(),
-                    r.failure_code.remove(), r.failure_message.remove(),
-                    r.open_status.set(OPEN_FLAG), r.create_time.set(iso(now))],
-                    condition=r.status == RefundStatus.FAILED.value)
-                tx.update(o(order.id), actions=[
-                    o.pending_refund_id.set(refund.id),
-                    o.refund_reserved_fen.set(order.refund_reserved_fen + refund.amount_fen),
-                    o.update_time.set(iso(now))],
-                    condition=(o.status == order.status.value)
-                    & o.pending_refund_id.does_not_exist()
-                    & _equals_or_absent(o.refund_reserved_fen, order.refund_reserved_fen))
-            return True
-        except TransactWriteError as exc:
-            if "ConditionalCheckFailed" in reasons(exc) or retryable(exc):
-                return False
-            raise Unavailable(f"refund {refund.id} could not be retried: {reasons(exc)}") from exc
-        except DYNAMO_ERRORS as exc:
-            raise Unavailable("dynamodb is not answering") from exc
+
+        def build(tx: TransactWrite) -> None:
+            tx.update(r(refund.id), actions=[
+                r.status.set(RefundStatus.PENDING.value), r.finish_time.remove(),
+                r.failure_code.remove(), r.failure_message.remove(),
+                r.open_status.set(OPEN_FLAG), r.create_time.set(iso(now))],
+                condition=r.status == RefundStatus.FAILED.value)
+            tx.update(o(order.id), actions=[
+                o.pending_refund_id.set(refund.id),
+                o.refund_reserved_fen.set(order.refund_reserved_fen + refund.amount_fen),
+                o.update_time.set(iso(now))],
+                condition=(o.status == order.status.value)
+                & o.pending_refund_id.does_not_exist()
+                & _equals_or_absent(o.refund_reserved_fen, order.refund_reserved_fen))
+
+        return _written(self.connection, build, f"refund {refund.id}")
 
     def get_refund(self, refund_id: str) -> Refund | None:
-        m = self.models
-        try:
-            item = m.Refund.get(refund_id, consistent_read=True)
-        except DoesNotExist:
-            return None
-        except DYNAMO_ERRORS as exc:
-            raise Unavailable("dynamodb is not answering") from exc
-        return refund_from_model(item) if item.status else None
+        item = get_item(self.models.Refund, refund_id)
+        # an idempotency key's item has no status: it is no refund
+        return refund_from_model(item) if item is not None and item.status else None
 
     def refund_for_key(self, order_id: str, key: str) -> Refund | None:
         """The refund an operator's idempotency key made on this order, if any."""
-        m = self.models
-        try:
-            marker = m.Refund.get(idempotency_id(order_id, key), consistent_read=True)
-        except DoesNotExist:
-            return None
-        except DYNAMO_ERRORS as exc:
-            raise Unavailable("dynamodb is not answering") from exc
-        return self.get_refund(marker.refund_id)
+        marker = get_item(self.models.Refund, idempotency_id(order_id, key))
+        return self.get_refund(marker.refund_id) if marker is not None else None
 
     def refunds_of(self, order_id: str) -> list[Refund]:
         m = self.models
@@ -224,6 +202,19 @@ class RefundStore(StoreBase):
             return [TimelineEvent(order_id, parse_iso(x.seq.split("#")[0]), EventType(x.type),
                                   json.loads(x.detail))
                     for x in m.Timeline.query(order_id, limit=limit)]
+
+
+def _written(connection: Connection, build: Callable[[TransactWrite], None], what: str) -> bool:
+    """A reservation's transaction: False when a condition failed, or another
+    transaction held the order at that moment (the caller reads it again and
+    decides again)."""
+    try:
+        write_transaction(connection, build)
+        return True
+    except TransactWriteError as exc:
+        if "ConditionalCheckFailed" in reasons(exc) or retryable(exc):
+            return False
+        raise Unavailable(f"{what} could not be written: {reasons(exc)}") from exc
 
 
 def _equals_or_absent(attribute: Any, value: int) -> Any:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import logging
-import random
-import time
 from datetime import datetime
 
-from pynamodb.exceptions import DoesNotExist, TransactWriteError, UpdateError
+from pynamodb.exceptions import TransactWriteError
 from pynamodb.transactions import TransactWrite
 
 from chalicelib.domain import (
@@ -21,7 +19,14 @@ from chalicelib.domain import (
     Unavailable,
     iso,
 )
-from chalicelib.store.base import DYNAMO_ERRORS, StoreBase, dynamo, reasons, retryable
+from chalicelib.store.base import (
+    StoreBase,
+    conditional,
+    dynamo,
+    get_item,
+    reasons,
+    write_transaction,
+)
 from chalicelib.store.models import (
     model_from_order,
     model_from_ticket,
@@ -48,8 +53,8 @@ class SaleStore(StoreBase):
     def put_sale(self, sale: Sale) -> None:
         m = self.models
         m.Sale(sale.id, goods_id=sale.goods_id, name=sale.name, price_fen=sale.price_fen,
-                  stock=sale.stock, start_time=iso(sale.start_time),
-                  end_time=iso(sale.end_time)).save()
+               stock=sale.stock, start_time=iso(sale.start_time),
+               end_time=iso(sale.end_time)).save()
 
     def list_sales(self) -> list[Sale]:
         m = self.models
@@ -59,13 +64,8 @@ class SaleStore(StoreBase):
     def get_sale(self, sale_id: str, *, consistent: bool = False) -> Sale | None:
         """Eventually consistent by default: the API's sold-out fast path only; the
         order's transaction is the real guard."""
-        m = self.models
-        try:
-            return sale_from_model(m.Sale.get(sale_id, consistent_read=consistent))
-        except DoesNotExist:
-            return None
-        except DYNAMO_ERRORS as exc:
-            raise Unavailable("dynamodb is not answering") from exc
+        item = get_item(self.models.Sale, sale_id, consistent=consistent)
+        return sale_from_model(item) if item is not None else None
 
     def claim_ticket(self, ticket: Ticket) -> str | None:
         """The user's claim on the sale and the QUEUED ticket, both or neither.
@@ -75,48 +75,42 @@ class SaleStore(StoreBase):
         """
         m = self.models
         claim = m.SeckillMarker(claim_key(ticket.sale_id, ticket.username),
-                                   ticket_id=ticket.id, create_time=iso(ticket.create_time))
+                                ticket_id=ticket.id, create_time=iso(ticket.create_time))
+
+        def build(tx: TransactWrite) -> None:
+            tx.save(claim, condition=m.SeckillMarker.id.does_not_exist())
+            tx.save(model_from_ticket(m, ticket), condition=m.Ticket.id.does_not_exist())
+
         try:
-            with TransactWrite(connection=self.connection) as tx:
-                tx.save(claim, condition=m.SeckillMarker.id.does_not_exist())
-                tx.save(model_from_ticket(m, ticket), condition=m.Ticket.id.does_not_exist())
+            write_transaction(self.connection, build)
             return None
         except TransactWriteError as exc:
             why = reasons(exc)
             if why[:1] == ["ConditionalCheckFailed"]:
-                try:
-                    held = m.SeckillMarker.get(claim.id, consistent_read=True)
-                    return str(held.ticket_id)
-                except DoesNotExist:
-                    return ""
-                except DYNAMO_ERRORS as exc2:
-                    raise Unavailable("dynamodb is not answering") from exc2
+                held = get_item(m.SeckillMarker, claim.id)
+                return str(held.ticket_id) if held is not None else ""
             if "ConditionalCheckFailed" in why:
                 raise Conflict(f"ticket {ticket.id} exists already") from exc
             raise Unavailable(f"the ticket could not be written: {why}") from exc
-        except DYNAMO_ERRORS as exc:
-            raise Unavailable("dynamodb is not answering") from exc
 
     def drop_ticket(self, ticket: Ticket) -> None:
         """Undo claim_ticket (its message could not be published)."""
         m = self.models
+
+        def build(tx: TransactWrite) -> None:
+            tx.delete(m.SeckillMarker(claim_key(ticket.sale_id, ticket.username)),
+                      condition=m.SeckillMarker.ticket_id == ticket.id)
+            tx.delete(m.Ticket(ticket.id), condition=m.Ticket.status == TICKET_QUEUED)
+
         try:
-            with TransactWrite(connection=self.connection) as tx:
-                tx.delete(m.SeckillMarker(claim_key(ticket.sale_id, ticket.username)),
-                          condition=m.SeckillMarker.ticket_id == ticket.id)
-                tx.delete(m.Ticket(ticket.id), condition=m.Ticket.status == TICKET_QUEUED)
-        except (TransactWriteError, *DYNAMO_ERRORS) as exc:
+            write_transaction(self.connection, build)
+        except (TransactWriteError, Unavailable) as exc:
             log.error("ticket %s could not be dropped after a failed publish: %s", ticket.id, exc)
             raise Unavailable("dynamodb is not answering") from exc
 
     def get_ticket(self, ticket_id: str) -> Ticket | None:
-        m = self.models
-        try:
-            return ticket_from_model(m.Ticket.get(ticket_id, consistent_read=True))
-        except DoesNotExist:
-            return None
-        except DYNAMO_ERRORS as exc:
-            raise Unavailable("dynamodb is not answering") from exc
+        item = get_item(self.models.Ticket, ticket_id)
+        return ticket_from_model(item) if item is not None else None
 
     def create_seckill_order(self, order: Order, ticket: Ticket) -> SeckillOutcome:
         """The cart order's transaction for a flash sale, all or nothing:
@@ -133,41 +127,35 @@ class SaleStore(StoreBase):
         assert order.sale_id == ticket.sale_id and len(order.lines) == 1
         now = iso(order.create_time)
         bought = m.SeckillMarker(bought_key(ticket.sale_id, ticket.username),
-                                    ticket_id=ticket.id, order_id=order.id, create_time=now)
-        attempts = 3
-        for attempt in range(1, attempts + 1):
-            try:
-                with TransactWrite(connection=self.connection) as tx:
-                    # pynamodb sends puts before updates: reasons are in this order.
-                    tx.save(model_from_order(m, order), condition=m.Order.id.does_not_exist())
-                    tx.save(bought, condition=m.SeckillMarker.id.does_not_exist())
-                    tx.update(m.Sale(ticket.sale_id),
-                              actions=[m.Sale.stock.add(-order.lines[0].num)],
-                              condition=m.Sale.stock >= order.lines[0].num)
-                    tx.update(m.Ticket(ticket.id),
-                              actions=[m.Ticket.status.set(TICKET_ORDERED),
-                                       m.Ticket.order_id.set(order.id),
-                                       m.Ticket.update_time.set(now)],
-                              condition=m.Ticket.status == TICKET_QUEUED)
-                return SeckillOutcome.ORDERED
-            except TransactWriteError as exc:
-                failed = [r == "ConditionalCheckFailed" for r in reasons(exc)] + [False] * 4
-                if failed[3]:
-                    return SeckillOutcome.NOT_QUEUED
-                if failed[1]:
-                    return SeckillOutcome.DUPLICATE
-                if failed[2]:
-                    return SeckillOutcome.SOLD_OUT
-                if failed[0]:
-                    raise Conflict(f"order {order.id} exists already") from exc
-                if retryable(exc) and attempt < attempts:
-                    time.sleep(random.uniform(0.02, 0.1) * attempt)
-                    continue
-                log.warning("flash-sale order %s failed: %s %s", order.id, reasons(exc), exc)
-                raise Unavailable("the order could not be written; try again") from exc
-            except DYNAMO_ERRORS as exc:
-                raise Unavailable("dynamodb is not answering") from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+                                 ticket_id=ticket.id, order_id=order.id, create_time=now)
+
+        def build(tx: TransactWrite) -> None:
+            # pynamodb sends puts before updates: reasons are in this order.
+            tx.save(model_from_order(m, order), condition=m.Order.id.does_not_exist())
+            tx.save(bought, condition=m.SeckillMarker.id.does_not_exist())
+            tx.update(m.Sale(ticket.sale_id), actions=[m.Sale.stock.add(-order.lines[0].num)],
+                      condition=m.Sale.stock >= order.lines[0].num)
+            tx.update(m.Ticket(ticket.id),
+                      actions=[m.Ticket.status.set(TICKET_ORDERED),
+                               m.Ticket.order_id.set(order.id),
+                               m.Ticket.update_time.set(now)],
+                      condition=m.Ticket.status == TICKET_QUEUED)
+
+        try:
+            write_transaction(self.connection, build, attempts=3)
+            return SeckillOutcome.ORDERED
+        except TransactWriteError as exc:
+            failed = [r == "ConditionalCheckFailed" for r in reasons(exc)] + [False] * 4
+            if failed[3]:
+                return SeckillOutcome.NOT_QUEUED
+            if failed[1]:
+                return SeckillOutcome.DUPLICATE
+            if failed[2]:
+                return SeckillOutcome.SOLD_OUT
+            if failed[0]:
+                raise Conflict(f"order {order.id} exists already") from exc
+            log.warning("flash-sale order %s failed: %s %s", order.id, reasons(exc), exc)
+            raise Unavailable("the order could not be written; try again") from exc
 
     def finish_ticket(self, ticket: Ticket, status: str, *, release_claim: bool,
                       now: datetime) -> bool:
@@ -178,29 +166,26 @@ class SaleStore(StoreBase):
         update = {"actions": [m.Ticket.status.set(status),
                               m.Ticket.update_time.set(iso(now))],
                   "condition": m.Ticket.status == TICKET_QUEUED}
-        try:
-            if release_claim:
-                try:
-                    with TransactWrite(connection=self.connection) as tx:
-                        # deletes go before updates: reasons are [claim, ticket]
-                        tx.delete(m.SeckillMarker(claim_key(ticket.sale_id, ticket.username)),
-                                  condition=m.SeckillMarker.ticket_id == ticket.id)
-                        tx.update(m.Ticket(ticket.id), **update)
-                    return True
-                except TransactWriteError as exc:
-                    why = reasons(exc) + [None, None]
-                    if why[1] == "ConditionalCheckFailed":
-                        return False
-                    if why[0] != "ConditionalCheckFailed":
-                        raise Unavailable(f"ticket {ticket.id}: {why[:2]}") from exc
-                    # the claim is not this ticket's: leave it, finish the ticket alone
+        if release_claim:
+
+            def build(tx: TransactWrite) -> None:
+                # deletes go before updates: reasons are [claim, ticket]
+                tx.delete(m.SeckillMarker(claim_key(ticket.sale_id, ticket.username)),
+                          condition=m.SeckillMarker.ticket_id == ticket.id)
+                tx.update(m.Ticket(ticket.id), **update)
+
+            try:
+                write_transaction(self.connection, build)
+                return True
+            except TransactWriteError as exc:
+                why = reasons(exc) + [None, None]
+                if why[1] == "ConditionalCheckFailed":
+                    return False
+                if why[0] != "ConditionalCheckFailed":
+                    raise Unavailable(f"ticket {ticket.id}: {why[:2]}") from exc
+                # the claim is not this ticket's: leave it, finish the ticket alone
+        with conditional() as written:
             m.Ticket(ticket.id).update(**update)
-            return True
-        except UpdateError as exc:
-            if exc.cause_response_code == "ConditionalCheckFailedException":
-                return False
-            raise Unavailable("dynamodb is not answering") from exc
-        except DYNAMO_ERRORS as exc:
-            raise Unavailable("dynamodb is not answering") from exc
+        return written.held
 
 
