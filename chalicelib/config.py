@@ -18,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 
 LOCAL_JWT_SECRET = "local-dev-secret-0123456789abcdef"
-DEFAULT_RETRY_DELAYS_MS = (1000, 5000, 30000)  # chalicelib.broker uses the same
+DEFAULT_RETRY_DELAYS_MS = (1000, 5000, 30000)  # a failed message waits these, then parks
 
 
 class _Env:

@@ -27,6 +27,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 from chalicelib.broker.connection import BrokerUnavailable
+from chalicelib.config import DEFAULT_RETRY_DELAYS_MS
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +50,6 @@ QUEUE_REFUND_PARKED = QUEUE_REFUND + PARKED_SUFFIX
 
 #: The queues a consumer may read; each has retry queues and a parked queue.
 CONSUMED_QUEUES: tuple[str, ...] = (QUEUE_CHECK, QUEUE_PAY, QUEUE_SECKILL, QUEUE_REFUND)
-
-DEFAULT_RETRY_DELAYS_MS: tuple[int, ...] = (1000, 5000, 30000)
 
 QUEUE_TYPES = ("classic", "quorum")
 

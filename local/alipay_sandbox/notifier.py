@@ -34,29 +34,33 @@ logger = logging.getLogger(__name__)
 MAX_ANSWER_BYTES = 4096
 
 
+def _trade_fields(trade: PaidTrade | RefundNotice, notify_time: str) -> dict[str, str]:
+    """The fields every trade_status_sync notify of a paid trade carries."""
+    return {
+        "notify_time": notify_time,
+        "notify_type": "trade_status_sync",
+        "notify_id": trade.notify_id,
+        "app_id": trade.app_id,
+        "charset": "utf-8",
+        "version": "1.0",
+        "trade_no": trade.trade_no,
+        "out_trade_no": trade.out_trade_no,
+        "buyer_id": LOCAL_BUYER_ID,
+        "seller_id": trade.seller_id,
+        "trade_status": TRADE_SUCCESS,
+        "total_amount": trade.total_amount,
+        "receipt_amount": trade.total_amount,
+        "buyer_pay_amount": trade.total_amount,
+        "gmt_create": trade.gmt_create,
+        "gmt_payment": trade.gmt_payment,
+        "subject": trade.subject,
+    }
+
+
 def notify_params(paid: PaidTrade, notify_time: str, key: rsa.RSAPrivateKey) -> dict[str, str]:
     """The signed fields of a trade_status_sync notify (the sign covers all but
     ``sign`` and ``sign_type``)."""
-    fields = {
-        "notify_time": notify_time,
-        "notify_type": "trade_status_sync",
-        "notify_id": paid.notify_id,
-        "app_id": paid.app_id,
-        "charset": "utf-8",
-        "version": "1.0",
-        "trade_no": paid.trade_no,
-        "out_trade_no": paid.out_trade_no,
-        "buyer_id": LOCAL_BUYER_ID,
-        "seller_id": paid.seller_id,
-        "trade_status": "TRADE_SUCCESS",
-        "total_amount": paid.total_amount,
-        "receipt_amount": paid.total_amount,
-        "buyer_pay_amount": paid.total_amount,
-        "gmt_create": paid.gmt_create,
-        "gmt_payment": paid.gmt_payment,
-        "subject": paid.subject,
-    }
-    return sign_params(fields, key)
+    return sign_params(_trade_fields(paid, notify_time), key)
 
 
 def refund_notify_params(
@@ -66,26 +70,11 @@ def refund_notify_params(
     with ``refund_fee`` (the trade's total refunded once this refund was made),
     ``gmt_refund`` and ``out_biz_no`` (the refund's out_request_no)."""
     fields = {
-        "notify_time": notify_time,
-        "notify_type": "trade_status_sync",
-        "notify_id": refund.notify_id,
-        "app_id": refund.app_id,
-        "charset": "utf-8",
-        "version": "1.0",
-        "trade_no": refund.trade_no,
-        "out_trade_no": refund.out_trade_no,
+        **_trade_fields(refund, notify_time),
         "out_biz_no": refund.out_request_no,
-        "buyer_id": LOCAL_BUYER_ID,
-        "seller_id": refund.seller_id,
         "trade_status": TRADE_CLOSED if refund.closed_trade else TRADE_SUCCESS,
-        "total_amount": refund.total_amount,
-        "receipt_amount": refund.total_amount,
-        "buyer_pay_amount": refund.total_amount,
         "refund_fee": refund.refund_fee,
-        "gmt_create": refund.gmt_create,
-        "gmt_payment": refund.gmt_payment,
         "gmt_refund": refund.gmt_refund,
-        "subject": refund.subject,
     }
     if refund.closed_trade:
         fields["gmt_close"] = refund.gmt_refund.partition(".")[0]

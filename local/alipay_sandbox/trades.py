@@ -45,7 +45,7 @@ import re
 import threading
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -519,16 +519,10 @@ class TradeBook:
             refund = trade.refunds.get(out_request_no) if trade is not None else None
             if trade is None or refund is None or trade.gmt_payment is None:
                 return None
+            paid = asdict(self._paid_view(trade))
+            del paid["return_url"], paid["notify_id"]  # the payment's, not the refund's
             return RefundNotice(
-                out_trade_no=trade.out_trade_no,
-                trade_no=trade.trade_no,
-                app_id=trade.app_id,
-                seller_id=trade.seller_id,
-                subject=trade.subject,
-                total_amount=money(trade.total_amount),
-                notify_url=trade.notify_url,
-                gmt_create=alipay_time(trade.gmt_create),
-                gmt_payment=alipay_time(trade.gmt_payment),
+                **paid,
                 out_request_no=refund.out_request_no,
                 refund_fee=money(refund.refund_fee),
                 gmt_refund=alipay_time_ms(refund.gmt_refund),

@@ -23,6 +23,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -108,8 +109,9 @@ class Merchant:
             return [n for n in self.received if n.get("out_trade_no") == out_trade_no]
 
 
-@pytest.fixture(scope="module")
-def merchant() -> Iterator[Merchant]:
+@contextmanager
+def merchant_server() -> Iterator[Merchant]:
+    """A merchant's notify endpoint on a free port, answering from its script."""
     state = Merchant()
 
     class Handler(BaseHTTPRequestHandler):
@@ -133,6 +135,12 @@ def merchant() -> Iterator[Merchant]:
     yield state
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture(scope="module")
+def merchant() -> Iterator[Merchant]:
+    with merchant_server() as state:
+        yield state
 
 
 # --- the sandbox and the merchant's gateway --------------------------------

@@ -101,7 +101,7 @@ class Consumer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
-        self.thread.join(5)
+        self.thread.join(10)  # a handler in hand is finished first
         assert not self.thread.is_alive(), "run_consumer did not return after stop"
         if self.error is not None:
             raise self.error

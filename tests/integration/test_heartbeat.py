@@ -31,6 +31,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from chalicelib import broker as b
 from tests.integration.conftest import RabbitURL, rabbitmqctl
+from tests.integration.test_broker import Consumer
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -80,35 +81,6 @@ def deliveries(monkeypatch: pytest.MonkeyPatch) -> list[Seen]:
 
     monkeypatch.setattr(BlockingChannel, "basic_consume", spying)
     return seen
-
-
-class Consumer:
-    """run_consumer in a thread; stopped and joined on exit, its exception re-raised."""
-
-    def __init__(self, url: str, handlers: dict[str, Callable[[dict], None]], **kw: Any) -> None:
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-        kw.setdefault("check_delay_seconds", CHECK_DELAY_S)
-        kw.setdefault("retry_delays_ms", RETRY_DELAYS_MS)
-
-        def target() -> None:
-            try:
-                b.run_consumer(url, handlers, stop=self.stop, **kw)
-            except BaseException as exc:  # noqa: BLE001 - handed to the test thread
-                self.error = exc
-
-        self.thread = threading.Thread(target=target, name="run_consumer", daemon=True)
-
-    def __enter__(self) -> Consumer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(10)
-        assert not self.thread.is_alive(), "run_consumer did not return after stop"
-        if self.error is not None:
-            raise self.error
 
 
 @contextmanager

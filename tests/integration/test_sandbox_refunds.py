@@ -24,7 +24,6 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +46,7 @@ from tests.integration.test_alipay_sandbox import (
     SCHEDULE,
     Merchant,
     make_gateway,
+    merchant_server,
     new_order,
     open_cashier,
     post_form,
@@ -64,29 +64,8 @@ REFUND_NOTIFY_FIELDS = NOTIFY_FIELDS | {"refund_fee", "gmt_refund", "out_biz_no"
 
 @pytest.fixture(scope="module")
 def merchant() -> Iterator[Merchant]:
-    state = Merchant()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            form = dict(urllib.parse.parse_qsl(self.rfile.read(length).decode()))
-            body = state.answer_for(form).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/alipay/notify"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield state
-    server.shutdown()
-    server.server_close()
+    with merchant_server() as state:
+        yield state
 
 
 @pytest.fixture(scope="module")
