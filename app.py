@@ -307,10 +307,7 @@ def admin_refund(order_id: str) -> Any:
 @api
 def admin_get_refund(order_id: str, refund_id: str) -> Any:
     current_operator()
-    refund = refunds.get_refund(deps.get(), refund_id)
-    if refund.order_id != order_id:
-        raise NotFound(f"no refund {refund_id!r} of order {order_id!r}")
-    return refund.to_wire()
+    return refunds.get_refund(deps.get(), refund_id, order_id).to_wire()
 
 
 @app.route("/admin/refunds/{refund_id}/retry", methods=["POST"], authorizer=jwt_auth)

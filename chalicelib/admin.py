@@ -7,8 +7,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from chalicelib import domain
-from chalicelib.domain import Invalid, NotFound, Order, RefundStatus, Unavailable
-from chalicelib.handlers import Deps
+from chalicelib.context import Deps, find_order
+from chalicelib.domain import Invalid, Order, RefundStatus, Unavailable
 
 MAX_PAGE = 100
 PENDING_TOO_LONG = timedelta(minutes=10)
@@ -54,23 +54,18 @@ def search_orders(deps: Deps, *, status: str | None = None, start: str | None = 
 
 
 def _by_q(deps: Deps, q: str) -> list[Order]:
+    """An order id, else a trade number, else a username (none is longer than 64)."""
     if domain.ORDER_ID_RE.fullmatch(q):
         order = deps.store.get_order(q)
         return [order] if order else []
-    by_trade = deps.store.order_by_trade(q) if len(q) <= 64 else None
-    if by_trade is not None:
-        return [by_trade]
-    if len(q) <= 64:
-        return deps.store.list_orders(q)
-    return []
+    if len(q) > 64:
+        return []
+    by_trade = deps.store.order_by_trade(q)
+    return [by_trade] if by_trade is not None else deps.store.list_orders(q)
 
 
 def order_detail(deps: Deps, order_id: str) -> dict[str, Any]:
-    if not isinstance(order_id, str) or not domain.ORDER_ID_RE.fullmatch(order_id):
-        raise NotFound(f"no order {order_id!r}")
-    order = deps.store.get_order(order_id)
-    if order is None:
-        raise NotFound(f"no order {order_id!r}")
+    order = find_order(deps, order_id)
     refunds = sorted(deps.store.refunds_of(order_id), key=lambda r: (r.create_time, r.id))
     return {"order": order.to_wire(), "refunds": [r.to_wire() for r in refunds],
             "timeline": [e.to_wire() for e in deps.store.timeline(order_id)]}

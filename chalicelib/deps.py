@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from chalicelib import config, logs
-from chalicelib.handlers import Deps
+from chalicelib.context import Deps
 from chalicelib.ports import PaymentGateway
 from chalicelib.store import Store
 

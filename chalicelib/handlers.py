@@ -8,14 +8,12 @@ them knows HTTP, AMQP frames or Lambda.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from collections.abc import Mapping
+from datetime import datetime, timedelta
 from typing import Any
 
-from chalicelib import domain
-from chalicelib.config import Settings
+from chalicelib import domain, refunds
+from chalicelib.context import Deps, find_order, record
 from chalicelib.domain import (
     CLOSED,
     MAX_CART_LINES,
@@ -34,7 +32,6 @@ from chalicelib.domain import (
     OutOfStock,
     PriceChanged,
     RefundStatus,
-    TimelineEvent,
     Unavailable,
     Unprocessable,
     from_fen,
@@ -47,41 +44,15 @@ from chalicelib.ports import (
     PAID_STATES,
     NoticeKind,
     NoticeRefused,
-    PaymentGateway,
     PaymentNotice,
     PaymentRefused,
     PaymentUnavailable,
-    Publisher,
-    StorePort,
     Trade,
     TradeState,
     TradeStateConflict,
 )
 
 log = logging.getLogger(__name__)
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-@dataclass
-class Deps:
-    settings: Settings
-    store: StorePort
-    broker: Publisher
-    gateway: PaymentGateway | None = None
-    clock: Callable[[], datetime] = utcnow
-    sleep: Callable[[float], None] = time.sleep  # a handler's short wait (tests: no wait)
-
-
-def record(deps: Deps, order_id: str, kind: EventType, **detail: Any) -> None:
-    """An event on the order's timeline. Best effort: the change it describes has
-    happened already, so a timeline that cannot be written is logged, not raised."""
-    try:
-        deps.store.append_event(TimelineEvent(order_id, deps.clock(), kind, detail))
-    except Unavailable as exc:
-        log.warning("timeline of %s: %s not recorded (%s)", order_id, kind.value, exc,
-                    extra={"orderId": order_id})
 
 
 # --- goods and cart -----------------------------------------------------------
@@ -208,11 +179,9 @@ def _schedule_check(deps: Deps, order_id: str) -> None:
 
 
 def _own_order(deps: Deps, username: str, order_id: str) -> Order:
-    if not isinstance(order_id, str) or not domain.ORDER_ID_RE.fullmatch(order_id):
-        raise NotFound(f"no order {order_id!r}")
-    order = deps.store.get_order(order_id)
-    if order is None or order.username != username:
-        raise NotFound(f"no order {order_id!r}")
+    order = find_order(deps, order_id)
+    if order.username != username:
+        raise NotFound(f"no order {order_id!r}")  # someone else's: as if it were none
     return order
 
 
@@ -261,31 +230,25 @@ def _settle_unpaid(deps: Deps, order: Order) -> OrderStatus | None:
     Never closes blind: no payment provider configured, the provider unreachable
     or refusing to answer raise Unavailable, and the caller tries again later.
     """
-    gateway = deps.gateway
-    if gateway is None:
-        raise Unavailable(f"order {order.id} is due to close, but payment is not configured: "
-                          "it stays UNPAID until the provider can be asked")
-    try:
-        trade = gateway.query_trade(order.id)
-        record(deps, order.id, EventType.QUERY, **_trade_detail(trade))
-        if trade is not None and trade.paid:
-            log.info("order %s paid though no notify came", order.id,
-                     extra={"orderId": order.id, "tradeNo": trade.trade_no})
-            return _apply_payment(deps, order, trade.trade_no or "", trade.amount_fen,
-                                  trade.paid_at or deps.clock(), None)
-        if trade is not None and trade.state == TradeState.WAITING:
-            try:
-                gateway.close_trade(order.id)
-            except TradeStateConflict as exc:
-                # Paid between our query and our close.
-                raise Unavailable(f"closing trade {order.id}: {exc}; checking again") from exc
-            record(deps, order.id, EventType.TRADE_CLOSED, tradeNo=trade.trade_no)
-    except PaymentUnavailable as exc:
-        raise Unavailable(f"payment provider unreachable for {order.id}: {exc}") from exc
-    except PaymentRefused as exc:
-        # A refusal we do not act on (no permission, a bad app): never close blind.
-        raise Unavailable(f"payment provider refused to answer for {order.id}: "
-                          f"{exc.reason or exc}") from exc
+    trade = _query_trade(deps, order)
+    if trade is not None and trade.paid:
+        log.info("order %s paid though no notify came", order.id,
+                 extra={"orderId": order.id, "tradeNo": trade.trade_no})
+        return _apply_payment(deps, order, trade.trade_no or "", trade.amount_fen,
+                              trade.paid_at or deps.clock(), None)
+    gateway = deps.gateway  # there is one: _query_trade answered
+    if trade is not None and trade.state == TradeState.WAITING and gateway is not None:
+        try:
+            gateway.close_trade(order.id)
+        except TradeStateConflict as exc:
+            # Paid between our query and our close.
+            raise Unavailable(f"closing trade {order.id}: {exc}; checking again") from exc
+        except PaymentUnavailable as exc:
+            raise Unavailable(f"payment provider unreachable for {order.id}: {exc}") from exc
+        except PaymentRefused as exc:
+            raise Unavailable(f"payment provider refused the close of {order.id}: "
+                              f"{exc.reason or exc}") from exc
+        record(deps, order.id, EventType.TRADE_CLOSED, tradeNo=trade.trade_no)
     if deps.store.close_order(order, now=deps.clock()):
         log.info("order %s closed, stock returned", order.id, extra={"orderId": order.id})
         record(deps, order.id, EventType.CLOSED, stockReturned=order.total_num)
@@ -294,11 +257,26 @@ def _settle_unpaid(deps: Deps, order: Order) -> OrderStatus | None:
     return current.status if current else None
 
 
-def _trade_detail(trade: Trade | None) -> dict[str, Any]:
-    if trade is None:
-        return {"trade": None}
-    return {"trade": trade.state.value, "tradeNo": trade.trade_no,
-            "amount": money_str(trade.amount_fen)}
+def _query_trade(deps: Deps, order: Order, **note: Any) -> Trade | None:
+    """The provider's trade for the order (None: it has none), kept on the order's
+    timeline. Not configured, unreachable or refusing (no permission, a bad app)
+    raise Unavailable: an order is never closed, nor a payment missed, blind."""
+    if deps.gateway is None:
+        raise Unavailable(f"order {order.id} needs the payment provider, and payment is "
+                          "not configured: it waits until the provider can be asked")
+    try:
+        trade = deps.gateway.query_trade(order.id)
+    except PaymentUnavailable as exc:
+        raise Unavailable(f"payment provider unreachable for {order.id}: {exc}") from exc
+    except PaymentRefused as exc:
+        raise Unavailable(f"payment provider refused to answer for {order.id}: "
+                          f"{exc.reason or exc}") from exc
+    detail: dict[str, Any] = {"trade": None}
+    if trade is not None:
+        detail = {"trade": trade.state.value, "tradeNo": trade.trade_no,
+                  "amount": money_str(trade.amount_fen)}
+    record(deps, order.id, EventType.QUERY, **note, **detail)
+    return trade
 
 
 def sweep(deps: Deps, limit: int = 500) -> dict[str, int]:
@@ -323,10 +301,10 @@ def sweep(deps: Deps, limit: int = 500) -> dict[str, int]:
         except Exception as exc:  # noqa: BLE001
             result["failed"] += 1
             log.warning("recheck of %s failed: %s", order_id, exc, extra={"orderId": order_id})
-    from chalicelib import refunds  # refunds builds on this module
-
     for refund in deps.store.open_refunds():
-        if refund.status != RefundStatus.PENDING:
+        # PENDING only, and not one asked for a moment ago (Alipay may still be making
+        # it; its own queue message settles it): the sweep never waits.
+        if refund.status != RefundStatus.PENDING or now < refund.create_time + refunds.ASK_AFTER:
             continue
         try:
             refunds.resolve_refund(deps, {"refundId": refund.id})
@@ -346,13 +324,7 @@ def recheck_closed(deps: Deps, order_id: str) -> OrderStatus | None:
         deps.store.clear_recheck(order_id)
         return None
     if order.status == CLOSED:
-        if deps.gateway is None:
-            raise Unavailable("payment is not configured: the recheck waits")
-        try:
-            trade = deps.gateway.query_trade(order.id)
-        except PaymentUnavailable as exc:
-            raise Unavailable(f"payment provider unreachable for {order.id}: {exc}") from exc
-        record(deps, order.id, EventType.QUERY, recheck=True, **_trade_detail(trade))
+        trade = _query_trade(deps, order, recheck=True)
         if trade is not None and trade.paid:
             _refund_late_payment(deps, order, trade.trade_no or "")
             order = deps.store.get_order(order_id) or order
@@ -440,9 +412,10 @@ def on_notify(deps: Deps, params: Mapping[str, str]) -> bool:
 def _known_order(deps: Deps, order_id: str | None) -> Order | None:
     """The order a refused notify names, if it is one (to keep the refusal on its
     timeline); None for anything else, without a read for what cannot be an id."""
-    if not isinstance(order_id, str) or not domain.ORDER_ID_RE.fullmatch(order_id):
+    try:
+        return find_order(deps, order_id)
+    except NotFound:
         return None
-    return deps.store.get_order(order_id)
 
 
 def _on_refund_notice(deps: Deps, order: Order, notice: PaymentNotice,
@@ -483,11 +456,7 @@ def on_paid(deps: Deps, msg: Mapping[str, Any]) -> OrderStatus:
     # The common case in one write, no read first: the write's condition (UNPAID and
     # due exactly this amount) is the whole rule. Only when it fails does the read
     # below say why: unknown order, another amount, already PAID, CLOSED.
-    if deps.store.mark_paid(order_id, total_fen=fen, trade_no=trade_no, pay_time=pay_time,
-                            notify_id=notify_id, now=deps.clock()):
-        log.info("order %s PAID", order_id,
-                 extra={"orderId": order_id, "tradeNo": trade_no, "notifyId": notify_id})
-        record(deps, order_id, EventType.PAID, tradeNo=trade_no, amount=money_str(fen))
+    if _mark_paid(deps, order_id, trade_no, fen, pay_time, notify_id):
         return PAID
     order = deps.store.get_order(order_id)
     if order is None:
@@ -500,15 +469,23 @@ def on_paid(deps: Deps, msg: Mapping[str, Any]) -> OrderStatus:
     return _apply_payment(deps, order, trade_no, fen, pay_time, notify_id)
 
 
+def _mark_paid(deps: Deps, order_id: str, trade_no: str, fen: int, pay_time: datetime,
+               notify_id: str | None) -> bool:
+    """UNPAID -> PAID for exactly `fen` (the write's condition); False: it was not."""
+    if not deps.store.mark_paid(order_id, total_fen=fen, trade_no=trade_no, pay_time=pay_time,
+                                notify_id=notify_id, now=deps.clock()):
+        return False
+    log.info("order %s PAID", order_id,
+             extra={"orderId": order_id, "tradeNo": trade_no, "notifyId": notify_id})
+    record(deps, order_id, EventType.PAID, tradeNo=trade_no, amount=money_str(fen))
+    return True
+
+
 def _apply_payment(
     deps: Deps, order: Order, trade_no: str, fen: int, pay_time: datetime, notify_id: str | None
 ) -> OrderStatus:
-    ctx = {"orderId": order.id, "tradeNo": trade_no, "notifyId": notify_id}
     if order.status == UNPAID:
-        if deps.store.mark_paid(order.id, total_fen=fen, trade_no=trade_no, pay_time=pay_time,
-                                notify_id=notify_id, now=deps.clock()):
-            log.info("order %s PAID", order.id, extra=ctx)
-            record(deps, order.id, EventType.PAID, tradeNo=trade_no, amount=money_str(fen))
+        if _mark_paid(deps, order.id, trade_no, fen, pay_time, notify_id):
             return PAID
         current = deps.store.get_order(order.id)  # lost a race: see who won
         if current is None:
@@ -530,8 +507,6 @@ def _refund_late_payment(deps: Deps, order: Order, trade_no: str) -> OrderStatus
     """Money for a CLOSED order: it goes back through the refund machinery (operator
     "system", request number REFUND_<orderId>, so a retry is the same refund). Until
     it has, the order is in front of a person (paid but closed)."""
-    from chalicelib import refunds  # refunds builds on this module
-
     deps.store.mark_paid_but_closed(order.id, trade_no=trade_no, now=deps.clock())
     refund = refunds.refund_late_payment(deps, order, trade_no)
     log.info("order %s paid after it closed: refund %s %s", order.id, refund.id,

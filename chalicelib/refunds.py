@@ -23,6 +23,7 @@ from datetime import timedelta
 from typing import Any
 
 from chalicelib import domain
+from chalicelib.context import Deps, find_order, record
 from chalicelib.domain import (
     CLOSED,
     PAID,
@@ -40,26 +41,23 @@ from chalicelib.domain import (
     Unprocessable,
     from_fen,
     money_str,
-    parse_amount,
+    to_fen,
 )
 from chalicelib.domain.refund import MAX_REASON_CHARS
-from chalicelib.handlers import Deps, record
 from chalicelib.ports import PaymentRefused, PaymentUnavailable, RefundState
 
 log = logging.getLogger(__name__)
 
+AMOUNT_RE = re.compile(r"[0-9]{1,10}\.[0-9]{2}")
 IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,64}$")
 ASK_AFTER = timedelta(seconds=10)  # Alipay: wait a little before asking about a refund
 ATTEMPTS = 5  # optimistic writes against concurrent changes of the same order
 
 
 def _amount(value: Any) -> int:
-    if not isinstance(value, str):
-        raise Invalid('amount must be a string with two decimals, e.g. "10.00"')
-    fen = parse_amount(value)
-    if fen is None or not re.fullmatch(r"[0-9]+\.[0-9]{2}", value):
-        raise Invalid(f'amount must be a positive amount with two decimals, e.g. "10.00", '
-                      f"not {value!r}")
+    if not isinstance(value, str) or not AMOUNT_RE.fullmatch(value):
+        raise Invalid(f'amount must be a string with two decimals, e.g. "10.00", not {value!r}')
+    fen = to_fen(value)
     if fen <= 0:
         raise Invalid("amount must be more than 0.00")
     return fen
@@ -73,15 +71,6 @@ def _reason(value: Any) -> str:
     return value.strip()
 
 
-def _order(deps: Deps, order_id: str) -> Order:
-    if not isinstance(order_id, str) or not domain.ORDER_ID_RE.fullmatch(order_id):
-        raise NotFound(f"no order {order_id!r}")
-    order = deps.store.get_order(order_id)
-    if order is None:
-        raise NotFound(f"no order {order_id!r}")
-    return order
-
-
 def request_refund(deps: Deps, operator: str, order_id: str, amount: Any, reason: Any,
                    idempotency_key: str | None = None) -> tuple[Refund, bool]:
     """An operator's refund. Returns the refund and whether it is the earlier one of
@@ -90,7 +79,7 @@ def request_refund(deps: Deps, operator: str, order_id: str, amount: Any, reason
     why = _reason(reason)
     if idempotency_key is not None and not IDEMPOTENCY_KEY_RE.fullmatch(idempotency_key):
         raise Invalid("Idempotency-Key must be 1 to 64 visible ASCII characters")
-    order = _order(deps, order_id)
+    order = find_order(deps, order_id)
     if idempotency_key:
         earlier = deps.store.refund_for_key(order.id, idempotency_key)
         if earlier is not None:
@@ -117,12 +106,12 @@ def request_refund(deps: Deps, operator: str, order_id: str, amount: Any, reason
             record(deps, order.id, EventType.REFUND_REQUESTED, refundId=refund.id,
                    amount=money_str(fen), operator=operator)
             # settle_refund computes from the order as it is with this reservation
-            return execute(deps, refund, _order(deps, order.id)), False
+            return execute(deps, refund, find_order(deps, order.id)), False
         if idempotency_key:
             earlier = deps.store.refund_for_key(order.id, idempotency_key)
             if earlier is not None:
                 return earlier, True
-        order = _order(deps, order.id)  # changed meanwhile: decide again on what it is now
+        order = find_order(deps, order.id)  # changed meanwhile: decide again on what it is now
     raise Unavailable(f"order {order.id} kept changing while refunding; try again")
 
 
@@ -133,7 +122,7 @@ def retry_refund(deps: Deps, operator: str, refund_id: str) -> Refund:
         raise domain.Conflict(f"refund {refund.id} is {refund.status}; only a FAILED refund "
                               "is retried")
     for _ in range(ATTEMPTS):
-        order = _order(deps, refund.order_id)
+        order = find_order(deps, refund.order_id)
         if order.pending_refund_id:
             raise RefundInProgress(f"refund {order.pending_refund_id} of order {order.id} is "
                                    "still PENDING; one refund at a time")
@@ -144,7 +133,7 @@ def retry_refund(deps: Deps, operator: str, refund_id: str) -> Refund:
             record(deps, order.id, EventType.OPERATOR, who=operator, what="retry refund",
                    refundId=refund.id)
             pending = deps.store.get_refund(refund.id) or refund
-            return execute(deps, pending, _order(deps, order.id))
+            return execute(deps, pending, find_order(deps, order.id))
         refund = get_refund(deps, refund_id)
         if refund.status != RefundStatus.FAILED:
             raise domain.Conflict(f"refund {refund.id} is {refund.status}; only a FAILED "
@@ -152,12 +141,14 @@ def retry_refund(deps: Deps, operator: str, refund_id: str) -> Refund:
     raise Unavailable(f"refund {refund_id} could not be retried; try again")
 
 
-def get_refund(deps: Deps, refund_id: str) -> Refund:
+def get_refund(deps: Deps, refund_id: str, order_id: str | None = None) -> Refund:
+    """The refund (of `order_id`, when given), or NotFound."""
     if not isinstance(refund_id, str) or not domain.REFUND_ID_RE.fullmatch(refund_id):
         raise NotFound(f"no refund {refund_id!r}")
     refund = deps.store.get_refund(refund_id)
-    if refund is None:
-        raise NotFound(f"no refund {refund_id!r}")
+    if refund is None or (order_id is not None and refund.order_id != order_id):
+        raise NotFound(f"no refund {refund_id!r}" + (f" of order {order_id!r}" if order_id
+                                                      else ""))
     return refund
 
 
@@ -172,12 +163,13 @@ def execute(deps: Deps, refund: Refund, order: Order) -> Refund:
     except PaymentRefused as exc:
         code = exc.reason or type(exc).__name__
         detail = exc.detail or str(exc)
-        deps.store.settle_refund(refund, order, status=RefundStatus.FAILED, now=deps.clock(),
-                                 failure_code=code, failure_message=detail)
-        record(deps, order.id, EventType.REFUND_FAILED, refundId=refund.id, code=code,
-               message=detail)
-        log.warning("refund %s refused: %s %s", refund.id, code, detail,
-                    extra={"orderId": order.id})
+        if deps.store.settle_refund(refund, order, status=RefundStatus.FAILED,
+                                    now=deps.clock(), failure_code=code,
+                                    failure_message=detail):
+            record(deps, order.id, EventType.REFUND_FAILED, refundId=refund.id, code=code,
+                   message=detail)
+            log.warning("refund %s refused: %s %s", refund.id, code, detail,
+                        extra={"orderId": order.id})
         return deps.store.get_refund(refund.id) or refund
     except PaymentUnavailable as exc:
         record(deps, order.id, EventType.REFUND_PENDING, refundId=refund.id, error=str(exc))
@@ -220,7 +212,7 @@ def resolve_refund(deps: Deps, msg: dict[str, Any]) -> RefundStatus:
         # Alipay may still be making it; the worker's thread waits, its connection
         # keeps answering heartbeats meanwhile.
         deps.sleep(min(wait, ASK_AFTER.total_seconds()))
-    order = _order(deps, refund.order_id)
+    order = find_order(deps, refund.order_id)
     if order.pending_refund_id != refund.id:
         raise Unprocessable(f"refund {refund.id} is PENDING but its order holds "
                             f"{order.pending_refund_id!r}: needs a person")
@@ -247,11 +239,11 @@ def refund_late_payment(deps: Deps, order: Order, trade_no: str) -> Refund:
         refund = deps.store.get_refund(refund_id)
         if refund is not None:
             if refund.status == RefundStatus.PENDING:
-                current = _order(deps, order.id)
+                current = find_order(deps, order.id)
                 if current.pending_refund_id == refund.id:
                     return execute(deps, refund, current)
             return refund  # SUCCEEDED, or FAILED: in front of a person
-        current = _order(deps, order.id)
+        current = find_order(deps, order.id)
         if current.status != CLOSED:
             raise Unprocessable(f"order {order.id} is {current.status}, not CLOSED: "
                                 "its late payment needs a person")
@@ -263,5 +255,5 @@ def refund_late_payment(deps: Deps, order: Order, trade_no: str) -> Refund:
             record(deps, order.id, EventType.REFUND_REQUESTED, refundId=refund.id,
                    amount=money_str(refund.amount_fen), operator=SYSTEM_OPERATOR,
                    tradeNo=trade_no)
-            return execute(deps, refund, _order(deps, order.id))
+            return execute(deps, refund, find_order(deps, order.id))
     raise Unavailable(f"the late payment of {order.id} could not be recorded; try again")

@@ -47,6 +47,7 @@ from datetime import datetime
 from typing import Any, TypeVar, cast
 
 from chalicelib import domain, handlers
+from chalicelib.context import Deps
 from chalicelib.domain import (
     TICKET_DUPLICATE,
     TICKET_FAILED,
@@ -67,7 +68,6 @@ from chalicelib.domain import (
     iso,
     money_str,
 )
-from chalicelib.handlers import Deps
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")

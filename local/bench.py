@@ -352,7 +352,7 @@ def make_store() -> Any:
 def make_deps(world: World, url: str, store: Any | None = None) -> Any:
     from chalicelib import broker, config
     from chalicelib.alipay_gateway import AlipayGateway
-    from chalicelib.handlers import Deps
+    from chalicelib.context import Deps
     from local.alipay_sandbox import LOCAL_APP_ID, LOCAL_SELLER_ID
 
     settings = dataclasses.replace(config.load(), rmq_url=url, check_delay_seconds=CHECK_DELAY_S)

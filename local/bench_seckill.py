@@ -137,8 +137,8 @@ def _run(args: argparse.Namespace) -> int:
 
     from app import app
     from chalicelib import auth, broker, config, deps
+    from chalicelib.context import Deps
     from chalicelib.domain import TICKET_FINAL, Goods, Sale, parse_iso
-    from chalicelib.handlers import Deps
     from chalicelib.store import Store
     from local.bench_models import models
 

@@ -39,8 +39,8 @@ for _name in ("GOODS_TABLE", "CARTS_TABLE", "ORDERS_TABLE", "TABLE_PREFIX", "ALI
     os.environ.pop(_name, None)
 
 from chalicelib import auth, config, deps  # noqa: E402
+from chalicelib.context import Deps  # noqa: E402
 from chalicelib.domain import Goods, Unavailable  # noqa: E402
-from chalicelib.handlers import Deps  # noqa: E402
 from chalicelib.store import Store  # noqa: E402
 from chalicelib.store.models import models_for  # noqa: E402
 

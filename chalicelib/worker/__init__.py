@@ -27,8 +27,8 @@ from typing import Any
 
 from chalicelib import admin, broker, handlers, metrics, refunds, seckill
 from chalicelib.config import Settings
+from chalicelib.context import Deps
 from chalicelib.domain import Unavailable, Unprocessable
-from chalicelib.handlers import Deps
 from chalicelib.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)

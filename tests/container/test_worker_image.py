@@ -28,7 +28,7 @@ import pytest
 
 from chalicelib import broker, config, handlers
 from chalicelib.alipay_gateway import AlipayGateway
-from chalicelib.handlers import Deps
+from chalicelib.context import Deps
 from chalicelib.store import Store
 from local.alipay_sandbox import LOCAL_APP_ID, LOCAL_SELLER_ID, make_server
 from local.alipay_sandbox.keys import ensure_keys

@@ -17,8 +17,8 @@ import pika
 import pytest
 
 from chalicelib import broker, config, handlers
+from chalicelib.context import Deps
 from chalicelib.domain import to_fen
-from chalicelib.handlers import Deps
 from chalicelib.ports import PaymentUnavailable, RefundOutcome
 from tests.conftest import FakePublisher
 from tests.integration.conftest import Sandbox

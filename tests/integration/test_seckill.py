@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from chalicelib import broker, config, deps
+from chalicelib.context import Deps
 from chalicelib.domain import TICKET_FINAL, Sale, parse_iso
-from chalicelib.handlers import Deps
 from tests.conftest import MODELS, bearer, body
 from tests.waiting import wait_until
 

@@ -42,8 +42,8 @@ from chalice.local import ThreadedHTTPServer
 
 from chalicelib import broker, config, deps
 from chalicelib.alipay_gateway import AlipayGateway
+from chalicelib.context import Deps
 from chalicelib.domain import CLOSED, PAID, REFUNDED, STATES, UNPAID, Goods, Order, to_fen
-from chalicelib.handlers import Deps
 from chalicelib.store import Store
 from chalicelib.store.models import order_from_model
 from local.alipay_sandbox import LOCAL_APP_ID, LOCAL_SELLER_ID, make_server

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from chalicelib import broker, config, handlers, seckill
+from chalicelib.context import Deps
 from chalicelib.domain import Sale, Unprocessable
-from chalicelib.handlers import Deps
 from chalicelib.memstore import InMemoryStore
 from chalicelib.ratelimit import TokenBucket
 from tests.conftest import FakePublisher, bearer, body

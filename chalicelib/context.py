@@ -1,0 +1,56 @@
+"""What every handler is given, and the few things every handler module does.
+
+`Deps` bundles the ports (chalicelib/ports.py) with the settings and the clock;
+the routes (app.py) and the worker build one per process (chalicelib/deps.py)
+and pass it in. Nothing here does I/O of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from chalicelib import domain
+from chalicelib.config import Settings
+from chalicelib.domain import EventType, NotFound, Order, TimelineEvent, Unavailable
+from chalicelib.ports import PaymentGateway, Publisher, StorePort
+
+log = logging.getLogger(__name__)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class Deps:
+    settings: Settings
+    store: StorePort
+    broker: Publisher
+    gateway: PaymentGateway | None = None
+    clock: Callable[[], datetime] = utcnow
+    sleep: Callable[[float], None] = time.sleep  # a handler's short wait (tests: no wait)
+
+
+def find_order(deps: Deps, order_id: Any) -> Order:
+    """The order, or NotFound (also for what cannot be an order id: no read then)."""
+    if not isinstance(order_id, str) or not domain.ORDER_ID_RE.fullmatch(order_id):
+        raise NotFound(f"no order {order_id!r}")
+    order = deps.store.get_order(order_id)
+    if order is None:
+        raise NotFound(f"no order {order_id!r}")
+    return order
+
+
+def record(deps: Deps, order_id: str, kind: EventType, **detail: Any) -> None:
+    """An event on the order's timeline. Best effort: the change it describes has
+    happened already, so a timeline that cannot be written is logged, not raised."""
+    try:
+        deps.store.append_event(TimelineEvent(order_id, deps.clock(), kind, detail))
+    except Unavailable as exc:
+        log.warning("timeline of %s: %s not recorded (%s)", order_id, kind.value, exc,
+                    extra={"orderId": order_id})
