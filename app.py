@@ -30,12 +30,15 @@ from chalicelib.domain import (
     RefundStatus,
     ShopError,
     SoldOut,
+    TooManyUnpaidOrders,
     Unavailable,
     Unprocessable,
 )
 
 logs.configure()  # JSON lines; formats only, opens nothing
-app = Chalice(app_name="shop-pay")
+# No handler of chalice's own: its plain-text lines would bypass the JSON formatter
+# (and its clipping of attacker-controlled values).
+app = Chalice(app_name="shop-pay", configure_logs=False)
 app.log.setLevel(logging.INFO)
 log = logging.getLogger("shop-pay")
 
@@ -52,6 +55,7 @@ ERRORS: dict[type[ShopError], tuple[int, str]] = {
     NotFound: (404, "NotFoundError"),
     Conflict: (409, "ConflictError"),
     OutOfStock: (409, "OutOfStock"),
+    TooManyUnpaidOrders: (409, "TooManyUnpaidOrders"),
     PriceChanged: (409, "PriceChanged"),
     SoldOut: (409, "SoldOut"),
     AlreadyHolding: (409, "AlreadyHolding"),
@@ -117,7 +121,10 @@ def openapi() -> Response:
 # --- auth ---------------------------------------------------------------------
 
 
-@app.authorizer()
+# No cache (API Gateway's default keeps a result 300 s): a token must stop working
+# at its `exp`, and `python -m local token --ttl` issues any lifetime, however short.
+# Verifying is one HMAC, no I/O; the cost is one authorizer call per request.
+@app.authorizer(ttl_seconds=0)
 def jwt_auth(auth_request: Any) -> AuthResponse:
     """Verifies the bearer token. A bad token is let through with the reason in the
     context, so that the route answers 401 in the contract's shape everywhere
@@ -327,6 +334,47 @@ def admin_attention() -> Any:
 # --- Alipay -------------------------------------------------------------------
 
 
+# A real notify is 2-3 KB of form (some 25 fields and a 344-character RSA2
+# signature, percent-encoded). 16 KB leaves room for a long subject or fields
+# Alipay may add; anything larger is refused before it is decoded, parsed or
+# logged (only its size is), on the route and the function URL alike.
+MAX_NOTIFY_BYTES = 16 * 1024
+# The same limit for a base64 body (4 characters per 3 bytes): a longer one is
+# refused without decoding it.
+MAX_NOTIFY_BASE64_CHARS = 4 * -(-MAX_NOTIFY_BYTES // 3)
+
+
+def _notify_body(body: object, base64_encoded: bool) -> bytes | None:
+    """The raw form an event carries (text, bytes, or base64 text), measured before
+    anything else; None when it is too large or unusable."""
+    if not isinstance(body, str | bytes | bytearray):
+        log.warning("notify refused: no body")
+        return None
+    limit = MAX_NOTIFY_BASE64_CHARS if base64_encoded else MAX_NOTIFY_BYTES
+    if len(body) > limit:
+        unit = ("base64 characters" if base64_encoded
+                else "characters" if isinstance(body, str) else "bytes")
+        log.warning("notify refused: a body of %d %s, over the limit of %d",
+                           len(body), unit, limit)
+        return None
+    try:
+        if base64_encoded:
+            raw = base64.b64decode(body, validate=True)
+        elif isinstance(body, str):
+            raw = body.encode("ascii")  # a form is percent-encoded ASCII
+        else:
+            raw = bytes(body)
+    except (binascii.Error, ValueError):  # UnicodeEncodeError is a ValueError
+        log.warning("notify refused: the body is not %s",
+                           "base64" if base64_encoded else "ASCII")
+        return None
+    if len(raw) > MAX_NOTIFY_BYTES:
+        log.warning("notify refused: a body of %d bytes, over the limit of %d",
+                           len(raw), MAX_NOTIFY_BYTES)
+        return None
+    return raw
+
+
 def _form(raw: bytes) -> dict[str, str] | None:
     """Alipay's form in its own charset; None when it is not a well-formed form."""
     try:
@@ -350,7 +398,12 @@ def _plain(text: str, status: int = 200) -> Response:
 def notify_answer(raw: bytes) -> str:
     """Alipay's async notify, however it arrived: `success` or `failure`.
 
-    The one path behind both the API route and the function URL below."""
+    The one path behind both the API route and the function URL below. A body over
+    MAX_NOTIFY_BYTES is `failure` unparsed (the callers measure it before decoding)."""
+    if len(raw) > MAX_NOTIFY_BYTES:
+        log.warning("notify refused: a body of %d bytes, over the limit of %d",
+                           len(raw), MAX_NOTIFY_BYTES)
+        return "failure"
     form = _form(raw)
     if form is None:
         log.warning("notify refused: not a well-formed form")
@@ -368,23 +421,18 @@ def notify_answer(raw: bytes) -> str:
 @app.route("/alipay/notify", methods=["POST"],
            content_types=["application/x-www-form-urlencoded"])
 def alipay_notify() -> Response:
-    return _plain(notify_answer(app.current_request.raw_body or b""))
+    # The event's body as it came, not `raw_body`, which would decode base64 whatever
+    # its size. Too large is still 200 `failure`: the contract's only answers, and
+    # Alipay retries anything but `success` alike.
+    event = app.current_request.to_original_event()
+    raw = _notify_body(event.get("body") or b"", bool(event.get("isBase64Encoded")))
+    return _plain("failure" if raw is None else notify_answer(raw))
 
 
 def _function_url_body(event: dict[str, Any]) -> bytes | None:
-    """The raw body of a Lambda function URL event (payload 2.0), None when unusable."""
-    body = event.get("body")
-    if not isinstance(body, str):
-        return None
-    if event.get("isBase64Encoded"):
-        try:
-            return base64.b64decode(body, validate=True)
-        except (binascii.Error, ValueError):
-            return None
-    try:
-        return body.encode("ascii")
-    except UnicodeEncodeError:
-        return None  # a form is percent-encoded ASCII
+    """The raw body of a Lambda function URL event (payload 2.0), None when unusable
+    or over the size limit."""
+    return _notify_body(event.get("body"), bool(event.get("isBase64Encoded")))
 
 
 @app.lambda_function(name="alipay_notify_url")
@@ -405,11 +453,8 @@ def alipay_notify_url(event: dict[str, Any], context: Any) -> dict[str, Any]:
     if content_type.split(";")[0].strip().lower() != "application/x-www-form-urlencoded":
         log.warning("notify refused: content type %r", content_type)
         return answer("failure")
-    raw = _function_url_body(event)
-    if raw is None:
-        log.warning("notify refused: no usable body")
-        return answer("failure")
-    return answer(notify_answer(raw))
+    raw = _function_url_body(event)  # says itself why it is None
+    return answer("failure" if raw is None else notify_answer(raw))
 
 
 @app.route("/alipay/return", methods=["GET"])

@@ -112,6 +112,9 @@ class Settings:
     bridge_workers: int = 2  # consumers (a connection each) on the unpaced queues
     bridge_retry_delays_ms: tuple[int, ...] = DEFAULT_RETRY_DELAYS_MS
     sweep_interval_seconds: float = 60.0
+    # A check message this much before its order's check time is still taken (the
+    # API's and the worker's clocks may differ); earlier, it is parked as forged.
+    check_skew_seconds: int = 30
     # "kill-before-ack": the worker kills itself after a handler's write, before the
     # ack (the crash-recovery tests only).
     bridge_fault: str = ""
@@ -119,6 +122,15 @@ class Settings:
     log_level: str = "INFO"
     alipay_app_private_key: str = field(default="", repr=False)
     alipay_public_key: str = field(default="", repr=False)
+    # The worker's RabbitMQ user (RMQ_WORKER_URL or _FILE): it declares, consumes and
+    # parks; the API's (rmq_url) may only publish. Empty: the worker uses rmq_url.
+    rmq_worker_url: str = field(default="", repr=False)
+    # The most UNPAID cart orders one user may hold; one more: 409 TooManyUnpaidOrders.
+    max_unpaid_orders_per_user: int = 5
+
+    @property
+    def worker_rmq_url(self) -> str:
+        return self.rmq_worker_url or self.rmq_url
 
     @property
     def tables(self) -> Tables:
@@ -191,11 +203,14 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         bridge_workers=max(1, env.int("BRIDGE_WORKERS", 2)),
         bridge_retry_delays_ms=env.ints("BRIDGE_RETRY_DELAYS_MS", DEFAULT_RETRY_DELAYS_MS),
         sweep_interval_seconds=env.float("SWEEP_INTERVAL_SECONDS", 60.0),
+        check_skew_seconds=max(0, env.int("CHECK_CLOCK_SKEW_SECONDS", 30)),
         bridge_fault=env.str("BRIDGE_FAULT"),
         aws_region=env.str("AWS_DEFAULT_REGION") or env.str("AWS_REGION") or "us-east-1",
         log_level=env.str("LOG_LEVEL", "INFO"),
         alipay_app_private_key=env.secret("ALIPAY_APP_PRIVATE_KEY"),
         alipay_public_key=env.secret("ALIPAY_PUBLIC_KEY"),
+        rmq_worker_url=env.secret("RMQ_WORKER_URL").strip(),
+        max_unpaid_orders_per_user=max(1, env.int("MAX_UNPAID_ORDERS_PER_USER", 5)),
     )
 
 

@@ -24,6 +24,7 @@ from chalicelib.domain import (
     UNPAID,
     Conflict,
     EventType,
+    Forged,
     Invalid,
     Line,
     NotFound,
@@ -115,7 +116,8 @@ def remove_cart_item(deps: Deps, username: str, goods_id: str) -> dict[str, Any]
 
 
 def create_order(deps: Deps, username: str, source_type: Any = None) -> dict[str, Any]:
-    """Cart -> one transaction (order put, stock taken, cart emptied) -> delay message."""
+    """Cart -> one transaction (order put, stock taken, cart emptied, the user's
+    unpaid orders within the cap) -> delay message."""
     source_type = "1" if source_type is None else source_type
     if source_type not in SOURCE_TYPES:
         raise Invalid('sourceType must be "1" (PC) or "2" (mobile)')
@@ -143,7 +145,10 @@ def create_order(deps: Deps, username: str, source_type: Any = None) -> dict[str
             raise OutOfStock(c.goods_id)
     order = _new_order(deps, username, source_type, lines)
     try:
-        deps.store.create_order(order, {c.goods_id: c.num for c in cart})
+        # At most max_unpaid_orders_per_user UNPAID cart orders, kept inside the
+        # create transaction (chalicelib/store/orders.py): TooManyUnpaidOrders.
+        deps.store.create_order(order, {c.goods_id: c.num for c in cart},
+                                max_unpaid=deps.settings.max_unpaid_orders_per_user)
     except PriceChanged as exc:
         deps.store.refresh_cart_line(username, exc.goods)  # the next order takes it
         raise
@@ -220,7 +225,27 @@ def on_check(deps: Deps, msg: Mapping[str, Any]) -> OrderStatus | None:
         return None
     if order.status != UNPAID:
         return order.status
+    # Anyone who may publish to the delay exchange could send a check at once: one
+    # before the order's check time would close an order its buyer is still paying.
+    if deps.clock() < order.check_time - timedelta(seconds=deps.settings.check_skew_seconds):
+        raise _forged(deps, order, "check", f"before the order's check time "
+                      f"{iso(order.check_time)}", msg)
     return _settle_unpaid(deps, order)
+
+
+def _forged(deps: Deps, order: Order | str, kind: str, reason: str,
+            msg: Mapping[str, Any]) -> Forged:
+    """The error for a message that proves nothing, kept on its order's timeline
+    (when it names one) so that a person sees who tried what."""
+    order_id = order if isinstance(order, str) else order.id
+    log.warning("forged %s message for %s: %s", kind, order_id, reason,
+                extra={"orderId": order_id})
+    if isinstance(order, str) and deps.store.get_order(order_id) is None:
+        return Forged(f"{kind} message for unknown order {order_id}: {reason}")
+    fields = {k: v for k, v in msg.items() if k != "notify"}
+    record(deps, order_id, EventType.FORGED_MESSAGE, message=kind, reason=reason,
+           fields=clip(fields))
+    return Forged(f"{kind} message for {order_id}: {reason}; it changed nothing")
 
 
 def _settle_unpaid(deps: Deps, order: Order) -> OrderStatus | None:
@@ -398,6 +423,9 @@ def on_notify(deps: Deps, params: Mapping[str, str]) -> bool:
         "totalAmount": money_str(fen),
         "payTime": iso(notice.paid_at or deps.clock()),
         "notifyId": notice.notice_id,
+        # As received, signature included: the worker verifies it again, since
+        # anyone holding the broker's credentials could publish to the pay queue.
+        "notify": dict(params),
     }
     try:
         deps.broker.publish_pay(msg)
@@ -438,21 +466,16 @@ def _on_refund_notice(deps: Deps, order: Order, notice: PaymentNotice,
 
 
 def on_paid(deps: Deps, msg: Mapping[str, Any]) -> OrderStatus:
-    """queue.order.pay: a verified payment. UNPAID -> PAID; CLOSED -> refund, REFUNDED."""
+    """queue.order.pay: a payment, believed only as far as the signed notify it
+    carries proves it. UNPAID -> PAID; CLOSED -> refund, REFUNDED."""
     order_id = msg.get("orderId")
-    trade_no = msg.get("tradeNo")
     if not isinstance(order_id, str) or not domain.ORDER_ID_RE.fullmatch(order_id):
-        raise Unprocessable(f"pay message without a valid orderId: {dict(msg)!r}")
-    if not isinstance(trade_no, str) or not trade_no:
-        raise Unprocessable(f"pay message for {order_id} without tradeNo")
-    fen = parse_amount(msg.get("totalAmount", ""))
-    if fen is None:
-        raise Unprocessable(f"pay message for {order_id} with a bad totalAmount")
-    try:
-        pay_time = domain.parse_iso(msg["payTime"]) if msg.get("payTime") else deps.clock()
-    except ValueError:
-        pay_time = deps.clock()
-    notify_id = msg.get("notifyId")
+        raise Unprocessable(f"pay message without a valid orderId: {clip(dict(msg))!r}")
+    notice = _verified_payment(deps, order_id, msg)
+    trade_no, notify_id = notice.trade_no, notice.notice_id
+    fen = notice.amount_fen
+    assert fen is not None  # _verified_payment compared it with the message's
+    pay_time = notice.paid_at or deps.clock()
     # The common case in one write, no read first: the write's condition (UNPAID and
     # due exactly this amount) is the whole rule. Only when it fails does the read
     # below say why: unknown order, another amount, already PAID, CLOSED.
@@ -467,6 +490,32 @@ def on_paid(deps: Deps, msg: Mapping[str, Any]) -> OrderStatus:
             f"{money_str(order.total_fen)} due; never marked paid"
         )
     return _apply_payment(deps, order, trade_no, fen, pay_time, notify_id)
+
+
+def _verified_payment(deps: Deps, order_id: str, msg: Mapping[str, Any]) -> PaymentNotice:
+    """The pay message's notify, verified again as the notify route did (signature,
+    app_id, seller_id), a payment in a paid state, and saying what the message says:
+    this order, this trade, this amount. Anything short of that is Forged."""
+    form = msg.get("notify")
+    if not isinstance(form, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in form.items()):
+        raise _forged(deps, order_id, "pay", "no signed notify", msg)
+    if deps.gateway is None:
+        raise Unavailable(f"pay message for {order_id}: payment is not configured, so its "
+                          "notify cannot be verified; it waits")
+    try:
+        notice = deps.gateway.read_notice(form)
+    except NoticeRefused as exc:
+        raise _forged(deps, order_id, "pay", f"its notify did not verify: {exc.reason}",
+                      msg) from exc
+    if notice.kind != NoticeKind.PAYMENT or notice.state not in PAID_STATES:
+        raise _forged(deps, order_id, "pay", "its notify is not a payment", msg)
+    claimed = (order_id, msg.get("tradeNo"), parse_amount(str(msg.get("totalAmount", ""))))
+    if notice.amount_fen is None or (notice.order_id, notice.trade_no,
+                                     notice.amount_fen) != claimed:
+        raise _forged(deps, order_id, "pay", "it says another order, trade or amount than "
+                      "its signed notify", msg)
+    return notice
 
 
 def _mark_paid(deps: Deps, order_id: str, trade_no: str, fen: int, pay_time: datetime,

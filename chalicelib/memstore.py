@@ -77,6 +77,7 @@ from chalicelib.domain import (
     Ticket,
     TicketStatus,
     TimelineEvent,
+    TooManyUnpaidOrders,
     Unavailable,
     iso,
     parse_iso,
@@ -124,6 +125,8 @@ class InMemoryStore:
         self._tickets: dict[str, Ticket] = {}
         self._claims: dict[tuple[str, str], str] = {}  # (sale, user) -> ticket id
         self._bought: dict[tuple[str, str], str] = {}  # (sale, user) -> order id
+        # user -> ids of cart orders that may still be UNPAID (the cap; UNPAID#<user>)
+        self._unpaid_ids: dict[str, set[str]] = {}
         self._refunds: dict[str, dict[str, Any]] = {}  # the DynamoDB item's fields
         self._refund_keys: dict[str, str] = {}  # IDEM#<order>#<key> -> refund id
         self._timeline: dict[str, list[tuple[str, str, str]]] = {}  # (time, type, JSON)
@@ -216,15 +219,21 @@ class InMemoryStore:
     # --- orders -------------------------------------------------------------
 
     @_operation
-    def create_order(self, order: Order, cart: Mapping[str, int] | None) -> None:
+    def create_order(self, order: Order, cart: Mapping[str, int] | None, *,
+                     max_unpaid: int | None = None) -> None:
         """Put the order, take the stock and (for a cart order) empty the cart, all or nothing.
 
         Conditions, in the order the DynamoDB store reports them: each cart line
         still holds the num read (Conflict), the order does not exist (Conflict),
+        with `max_unpaid` the user's set of unpaid order ids holds fewer than that
+        once the ids of orders paid or closed since are taken out
+        (TooManyUnpaidOrders; the DynamoDB store takes them out and tries again),
         per line the goods has `stock >= num` at the line's price (PriceChanged
-        when the price differs, else OutOfStock)."""
+        when the price differs, else OutOfStock). Without `max_unpaid` the order
+        is not counted."""
         cart = dict(cart or {})
-        _transaction([("orders", order.id)]
+        capped = [("seckill", "UNPAID#" + order.username)] if max_unpaid is not None else []
+        _transaction([("orders", order.id)] + capped
                      + [("goods", line.goods_id) for line in order.lines]
                      + [("carts", order.username, gid) for gid in cart])
         held = self._carts.get(order.username, {})
@@ -234,6 +243,12 @@ class InMemoryStore:
                 raise Conflict("the cart changed while ordering; try again")
         if order.id in self._orders:
             raise Conflict(f"order {order.id} exists already")
+        if max_unpaid is not None:
+            ids = self._unpaid_ids.setdefault(order.username, set())
+            if len(ids) >= max_unpaid:  # as the DynamoDB store: pruned only when full
+                ids -= {i for i in ids if self._orders[i]["status"] != UNPAID}
+            if len(ids) >= max_unpaid:
+                raise TooManyUnpaidOrders(max_unpaid)
         for line in order.lines:
             goods = self._goods.get(line.goods_id)
             if goods is not None and goods.price_fen != line.price_fen:
@@ -242,6 +257,8 @@ class InMemoryStore:
                 raise OutOfStock(line.goods_id)
         # every condition holds: write
         self._orders[order.id] = _record(order)
+        if max_unpaid is not None:
+            self._unpaid_ids[order.username].add(order.id)
         for line in order.lines:
             goods = self._goods[line.goods_id]
             self._goods[goods.id] = replace(goods, stock=goods.stock - line.num)

@@ -203,7 +203,8 @@ class CatalogPort(Protocol):
 
 
 class OrderPort(Protocol):
-    def create_order(self, order: Order, cart: Mapping[str, int] | None) -> None: ...
+    def create_order(self, order: Order, cart: Mapping[str, int] | None, *,
+                     max_unpaid: int | None = None) -> None: ...
 
     def get_order(self, order_id: str, *, consistent: bool = True) -> Order | None: ...
 

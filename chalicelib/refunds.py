@@ -214,6 +214,10 @@ def resolve_refund(deps: Deps, msg: dict[str, Any]) -> RefundStatus:
         deps.sleep(min(wait, ASK_AFTER.total_seconds()))
     order = find_order(deps, refund.order_id)
     if order.pending_refund_id != refund.id:
+        # Settled meanwhile (the API had Alipay's answer while this waited): done.
+        current = deps.store.get_refund(refund.id)
+        if current is not None and current.status != RefundStatus.PENDING:
+            return current.status
         raise Unprocessable(f"refund {refund.id} is PENDING but its order holds "
                             f"{order.pending_refund_id!r}: needs a person")
     try:

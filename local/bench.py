@@ -291,15 +291,26 @@ def seed_carts(users: Sequence[str]) -> None:
                 batch.save(M.CartLine(user, gid, num=num, price_fen=price, name=name))
 
 
-def pay_message(order: Any, i: int) -> dict[str, Any]:
+def pay_messages(world: World, orders: Sequence[Any]) -> list[bytes]:
+    """What the notify route publishes for each order, with the signed notify the
+    worker verifies again (signed before any clock starts)."""
     from chalicelib.domain import iso, money_str
 
-    return {"orderId": order.id, "tradeNo": f"2026{i:024d}",
-            "totalAmount": money_str(order.total_fen), "payTime": iso(datetime.now(UTC)),
-            "notifyId": f"bench-{i}"}
+    forms = signed_notify_forms(world, orders)
+    return [json.dumps({"orderId": order.id, "tradeNo": form["trade_no"],
+                        "totalAmount": money_str(order.total_fen),
+                        "payTime": iso(datetime.now(UTC)), "notifyId": form["notify_id"],
+                        "notify": form}).encode()
+            for order, form in zip(orders, forms, strict=True)]
 
 
 def signed_notifies(world: World, orders: Sequence[Any]) -> list[bytes]:
+    """The notifies as Alipay posts them (form bodies)."""
+    return [urllib.parse.urlencode(form).encode("ascii")
+            for form in signed_notify_forms(world, orders)]
+
+
+def signed_notify_forms(world: World, orders: Sequence[Any]) -> list[dict[str, str]]:
     """Alipay's trade_status_sync notify for each order, signed by the sandbox's key
     (Alipay's cost, so done before any clock starts)."""
     from chalicelib.domain import money_str
@@ -310,7 +321,7 @@ def signed_notifies(world: World, orders: Sequence[Any]) -> list[bytes]:
 
     key = load_private_key(world.keys["alipay_private"])
     now = alipay_time(datetime.now(UTC))
-    bodies = []
+    forms = []
     for i, order in enumerate(orders):
         amount = money_str(order.total_fen)
         fields = {
@@ -322,8 +333,8 @@ def signed_notifies(world: World, orders: Sequence[Any]) -> list[bytes]:
             "buyer_pay_amount": amount, "gmt_create": now, "gmt_payment": now,
             "subject": order.lines[0].name,
         }
-        bodies.append(urllib.parse.urlencode(sign_params(fields, key)).encode("ascii"))
-    return bodies
+        forms.append(sign_params(fields, key))
+    return forms
 
 
 # --- the project's pieces ------------------------------------------------------------
@@ -579,7 +590,7 @@ def stage_drain(world: World) -> StageResult:
         progress(f"1 drain: seeding 2 x {n:,} UNPAID orders (batch_write, not transactions)")
         made = seed_orders(n, "drain-", 3600)
         spare = [o.id for o in seed_orders(n, "drain-bare-", 3600)]
-        bodies = [json.dumps(pay_message(o, i)).encode() for i, o in enumerate(made)]
+        bodies = pay_messages(world, made)
         ids = [o.id for o in made]
 
         progress(f"1 drain: baseline, bare pika consume + ack of {n:,} at prefetch {prefetch}")
@@ -648,7 +659,7 @@ def _drain_scaling(world: World) -> list[dict[str, Any]]:
             spare = [o.id for o in seed_orders(n, f"scale{workers}-bare-", 3600)]
             update_rate = n / in_threads(spare, bare_pay_update, workers)
             fill_queue(url, broker.EXCHANGE_PAY, broker.QUEUE_PAY,
-                       [json.dumps(pay_message(o, i)).encode() for i, o in enumerate(made)],
+                       pay_messages(world, made),
                        broker.QUEUE_PAY)
             d = make_deps(world, url)
             with running_bridge(d, workers=workers) as info:
@@ -672,7 +683,7 @@ def stage_notify(world: World) -> StageResult:
         progress(f"2 notify: seeding {n:,} orders, signing {n:,} notifies (Alipay's side)")
         made = seed_orders(n, "notify-", 3600)
         bodies = signed_notifies(world, made)
-        msgs = [json.dumps(pay_message(o, i)).encode() for i, o in enumerate(made)]
+        msgs = pay_messages(world, made)
         d = make_deps(world, url)
         deps.use(d)
         headers = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -724,11 +735,12 @@ def stage_notify(world: World) -> StageResult:
 
 
 def stage_create(world: World) -> StageResult:
+    from pynamodb.expressions.condition import size
     from pynamodb.transactions import TransactWrite
 
     from chalicelib import auth, deps
     from chalicelib.domain import UNPAID, Line, Order, new_order_id
-    from chalicelib.store.models import model_from_order
+    from chalicelib.store.models import UNPAID_ORDERS_PREFIX, model_from_order
     from local.bench_models import models
 
     M = models()
@@ -745,6 +757,7 @@ def stage_create(world: World) -> StageResult:
         d = make_deps(world, url)
         deps.use(d)
         conn = d.store.connection
+        cap = d.settings.max_unpaid_orders_per_user  # one order per user here: never reached
         lines = [Line(g, name, price, num) for (g, name, price), num in zip(BENCH_GOODS, (1, 2),
                                                                               strict=True)]
         cart = {"bench-a": 1, "bench-b": 2}
@@ -757,6 +770,10 @@ def stage_create(world: World) -> StageResult:
                           check_time=now + timedelta(seconds=CHECK_DELAY_S))
             with TransactWrite(connection=conn) as tx:
                 tx.save(model_from_order(M, order), condition=M.Order.id.does_not_exist())
+                ids = M.UnpaidOrders.order_ids  # the cap on UNPAID orders per user
+                tx.update(M.UnpaidOrders(UNPAID_ORDERS_PREFIX + user),
+                          actions=[ids.add({order.id})],
+                          condition=ids.does_not_exist() | (size(ids) < cap))
                 for line in lines:
                     tx.update(M.Goods(line.goods_id), actions=[M.Goods.stock.add(-line.num)],
                               condition=(M.Goods.stock >= line.num)
@@ -798,8 +815,9 @@ def stage_create(world: World) -> StageResult:
         ]
         res.data.update(n=n, baseline_rate=base, project_rate=proj, codes=codes)
     res.notes.append("3 create: POST /orders through chalice's test client (JWT, cart query, "
-                     "one TransactWrite: put + 2 stock updates conditioned on stock and the "
-                     "cart line's price + 2 cart deletes, confirmed delay publish); the baseline "
+                     "one TransactWrite: put + the user's unpaid-orders set within the cap + 2 "
+                     "stock updates conditioned on stock and the cart line's price + 2 cart "
+                     "deletes, confirmed delay publish); the baseline "
                      "is that TransactWrite alone.")
     return res
 

@@ -3,12 +3,14 @@ a fake publisher, the Chalice test client and tokens."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import socket
 import urllib.request
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -123,9 +125,25 @@ class FakeGateway:
         return f"https://fake.invalid/pay?out_trade_no={order_id}&total_amount={amount}"
 
     def read_notice(self, params: Any) -> Any:
-        from chalicelib.ports import NoticeRefused
+        """A notify signed by `fake_notify`, checked as the adapter checks one (the
+        real RSA2 path: tests/unit/test_notify.py)."""
+        from chalicelib.alipay_gateway import TRADE_STATES
+        from chalicelib.domain import parse_amount
+        from chalicelib.ports import NoticeRefused, PaymentNotice
 
-        raise NoticeRefused("the fake gateway verifies nothing")
+        fields = {k: v for k, v in params.items() if k != "sign"}
+        if not hmac.compare_digest(str(params.get("sign", "")), _fake_sign(fields)):
+            raise NoticeRefused("bad signature")
+        if fields.get("app_id") != self.app_id or fields.get("seller_id") != self.seller_id:
+            raise NoticeRefused("not for us")
+        paid = fields.get("gmt_payment")
+        return PaymentNotice(
+            order_id=fields.get("out_trade_no", ""), trade_no=fields.get("trade_no", ""),
+            state=TRADE_STATES.get(fields.get("trade_status", "")),
+            amount_fen=parse_amount(fields.get("total_amount", "")),
+            paid_at=(datetime.strptime(paid, "%Y-%m-%d %H:%M:%S").replace(tzinfo=_SHANGHAI)
+                     .astimezone(UTC) if paid else None),
+            notice_id=fields.get("notify_id"), fields=fields)
 
     def read_return(self, params: Any) -> str:
         from chalicelib.ports import NoticeRefused
@@ -158,6 +176,65 @@ class FakeGateway:
             return self.refund_states[request_no]
         made = any(req == request_no for _o, _a, req in self.refunds)
         return RefundState.SUCCEEDED if made else RefundState.NOT_MADE
+
+
+_SHANGHAI = timezone(timedelta(hours=8))
+_FAKE_KEY = b"fake-gateway-key"  # stands in for Alipay's RSA2 key pair
+
+
+def _fake_sign(fields: dict[str, str]) -> str:
+    text = "&".join(f"{k}={v}" for k, v in sorted(fields.items()))
+    return hmac.new(_FAKE_KEY, text.encode(), hashlib.sha256).hexdigest()
+
+
+def fake_notify(order_id: str, trade_no: str, amount: str, **changes: str) -> dict[str, str]:
+    """A payment notify as FakeGateway.read_notice accepts it (signed, for its ids)."""
+    fields = {"notify_id": "n1", "app_id": FakeGateway.app_id,
+              "seller_id": FakeGateway.seller_id, "out_trade_no": order_id,
+              "trade_no": trade_no, "trade_status": "TRADE_SUCCESS",
+              "total_amount": amount, "gmt_payment": "2026-11-26 15:00:00", **changes}
+    return {**fields, "sign": _fake_sign(fields)}
+
+
+def check_due(d: Any, order_id: str) -> Any:
+    """The order's check message, handled at its check time (the handler parks one
+    that comes earlier: a forged check)."""
+    from chalicelib import handlers
+
+    order = d.store.get_order(order_id)
+    if order is not None and d.clock() < order.check_time:
+        d.clock.now = order.check_time
+    return handlers.on_check(d, {"orderId": order_id})
+
+
+def alipay_pay_msg(keys: Any, order_id: str, trade_no: str, amount: str,
+                   paid_at: datetime | None = None) -> dict[str, Any]:
+    """A pay message as the notify route publishes it, its notify signed with the
+    sandbox's (Alipay's) key: what a notify that was lost would have said."""
+    from chalicelib.domain import iso
+    from local.alipay_sandbox import LOCAL_APP_ID, LOCAL_SELLER_ID
+    from local.alipay_sandbox.keys import load_private_key
+    from local.alipay_sandbox.signer import sign_params
+
+    paid_at = paid_at or datetime.now(UTC)
+    gmt = paid_at.astimezone(_SHANGHAI).strftime("%Y-%m-%d %H:%M:%S")
+    notify_id = f"N{trade_no}"[:64]
+    form = sign_params({
+        "notify_time": gmt, "notify_type": "trade_status_sync", "notify_id": notify_id,
+        "app_id": LOCAL_APP_ID, "charset": "utf-8", "version": "1.0", "trade_no": trade_no,
+        "out_trade_no": order_id, "seller_id": LOCAL_SELLER_ID,
+        "trade_status": "TRADE_SUCCESS", "total_amount": amount, "gmt_payment": gmt,
+    }, load_private_key(keys["alipay_private"]))
+    return {"orderId": order_id, "tradeNo": trade_no, "totalAmount": amount,
+            "payTime": iso(paid_at.replace(microsecond=0)), "notifyId": notify_id,
+            "notify": form}
+
+
+def fake_pay_msg(order_id: str, trade_no: str, amount: str) -> dict[str, Any]:
+    """A pay message as the notify route publishes it, its notify signed for the fake."""
+    return {"orderId": order_id, "tradeNo": trade_no, "totalAmount": amount,
+            "payTime": "2026-11-26T07:00:00.000Z", "notifyId": "n1",
+            "notify": fake_notify(order_id, trade_no, amount)}
 
 
 @pytest.fixture(scope="session")

@@ -29,6 +29,7 @@ import pytest
 
 from chalicelib.domain import (
     CLOSED,
+    MAX_CART_LINES,
     PAID,
     REFUNDED,
     SYSTEM_OPERATOR,
@@ -53,6 +54,7 @@ from chalicelib.domain import (
     Sale,
     Ticket,
     TimelineEvent,
+    TooManyUnpaidOrders,
     Unavailable,
     iso,
     new_order_id,
@@ -133,6 +135,22 @@ def order_from_cart(store: Any, username: str, *picks: tuple[Goods, int],
                       check_time=check_time)
     store.create_order(order, {g.id: n for g, n in picks})
     return order
+
+
+def capped_order(store: Any, username: str, goods: Goods, cap: int, *, num: int = 1,
+                 at: datetime = T0) -> Order:
+    """`num` of the goods put in the user's cart, then ordered from it under a cap of
+    `cap` UNPAID orders; returns the order."""
+    store.set_cart_line(username, goods.id, num, goods)
+    order = new_order(username, [line_of(goods, num)], at=at)
+    store.create_order(order, {goods.id: num}, max_unpaid=cap)
+    return order
+
+
+def cart_order_state(store: Any, username: str, *gids: str) -> tuple[Any, ...]:
+    """What a create_order may change: the user's orders and cart, the goods' stock."""
+    return (store.list_orders(username), store.get_cart_lines(username),
+            [stock_of(store, g) for g in gids])
 
 
 def status_of(store: Any, order_id: str) -> str:
@@ -502,6 +520,110 @@ class StoreContract:
             store.create_order(order, None)
         assert store.get_order(order.id) is None
         assert stock_of(store, "k1") == 10
+
+    # --- the cap on UNPAID orders per user (create_order's max_unpaid) ------------------
+
+    def test_one_order_over_the_cap_is_refused_and_changes_nothing(self, store: Any) -> None:
+        a = put_goods(store, "k1", 1990, 10)
+        first = capped_order(store, "alice", a, 2)
+        capped_order(store, "alice", a, 2, num=2)
+        store.set_cart_line("alice", "k1", 3, a)
+        before = cart_order_state(store, "alice", "k1")
+        order = new_order("alice", [line_of(a, 3)])
+        with pytest.raises(TooManyUnpaidOrders) as info:
+            store.create_order(order, {"k1": 3}, max_unpaid=2)
+        assert isinstance(info.value, Conflict)
+        assert info.value.limit == 2
+        assert "2 unpaid orders" in info.value.message
+        assert "pay or cancel" in info.value.message
+        assert cart_order_state(store, "alice", "k1") == before
+        assert store.get_order(order.id) is None
+        assert stock_of(store, "k1") == 7
+        assert store.get_cart("alice") == {"k1": 3}
+        assert status_of(store, first.id) == UNPAID
+
+    def test_paying_an_order_frees_a_place(self, store: Any) -> None:
+        a = put_goods(store, "k1", 1000, 10)
+        first = capped_order(store, "alice", a, 2)
+        capped_order(store, "alice", a, 2)
+        assert store.mark_paid(first.id, total_fen=1000, trade_no="T1", pay_time=T0,
+                               notify_id=None, now=T0)
+        third = capped_order(store, "alice", a, 2)
+        assert status_of(store, third.id) == UNPAID
+        with pytest.raises(TooManyUnpaidOrders):
+            capped_order(store, "alice", a, 2)
+        assert stock_of(store, "k1") == 7
+        assert [o.status for o in store.list_orders("alice")].count(UNPAID) == 2
+
+    def test_closing_an_order_frees_a_place_and_only_one(self, store: Any) -> None:
+        a = put_goods(store, "k1", 1000, 10)
+        first = capped_order(store, "alice", a, 2)
+        capped_order(store, "alice", a, 2)
+        assert store.close_order(first, now=T0) is True
+        assert store.close_order(first, now=T0) is False  # closed once, freed once
+        capped_order(store, "alice", a, 2)
+        with pytest.raises(TooManyUnpaidOrders):
+            capped_order(store, "alice", a, 2)
+        assert stock_of(store, "k1") == 8
+
+    def test_places_freed_by_several_exits_are_all_found(self, store: Any) -> None:
+        a = put_goods(store, "k1", 1000, 20)
+        held = [capped_order(store, "alice", a, 3) for _ in range(3)]
+        assert store.mark_paid(held[0].id, total_fen=1000, trade_no="T1", pay_time=T0,
+                               notify_id=None, now=T0)
+        assert store.close_order(held[2], now=T0)
+        for _ in range(2):  # both places, one after the other
+            capped_order(store, "alice", a, 3)
+        with pytest.raises(TooManyUnpaidOrders):
+            capped_order(store, "alice", a, 3)
+        assert [o.status for o in store.list_orders("alice")].count(UNPAID) == 3
+
+    def test_the_cap_is_per_user_and_each_call_says_its_cap(self, store: Any) -> None:
+        a = put_goods(store, "k1", 1000, 10)
+        capped_order(store, "alice", a, 1)
+        with pytest.raises(TooManyUnpaidOrders):
+            capped_order(store, "alice", a, 1)
+        capped_order(store, "bob", a, 1)  # alice's orders are not bob's
+        capped_order(store, "alice", a, 2)  # a higher cap (a changed setting) lets one more
+        with pytest.raises(TooManyUnpaidOrders) as info:
+            capped_order(store, "alice", a, 2)
+        assert info.value.limit == 2
+
+    def test_orders_without_a_cap_and_flash_sale_orders_are_not_counted(
+            self, store: Any) -> None:
+        a = put_goods(store, "k1", 1990, 10)
+        store.create_order(new_order("alice", [line_of(a, 1)]), None)  # no cap given
+        sale = put_sale(store, "ks1", stock=1)
+        ticket = claimed(store, "alice", "ks1")
+        # A won ticket's order is never refused for the cap (its unit is taken already),
+        # and does not take a place of the cart orders.
+        assert store.create_seckill_order(sale_order(sale, "alice"), ticket) == TICKET_ORDERED
+        capped_order(store, "alice", a, 1)
+        with pytest.raises(TooManyUnpaidOrders):
+            capped_order(store, "alice", a, 1)
+
+    def test_a_changed_cart_is_reported_before_the_cap_and_the_cap_before_the_stock(
+            self, store: Any) -> None:
+        a = put_goods(store, "k1", 1990, 1)
+        capped_order(store, "alice", a, 1)
+        assert stock_of(store, "k1") == 0
+        store.set_cart_line("alice", "k1", 5, a)
+        with pytest.raises(Conflict) as info:
+            store.create_order(new_order("alice", [line_of(a, 2)]), {"k1": 2}, max_unpaid=1)
+        assert type(info.value) is Conflict
+        with pytest.raises(TooManyUnpaidOrders):  # and out of stock too
+            store.create_order(new_order("alice", [line_of(a, 5)]), {"k1": 5}, max_unpaid=1)
+        assert store.get_cart("alice") == {"k1": 5}
+
+    def test_a_cart_of_the_most_lines_fits_one_transaction_with_the_cap(
+            self, store: Any) -> None:
+        goods = [put_goods(store, f"k{i:02d}", 100, 5) for i in range(MAX_CART_LINES)]
+        for g in goods:
+            store.set_cart_line("alice", g.id, 1, g)
+        order = new_order("alice", [line_of(g, 1) for g in goods])
+        store.create_order(order, {g.id: 1 for g in goods}, max_unpaid=1)
+        assert status_of(store, order.id) == UNPAID
+        assert store.get_cart("alice") == {}
 
     # --- reading orders ---------------------------------------------------------------
 
@@ -1623,3 +1745,40 @@ class StoreContract:
             f"op{n}" for n, outcome in results.items() if outcome == "refunded")
         assert sorted(r.id for r in refunds) == sorted(
             refund_id(order.id, i) for i in range(1, 11))
+
+    def test_concurrent_orders_of_one_user_never_pass_the_cap(self, store: Any) -> None:
+        for n in range(self.race_rounds):
+            self._cap_race(store, f"k-cap{n}", f"hoarder{n}")
+
+    def _cap_race(self, store: Any, gid: str, user: str) -> None:
+        """Cap 3: of the user's 3 orders 2 are paid or closed (their places free, their
+        ids still in the set), then 10 threads order at once: 2 get theirs."""
+        a = put_goods(store, gid, 1000, 100)
+        held = [capped_order(store, user, a, 3) for _ in range(3)]
+        assert store.mark_paid(held[0].id, total_fen=1000, trade_no=f"T-{held[0].id}",
+                               pay_time=T0, notify_id=None, now=T0)
+        assert store.close_order(held[1], now=T0)
+        threads = 10
+        start = threading.Barrier(threads)
+        results: dict[int, str] = {}
+
+        def buy(n: int) -> None:
+            start.wait()
+            try:  # no cart: the threads race on the cap alone
+                store.create_order(new_order(user, [line_of(a, 1)]), None, max_unpaid=3)
+                results[n] = "ordered"
+            except TooManyUnpaidOrders:
+                results[n] = "too many"
+            except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+                results[n] = repr(exc)
+
+        workers = [threading.Thread(target=buy, args=(n,)) for n in range(threads)]
+        with eager_thread_switches():
+            for t in workers:
+                t.start()
+            for t in workers:
+                t.join(120)
+        assert sorted(results.values()) == ["ordered"] * 2 + ["too many"] * 8, results
+        unpaid = [o for o in store.list_orders(user) if o.status == UNPAID]
+        assert len(unpaid) == 3
+        assert stock_of(store, gid) == 100 - 4  # the paid, the still UNPAID, the 2 new

@@ -25,11 +25,13 @@ from chalicelib.domain.catalog import (
 )
 from chalicelib.domain.errors import (
     Conflict,
+    Forged,
     Invalid,
     NotFound,
     OutOfStock,
     Overloaded,
     ShopError,
+    TooManyUnpaidOrders,
     Unavailable,
     Unprocessable,
 )
@@ -72,12 +74,12 @@ __all__ = [
     "ORDER_ID_RE", "PAID", "PAY_TYPE_ALIPAY", "REFUNDED", "SALE_ID_RE", "SOURCE_TYPES",
     "STATES", "TICKET_DUPLICATE", "TICKET_FAILED", "TICKET_FINAL", "TICKET_ID_RE",
     "TICKET_ORDERED", "TICKET_QUEUED", "TICKET_SOLD_OUT", "UNPAID",
-    "AlreadyHolding", "CartLine", "Conflict", "Goods", "Invalid", "Line", "NotFound", "Order",
-    "OrderStatus",
+    "AlreadyHolding", "CartLine", "Conflict", "Forged", "Goods", "Invalid", "Line", "NotFound",
+    "Order", "OrderStatus",
     "OutOfStock", "Overloaded", "PriceChanged", "RefundStatus", "Sale", "SeckillOutcome",
     "ShopError", "SoldOut", "Ticket", "TicketStatus", "Unavailable", "Unprocessable",
     "from_fen", "iso", "money_str", "new_order_id", "new_ticket_id", "parse_amount",
     "parse_iso", "refund_id", "refund_request_no", "to_fen",
     "REFUND_ID_RE", "SYSTEM_OPERATOR", "Refund", "RefundExceedsPaid", "RefundInProgress",
-    "RefundNotAllowed", "EventType", "TimelineEvent",
+    "RefundNotAllowed", "EventType", "TimelineEvent", "TooManyUnpaidOrders",
 ]

@@ -34,6 +34,19 @@ class OutOfStock(Conflict):
         self.goods_id = goods_id
 
 
+class TooManyUnpaidOrders(Conflict):
+    """The user already holds as many UNPAID orders as one user may: an order more
+    would hold more stock for them. Paying or cancelling one frees a place."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"you already hold {limit} unpaid order{'' if limit == 1 else 's'}, the most "
+            "one user may hold at once; pay or cancel an unpaid order to free a place "
+            "for a new one",
+            maxUnpaidOrders=limit)
+        self.limit = limit
+
+
 class Unavailable(ShopError):
     """A dependency (DynamoDB, RabbitMQ, Alipay) did not answer: try again later."""
 
@@ -48,3 +61,9 @@ class Overloaded(ShopError):
 
 class Unprocessable(ShopError):
     """A message no retry can fix (malformed, unknown order, wrong amount)."""
+
+
+class Forged(Unprocessable):
+    """A message that does not prove what it claims: a pay message whose signed
+    notify is missing, badly signed or says something else, or a check message
+    before its order's check time. It changes nothing and waits for a person."""

@@ -18,6 +18,7 @@ from pynamodb.attributes import (
     MapAttribute,
     NumberAttribute,
     UnicodeAttribute,
+    UnicodeSetAttribute,
 )
 from pynamodb.indexes import AllProjection, GlobalSecondaryIndex, KeysOnlyProjection
 from pynamodb.models import Model
@@ -41,6 +42,7 @@ UNPAID_FLAG = "1"  # the sparse index's key: present only while the order is UNP
 OPEN_FLAG = "1"  # a refund's, while it is PENDING or FAILED
 RECHECK_FLAG = "1"  # a closed order's, until it was asked about after its link expired
 PAID_CLOSED_FLAG = "1"  # an order's, while money is held for it though it closed
+UNPAID_ORDERS_PREFIX = "UNPAID#"  # + username: a user's UnpaidOrders item (tickets' table)
 CONNECT_TIMEOUT_SECONDS = 3
 READ_TIMEOUT_SECONDS = 10
 MAX_RETRY_ATTEMPTS = 2
@@ -57,9 +59,15 @@ class Models:
     SeckillMarker: Any
     Refund: Any
     Timeline: Any
+    UnpaidOrders: Any
 
     @property
     def all(self) -> tuple[type[Model], ...]:
+        """The models that tables are made, scanned and warmed by. Not UnpaidOrders:
+        its items are in the tickets' table (a scan by SeckillMarker reads them
+        too), and pynamodb's `to_simple_dict`, which tests use on every item of
+        a scan, cannot render its string set. (It builds its own client on first
+        use: only create_order's rare pass over a full set reads through it.)"""
         return (self.Goods, self.CartLine, self.Order, self.Sale, self.Ticket,
                 self.SeckillMarker, self.Refund, self.Timeline)
 
@@ -256,6 +264,23 @@ def models_for(tables: Tables, region: str) -> Models:
         order_id = UnicodeAttribute(null=True)
         create_time = UnicodeAttribute()
 
+    class UnpaidOrdersModel(Model):
+        """Per user, in the tickets' table beside the per-user markers:
+        `UNPAID#<user>`, `order_ids` the ids of the user's cart orders that may
+        still be UNPAID (chalicelib/store/orders.py, "the cap").
+
+        An id is added in its order's create transaction, on the condition that
+        the set holds fewer ids than the cap, and taken out only once its order is
+        no longer UNPAID: every UNPAID cart order of the user is in the set, so
+        they are never more than the cap. A DynamoDB set is never empty: no ids,
+        no attribute."""
+
+        class Meta(meta):
+            table_name = tables.seckill
+
+        id = UnicodeAttribute(hash_key=True)
+        order_ids = UnicodeSetAttribute(null=True)
+
     # refunds (chalicelib/domain/refund.py)
 
     class RefundsByOrderIndex(GlobalSecondaryIndex["RefundModel"]):
@@ -315,7 +340,7 @@ def models_for(tables: Tables, region: str) -> Models:
     return Models(Goods=GoodsModel, CartLine=CartLineModel, Order=OrderModel,
                   OrderLine=OrderLineAttribute, Sale=SaleModel, Ticket=TicketModel,
                   SeckillMarker=SeckillMarkerModel, Refund=RefundModel,
-                  Timeline=TimelineModel)
+                  Timeline=TimelineModel, UnpaidOrders=UnpaidOrdersModel)
 
 
 def order_from_model(m: Any) -> Order:

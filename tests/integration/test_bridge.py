@@ -20,7 +20,7 @@ from chalicelib import broker, config, handlers
 from chalicelib.context import Deps
 from chalicelib.domain import to_fen
 from chalicelib.ports import PaymentUnavailable, RefundOutcome
-from tests.conftest import FakePublisher
+from tests.conftest import FakeGateway, FakePublisher, fake_pay_msg
 from tests.integration.conftest import Sandbox
 from tests.rabbit_node import PrivateRabbit
 from tests.waiting import wait_until
@@ -70,8 +70,7 @@ def status(d: Deps, order: dict[str, Any]) -> str:
 
 
 def pay_msg(order: dict[str, Any], trade_no: str = "T1") -> dict[str, Any]:
-    return {"orderId": order["id"], "tradeNo": trade_no, "totalAmount": order["totalMoney"],
-            "payTime": "2026-11-26T07:00:00.000Z", "notifyId": "n1"}
+    return fake_pay_msg(order["id"], trade_no, order["totalMoney"])
 
 
 def check_now(d: Deps, order: dict[str, Any]) -> None:
@@ -103,6 +102,8 @@ class RefundingGateway:
 
     app_id = "app"
     seller_id = "seller"
+
+    read_notice = FakeGateway.read_notice  # pay messages carry fake_pay_msg's notify
 
     def __init__(self) -> None:
         self.refunds: list[tuple[str, str]] = []
@@ -203,6 +204,7 @@ class DownGateway:
 
     app_id = "app"
     seller_id = "seller"
+    read_notice = FakeGateway.read_notice  # verifying a notify asks nobody
 
     def query_trade(self, order_id: str) -> None:
         raise PaymentUnavailable("connection refused (test)")

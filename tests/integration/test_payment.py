@@ -115,7 +115,10 @@ def shop(rmq_vhost: str, tables: Store, keys: dict[str, Path]) -> Iterator[Shop]
                for s in (sandbox.serve_forever, api.server.serve_forever)]
     for t in threads:
         t.start()
-    settings = dataclasses.replace(config.load(), rmq_url=str(rmq_vhost), check_delay_seconds=60)
+    # check_now stands for the delay having passed: the worker takes a check up to a
+    # whole delay early (its guard against forged checks: tests/unit/test_forged.py).
+    settings = dataclasses.replace(config.load(), rmq_url=str(rmq_vhost), check_delay_seconds=60,
+                                   check_skew_seconds=60)
     store = CountingStore()
     d = Deps(
         settings=settings,

@@ -401,7 +401,9 @@ class Stack:
     def __init__(self, *, keys: Mapping[str, Path], rmq_url: str, check_delay: int = 60,
                  notify_schedule: list[float] | None = None,
                  retry_delays_ms: tuple[int, ...] = (100, 200), max_attempts: int = 5,
-                 sweep_interval: float = 3600.0) -> None:
+                 sweep_interval: float = 3600.0, check_skew: int | None = None) -> None:
+        """`check_skew`: how early a check is still taken (None: a whole delay, so that
+        `check_now` stands for the delay having passed; forged-check scenarios set it)."""
         from chalice.config import Config
         from chalice.local import LocalDevServer
 
@@ -422,7 +424,8 @@ class Stack:
             t.start()
         self.settings = dataclasses.replace(
             config.load(), rmq_url=rmq_url, check_delay_seconds=check_delay,
-            bridge_max_attempts=max_attempts)
+            bridge_max_attempts=max_attempts,
+            check_skew_seconds=check_delay if check_skew is None else check_skew)
         self.store = CountingStore()
         self.broker = broker.Broker(rmq_url, check_delay)
         self.gateway = self.make_gateway()
@@ -546,6 +549,7 @@ class BridgeProcess:
         self.env = {
             **os.environ, "STAGE": "test", "RMQ_URL": s.rmq_url,
             "ORDER_CHECK_DELAY_SECONDS": str(s.check_delay_seconds),
+            "CHECK_CLOCK_SKEW_SECONDS": str(s.check_skew_seconds),
             "BRIDGE_MAX_ATTEMPTS": str(s.bridge_max_attempts),
             "BRIDGE_RETRY_DELAYS_MS": ",".join(str(d) for d in stack.retry_delays_ms),
             "SWEEP_INTERVAL_SECONDS": str(stack.sweep_interval),

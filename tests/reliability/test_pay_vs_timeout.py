@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from chalicelib.domain import iso
+from tests.conftest import alipay_pay_msg
 from tests.reliability.harness import SCOREBOARD, Row, Stack, audit, settle
 
 pytestmark = pytest.mark.rabbitmq
@@ -47,9 +47,8 @@ def pay_message(stack: Stack, order_id: str) -> dict[str, Any]:
     """What on_notify publishes for the sandbox's (paid) trade."""
     trade = stack.trades()[order_id]
     paid_at = datetime.fromisoformat(trade["gmt_payment"].replace("Z", "+00:00"))
-    return {"orderId": order_id, "tradeNo": trade["trade_no"],
-            "totalAmount": trade["total_amount"], "payTime": iso(paid_at),
-            "notifyId": trade["notify_id"]}
+    return alipay_pay_msg(stack.keys, order_id, trade["trade_no"], trade["total_amount"],
+                          paid_at)
 
 
 def run_pay_vs_timeout(stack: Stack, n: int, name: str, seed: int) -> Row:

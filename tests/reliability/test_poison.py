@@ -18,6 +18,7 @@ import pytest
 
 from chalicelib import broker
 from chalicelib.ports import PaymentUnavailable
+from tests.conftest import alipay_pay_msg
 from tests.reliability.harness import SCOREBOARD, Row, Stack, audit, wait_until
 
 pytestmark = pytest.mark.rabbitmq
@@ -87,12 +88,12 @@ def run_poison(stack: Stack, *, good: int, rounds: int, seed: int, name: str) ->
         check_poison = [b"{not json", json.dumps({"orderId": 5}).encode(), b"{}",
                         json.dumps({"orderId": "x" * 10_000}).encode()]
         # one order paid by its own trade, then a pay message of another trade for it
-        stack.broker.publish_pay({"orderId": already_paid["id"], "tradeNo": "T-first",
-                                  "totalAmount": already_paid["totalMoney"]})
+        stack.broker.publish_pay(alipay_pay_msg(stack.keys, already_paid["id"], "T-first",
+                                                already_paid["totalMoney"]))
         wait_until(lambda o=already_paid: stack.store.get_order(o["id"]).status == "PAID", 10,
                    "paid by its first trade")
-        pay_poison.append(json.dumps({"orderId": already_paid["id"], "tradeNo": "T-other",
-                                      "totalAmount": already_paid["totalMoney"]}).encode())
+        pay_poison.append(json.dumps(alipay_pay_msg(
+            stack.keys, already_paid["id"], "T-other", already_paid["totalMoney"])).encode())
         paid.append(already_paid["id"])
         # a check that fails for a reason that may pass: Alipay unreachable for it
         blocked = stack.order(f"poison-stuck-{r}")
@@ -104,9 +105,9 @@ def run_poison(stack: Stack, *, good: int, rounds: int, seed: int, name: str) ->
             (broker.QUEUE_CHECK, json.dumps({"orderId": wrong_amount["id"]}).encode())]
         for i, order in enumerate(orders[:good]):
             if i % 2 == 0:  # paid (the notify lost; the pay message as it would say)
-                goods_msgs.append((broker.QUEUE_PAY, json.dumps({
-                    "orderId": order["id"], "tradeNo": f"T-{order['id'][-8:]}",
-                    "totalAmount": order["totalMoney"]}).encode()))
+                goods_msgs.append((broker.QUEUE_PAY, json.dumps(alipay_pay_msg(
+                    stack.keys, order["id"], f"T-{order['id'][-8:]}",
+                    order["totalMoney"])).encode()))
                 paid.append(order["id"])
             else:  # timed out
                 goods_msgs.append((broker.QUEUE_CHECK, json.dumps(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -228,3 +229,54 @@ def test_a_price_changed_since_the_cart_is_409_and_the_next_order_takes_the_new_
     assert r.status_code == 201, r.body
     assert body(r)["totalMoney"] == "103.70"
     assert body(r)["items"][0] == {"goodsId": "g1", "name": "Tea cup", "price": "21.90", "num": 2}
+
+
+# --- the cap on UNPAID orders per user (MAX_UNPAID_ORDERS_PER_USER) ---------------
+
+
+def _order(client: Any, user: str = "alice") -> Any:
+    put_item(client, user, "g1", 1)
+    return client.http.post("/orders", headers=bearer(user), body=b"{}")
+
+
+def test_one_order_over_the_cap_is_409_and_changes_nothing(client: Any, app_deps: Any) -> None:
+    cap = app_deps.settings.max_unpaid_orders_per_user
+    assert cap == 5  # the contract's default
+    held = [body(_order(client))["id"] for _ in range(cap)]
+    put_item(client, "alice", "g1", 1)
+    before = snapshot(app_deps.store, "alice")
+    r = client.http.post("/orders", headers=bearer("alice"), body=b"{}")
+    assert r.status_code == 409, r.body
+    answer = body(r)
+    assert answer["Code"] == "TooManyUnpaidOrders"
+    # the message says the cap and how to free a place
+    assert "5 unpaid orders" in answer["Message"]
+    assert "pay or cancel" in answer["Message"]
+    assert answer["maxUnpaidOrders"] == 5
+    assert snapshot(app_deps.store, "alice") == before  # stock, cart, orders as they were
+    assert app_deps.broker.checks == held  # no check scheduled for the refused one
+    assert _order(client, "bob").status_code == 201  # another user's cap is their own
+
+
+def test_cancelling_an_unpaid_order_frees_a_place(client: Any, app_deps: Any) -> None:
+    held = [body(_order(client))["id"] for _ in range(5)]
+    assert _order(client).status_code == 409
+    r = client.http.post(f"/orders/{held[0]}/cancel", headers=bearer("alice"))
+    assert r.status_code == 200, r.body
+    r = client.http.post("/orders", headers=bearer("alice"), body=b"{}")  # the cart kept
+    assert r.status_code == 201, r.body
+    assert _order(client).status_code == 409
+
+
+def test_the_cap_follows_the_setting(client: Any, app_deps: Any) -> None:
+    app_deps.settings = dataclasses.replace(app_deps.settings, max_unpaid_orders_per_user=1)
+    assert _order(client).status_code == 201
+    r = _order(client)
+    assert r.status_code == 409 and "hold 1 unpaid order," in body(r)["Message"]
+
+
+def test_max_unpaid_orders_per_user_setting() -> None:
+    assert config.load({}).max_unpaid_orders_per_user == 5
+    assert config.load({"MAX_UNPAID_ORDERS_PER_USER": "12"}).max_unpaid_orders_per_user == 12
+    # at least 1: a cap of 0 would refuse every order
+    assert config.load({"MAX_UNPAID_ORDERS_PER_USER": "0"}).max_unpaid_orders_per_user == 1

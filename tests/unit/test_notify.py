@@ -61,6 +61,12 @@ def signed(params: dict[str, str], keys: dict[str, Path]) -> dict[str, str]:
     return sign_params(params, load_private_key(keys["alipay_private"]))
 
 
+def pay_through_notify(d: Any, order: dict[str, Any], keys: dict[str, Path]) -> None:
+    """The notify as Alipay sends it, then its pay message as the worker gets it."""
+    assert handlers.on_notify(d, signed(notify_params(order), keys))
+    handlers.on_paid(d, d.broker.pays[-1])
+
+
 def post(client: Any, form: dict[str, str] | bytes) -> str:
     raw = form if isinstance(form, bytes) else urllib.parse.urlencode(form).encode()
     r = client.http.post("/alipay/notify", headers=FORM, body=raw)
@@ -72,11 +78,12 @@ def post(client: Any, form: dict[str, str] | bytes) -> str:
 def test_valid_notify_publishes_and_answers_success(client: Any, paying: Any,
                                                     keys: dict[str, Path]) -> None:
     d, order = paying
-    assert post(client, signed(notify_params(order), keys)) == "success"
+    form = signed(notify_params(order), keys)
+    assert post(client, form) == "success"
     assert d.broker.pays == [{
         "orderId": order["id"], "tradeNo": "2026112622001400000000000001",
         "totalAmount": "99.70", "payTime": "2026-11-26T07:20:00.000Z",
-        "notifyId": "2026112600222152001000000001"}]
+        "notifyId": "2026112600222152001000000001", "notify": form}]
     assert d.store.get_order(order["id"]).status == "UNPAID"  # the bridge marks it PAID
 
 
@@ -157,7 +164,7 @@ def test_return_page_shows_the_status_and_never_changes_it(client: Any, paying: 
     page = r.body.decode()
     assert order["id"] in page and "confirming payment" in page
     assert d.store.get_order(order["id"]).status == "UNPAID"
-    handlers.on_paid(d, {"orderId": order["id"], "tradeNo": "T1", "totalAmount": "99.70"})
+    pay_through_notify(d, order, keys)
     page = client.http.get(f"/alipay/return?{query}").body.decode()
     assert "Status: <strong>paid</strong>" in page
 
@@ -172,7 +179,8 @@ def test_return_with_a_bad_signature_is_400(client: Any, paying: Any,
     assert "invalid signature" in r.body.decode()
 
 
-def test_pay_gives_a_signed_page_pay_url(client: Any, paying: Any) -> None:
+def test_pay_gives_a_signed_page_pay_url(client: Any, paying: Any,
+                                        keys: dict[str, Path]) -> None:
     d, order = paying
     r = client.http.post(f"/orders/{order['id']}/pay", headers=bearer("alice"))
     assert r.status_code == 200, r.body
@@ -184,6 +192,64 @@ def test_pay_gives_a_signed_page_pay_url(client: Any, paying: Any) -> None:
     assert '"product_code":"FAST_INSTANT_TRADE_PAY"' in q["biz_content"]
     assert '"time_expire":"' in q["biz_content"]
     assert client.http.post(f"/orders/{order['id']}/pay", headers=bearer("bob")).status_code == 404
-    handlers.on_paid(d, {"orderId": order["id"], "tradeNo": "T1", "totalAmount": "99.70"})
+    pay_through_notify(d, order, keys)
     r = client.http.post(f"/orders/{order['id']}/pay", headers=bearer("alice"))
     assert r.status_code == 409
+
+
+# --- the size limit and bounded logs on the API route ------------------------------
+
+
+def test_a_body_over_the_limit_is_200_failure_unparsed_and_not_logged(
+        client: Any, paying: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    import app as app_module
+    from tests.unit.test_logs import json_log_lines
+
+    def no_parse(raw: bytes) -> None:
+        raise AssertionError("an oversized body was parsed")
+
+    d, order = paying
+    monkeypatch.setattr(app_module, "_form", no_parse)
+    huge = b"out_trade_no=" + b"Q" * 5_000_000
+    with json_log_lines() as lines:
+        _refused(client, d, order, huge)
+    (refusal,) = [json.loads(t) for t in lines if "notify refused" in t]
+    assert refusal["message"] == (f"notify refused: a body of {len(huge)} bytes, over the "
+                                  f"limit of {app_module.MAX_NOTIFY_BYTES}")
+    assert all(len(t) < 2048 and "QQQQ" not in t for t in lines)
+
+
+def test_the_route_parses_a_body_of_the_limit_and_no_more(
+        client: Any, app_deps: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import app as app_module
+
+    seen: list[int] = []
+    monkeypatch.setattr(app_module, "_form", lambda raw: seen.append(len(raw)))
+    limit = app_module.MAX_NOTIFY_BYTES
+    for size in (limit, limit + 1):
+        assert post(client, b"out_trade_no=" + b"1" * (size - 13)) == "failure"
+    assert seen == [limit]
+
+
+def test_a_value_of_10_kb_in_a_15_kb_notify_is_logged_clipped_on_the_route(
+        client: Any, paying: Any, keys: dict[str, Path]) -> None:
+    import json
+
+    from chalicelib.logs import MAX_VALUE_CHARS
+    from tests.unit.test_logs import json_log_lines
+
+    d, order = paying
+    long_id = "ORDER_" + "7" * 10_000
+    form = signed(notify_params({**order, "id": long_id}, passback_params="p" * 3500), keys)
+    raw = urllib.parse.urlencode(form).encode()
+    assert 14_000 < len(raw) <= 16 * 1024
+    with json_log_lines() as lines:
+        _refused(client, d, order, raw)
+    entries = [json.loads(t) for t in lines]
+    refusals = [e for e in entries if e["message"].startswith("notify refused")]
+    assert refusals and all("orderId" in e for e in refusals)
+    assert all(len(t) < 2048 and "7" * 1000 not in t for t in lines)
+    assert all(e["orderId"].endswith(f"…[{len(long_id) - MAX_VALUE_CHARS} chars cut]")
+               for e in entries if "orderId" in e)

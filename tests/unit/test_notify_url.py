@@ -5,17 +5,21 @@ parse and handler as the /alipay/notify route, in a function URL's event
 from __future__ import annotations
 
 import base64
+import json
 import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from app import MAX_NOTIFY_BASE64_CHARS, MAX_NOTIFY_BYTES
 from chalicelib import handlers
 from chalicelib.alipay_gateway import AlipayGateway
+from chalicelib.logs import MAX_VALUE_CHARS
 from local.alipay_sandbox import LOCAL_APP_ID, LOCAL_SELLER_ID
 from local.alipay_sandbox.keys import ensure_keys, load_private_key
 from local.alipay_sandbox.signer import sign_params
+from tests.unit.test_logs import json_log_lines
 
 FORM_TYPE = "application/x-www-form-urlencoded; charset=utf-8"
 
@@ -35,7 +39,7 @@ def order(app_deps: Any, keys: dict[str, Path]) -> dict[str, Any]:
     return handlers.create_order(app_deps, "alice")
 
 
-def signed_form(order: dict[str, Any], keys: dict[str, Path]) -> str:
+def signed_form(order: dict[str, Any], keys: dict[str, Path], **extra: str) -> str:
     params = {
         "notify_time": "2026-11-26 15:20:01", "notify_type": "trade_status_sync",
         "notify_id": "2026112600222152001000000009", "app_id": LOCAL_APP_ID,
@@ -44,7 +48,7 @@ def signed_form(order: dict[str, Any], keys: dict[str, Path]) -> str:
         "seller_id": LOCAL_SELLER_ID, "trade_status": "TRADE_SUCCESS",
         "total_amount": order["totalMoney"], "receipt_amount": order["totalMoney"],
         "buyer_pay_amount": order["totalMoney"], "gmt_create": "2026-11-26 15:19:50",
-        "gmt_payment": "2026-11-26 15:20:00", "subject": "Tea cup 茶杯",
+        "gmt_payment": "2026-11-26 15:20:00", "subject": "Tea cup 茶杯", **extra,
     }
     return urllib.parse.urlencode(sign_params(params, load_private_key(keys["alipay_private"])))
 
@@ -72,12 +76,14 @@ def invoke(client: Any, payload: Any) -> dict[str, Any]:
 def test_signed_notify_is_published_and_answered_success(
         client: Any, app_deps: Any, order: dict[str, Any], keys: dict[str, Path], b64: bool,
 ) -> None:
-    answer = invoke(client, event(signed_form(order, keys), b64=b64))
+    form = signed_form(order, keys)
+    answer = invoke(client, event(form, b64=b64))
     assert (answer["statusCode"], answer["body"]) == (200, "success")
     assert app_deps.broker.pays == [{
         "orderId": order["id"], "tradeNo": "2026112622001400000000000009",
         "totalAmount": order["totalMoney"], "payTime": "2026-11-26T07:20:00.000Z",
-        "notifyId": "2026112600222152001000000009"}]
+        "notifyId": "2026112600222152001000000009",
+        "notify": dict(urllib.parse.parse_qsl(form))}]
 
 
 def test_route_and_function_url_share_one_path(
@@ -117,3 +123,79 @@ def test_a_tampered_signature_is_failure(
 def test_get_is_405(client: Any, app_deps: Any) -> None:
     answer = invoke(client, event(None, method="GET"))
     assert (answer["statusCode"], answer["body"]) == (405, "failure")
+
+
+# --- the size limit: measured before anything is decoded, parsed or logged ----------
+
+
+def oversized(n: int) -> str:
+    """A form-shaped body of n bytes whose content is easy to look for in the logs."""
+    return "out_trade_no=" + "Z" * (n - len("out_trade_no="))
+
+
+@pytest.mark.parametrize("b64", [False, True])
+def test_a_body_over_the_limit_is_refused_unparsed_and_only_its_size_logged(
+        client: Any, app_deps: Any, order: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+        b64: bool) -> None:
+    import app as app_module
+
+    def no_parse(raw: bytes) -> None:
+        raise AssertionError("an oversized body was parsed")
+
+    monkeypatch.setattr(app_module, "_form", no_parse)
+    with json_log_lines() as lines:
+        answer = invoke(client, event(oversized(5_000_000), b64=b64))
+    assert (answer["statusCode"], answer["body"]) == (200, "failure")
+    assert app_deps.broker.pays == []
+    unit = "base64 characters" if b64 else "characters"
+    size = len(base64.b64encode(b"x" * 5_000_000)) if b64 else 5_000_000
+    (refusal,) = [json.loads(t) for t in lines if "notify refused" in t]
+    assert refusal["message"] == (f"notify refused: a body of {size} {unit}, over the limit "
+                                  f"of {MAX_NOTIFY_BASE64_CHARS if b64 else MAX_NOTIFY_BYTES}")
+    assert all(len(t) < 2048 and "ZZZZ" not in t for t in lines)
+
+
+def test_base64_over_the_limit_is_not_decoded(
+        client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import app as app_module
+
+    def no_decode(*args: Any, **kwargs: Any) -> bytes:
+        raise AssertionError("an oversized base64 body was decoded")
+
+    monkeypatch.setattr(app_module.base64, "b64decode", no_decode)
+    payload = event(oversized(MAX_NOTIFY_BYTES + 3), b64=True)
+    assert len(payload["body"]) > MAX_NOTIFY_BASE64_CHARS
+    assert invoke(client, payload)["body"] == "failure"
+
+
+@pytest.mark.parametrize(("size", "parsed"), [
+    (MAX_NOTIFY_BYTES, True), (MAX_NOTIFY_BYTES + 1, False), (MAX_NOTIFY_BYTES + 2, False)])
+@pytest.mark.parametrize("b64", [False, True])
+def test_the_limit_is_on_the_decoded_bytes(
+        client: Any, monkeypatch: pytest.MonkeyPatch, size: int, parsed: bool,
+        b64: bool) -> None:
+    import app as app_module
+
+    seen: list[int] = []
+    monkeypatch.setattr(app_module, "_form", lambda raw: seen.append(len(raw)))
+    # Over by 1 or 2 bytes, base64 without padding is still within the encoded limit:
+    # the decoded size decides.
+    assert invoke(client, event(oversized(size), b64=b64))["body"] == "failure"
+    assert seen == ([size] if parsed else [])
+
+
+def test_a_value_of_10_kb_in_a_15_kb_notify_is_logged_clipped(
+        client: Any, app_deps: Any, order: dict[str, Any], keys: dict[str, Path]) -> None:
+    """Under the limit, so parsed, verified (its signature is good) and refused: every
+    line about it carries the value cut, not whole."""
+    long_id = "ORDER_" + "9" * 10_000
+    form = signed_form({**order, "id": long_id}, keys, passback_params="p" * 3500)
+    assert 14_000 < len(form) <= MAX_NOTIFY_BYTES
+    with json_log_lines() as lines:
+        assert invoke(client, event(form))["body"] == "failure"
+    assert app_deps.broker.pays == []
+    entries = [json.loads(t) for t in lines]
+    assert any(e["message"].startswith("notify refused") for e in entries)
+    assert all(len(t) < 2048 and "9" * 1000 not in t for t in lines)
+    assert all(e["orderId"].endswith(f"…[{len(long_id) - MAX_VALUE_CHARS} chars cut]")
+               for e in entries if "orderId" in e)

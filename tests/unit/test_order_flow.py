@@ -13,7 +13,7 @@ import pytest
 from chalicelib import handlers
 from chalicelib.domain import Unavailable, Unprocessable, to_fen
 from chalicelib.ports import RefundOutcome
-from tests.conftest import bearer, body
+from tests.conftest import FakeGateway, bearer, body, check_due, fake_pay_msg
 
 
 @dataclass
@@ -23,6 +23,7 @@ class FakeRefunds:
     app_id: str = "app"
     seller_id: str = "seller"
     refunds: list[tuple[str, Decimal, str]] = field(default_factory=list)
+    read_notice = FakeGateway.read_notice
 
     def query_trade(self, order_id: str) -> None:
         return None  # no trade at the provider
@@ -47,9 +48,7 @@ def stock(app_deps: Any) -> dict[str, int]:
 
 
 def pay_msg(order: dict[str, Any], trade_no: str = "T1", amount: str | None = None) -> dict:
-    return {"orderId": order["id"], "tradeNo": trade_no,
-            "totalAmount": amount or order["totalMoney"],
-            "payTime": "2026-11-26T07:00:00.000Z", "notifyId": "n1"}
+    return fake_pay_msg(order["id"], trade_no, amount or order["totalMoney"])
 
 
 def status(app_deps: Any, order: dict[str, Any]) -> str:
@@ -60,9 +59,9 @@ def test_check_closes_an_unpaid_order_and_returns_stock_once(app_deps: Any) -> N
     before = stock(app_deps)
     order = order_for(app_deps)
     assert stock(app_deps) == {**before, "g1": before["g1"] - 2, "g2": before["g2"] - 1}
-    assert handlers.on_check(app_deps, {"orderId": order["id"]}) == "CLOSED"
+    assert check_due(app_deps, order["id"]) == "CLOSED"
     assert stock(app_deps) == before
-    assert handlers.on_check(app_deps, {"orderId": order["id"]}) == "CLOSED"
+    assert check_due(app_deps, order["id"]) == "CLOSED"
     assert stock(app_deps) == before
     closed = app_deps.store.get_order(order["id"]).to_wire()
     assert (closed["orderStatus"], closed["payStatus"]) == ("2", "2")
@@ -74,7 +73,7 @@ def test_pay_marks_paid_once_and_check_then_does_nothing(app_deps: Any) -> None:
     taken = stock(app_deps)
     assert handlers.on_paid(app_deps, pay_msg(order)) == "PAID"
     assert handlers.on_paid(app_deps, pay_msg(order)) == "PAID"
-    assert handlers.on_check(app_deps, {"orderId": order["id"]}) == "PAID"
+    assert check_due(app_deps, order["id"]) == "PAID"
     assert stock(app_deps) == taken
     paid = app_deps.store.get_order(order["id"]).to_wire()
     assert paid["transactionId"] == "T1" and paid["payTime"] == "2026-11-26T07:00:00.000Z"
@@ -108,7 +107,7 @@ def test_money_for_a_closed_order_is_refunded_once(app_deps: Any) -> None:
     app_deps.gateway = FakeRefunds()
     order = order_for(app_deps)
     before_close = stock(app_deps)
-    assert handlers.on_check(app_deps, {"orderId": order["id"]}) == "CLOSED"
+    assert check_due(app_deps, order["id"]) == "CLOSED"
     assert handlers.on_paid(app_deps, pay_msg(order)) == "REFUNDED"
     assert handlers.on_paid(app_deps, pay_msg(order)) == "REFUNDED"
     assert app_deps.gateway.refunds == [
@@ -120,15 +119,15 @@ def test_money_for_a_closed_order_is_refunded_once(app_deps: Any) -> None:
     assert stock(app_deps)["g1"] == before_close["g1"] + 2
 
 
-def test_late_money_without_a_gateway_is_recorded_in_front_of_a_person(app_deps: Any) -> None:
+def test_without_a_gateway_a_pay_message_waits_and_changes_nothing(app_deps: Any) -> None:
     order = order_for(app_deps)
-    handlers.on_check(app_deps, {"orderId": order["id"]})
-    app_deps.gateway = None  # the provider cannot be asked: nothing is lost, a person sees it
-    assert handlers.on_paid(app_deps, pay_msg(order)) == "CLOSED"
+    check_due(app_deps, order["id"])
+    app_deps.gateway = None  # its notify cannot be verified: retried, then parked
+    with pytest.raises(Unavailable):
+        handlers.on_paid(app_deps, pay_msg(order))
     assert status(app_deps, order) == "CLOSED"
-    refund = app_deps.store.get_refund(f"REFUND_{order['id']}")
-    assert refund is not None and refund.status == "PENDING" and refund.operator == "system"
-    assert app_deps.store.paid_but_closed() == [order["id"]]
+    assert app_deps.store.get_refund(f"REFUND_{order['id']}") is None
+    assert app_deps.store.paid_but_closed() == []
 
 
 def test_without_a_gateway_an_unpaid_order_is_never_closed(app_deps: Any) -> None:
@@ -136,7 +135,7 @@ def test_without_a_gateway_an_unpaid_order_is_never_closed(app_deps: Any) -> Non
     order = order_for(app_deps)
     taken = stock(app_deps)
     with pytest.raises(Unavailable):
-        handlers.on_check(app_deps, {"orderId": order["id"]})
+        check_due(app_deps, order["id"])
     assert status(app_deps, order) == "UNPAID" and stock(app_deps) == taken
 
 
@@ -144,6 +143,7 @@ def test_pay_and_check_race_resolves_to_one_winner(app_deps: Any) -> None:
     app_deps.gateway = FakeRefunds()
     initial = stock(app_deps)
     orders = [order_for(app_deps, f"u{i}", g1=1) for i in range(10)]
+    app_deps.clock.now = max(app_deps.store.get_order(o["id"]).check_time for o in orders)
     for order in orders:
         barrier = threading.Barrier(4)
 

@@ -11,16 +11,14 @@ import pytest
 from chalicelib import handlers, refunds
 from chalicelib.domain import Unprocessable
 from chalicelib.ports import PaymentRefused, PaymentUnavailable, RefundState
-from tests.conftest import bearer, body, operator_bearer
+from tests.conftest import bearer, body, check_due, fake_pay_msg, operator_bearer
 
 
 def paid(app_deps: Any, user: str = "alice", **cart: int) -> dict[str, Any]:
     for gid, num in (cart or {"g1": 2, "g2": 1}).items():  # 2 x 19.90 + 59.90 = 99.70
         app_deps.store.set_cart_line(user, gid, num)
     order = handlers.create_order(app_deps, user)
-    handlers.on_paid(app_deps, {"orderId": order["id"], "tradeNo": "T1",
-                                "totalAmount": order["totalMoney"],
-                                "payTime": "2026-11-26T07:00:00.000Z"})
+    handlers.on_paid(app_deps, fake_pay_msg(order["id"], "T1", order["totalMoney"]))
     return order
 
 
@@ -100,7 +98,7 @@ def test_unpaid_and_closed_orders_cannot_be_refunded(client: Any, app_deps: Any)
     unpaid = handlers.create_order(app_deps, "dan")
     r = refund(client, unpaid["id"], "1.00")
     assert r.status_code == 409 and body(r)["Code"] == "RefundNotAllowed"
-    handlers.on_check(app_deps, {"orderId": unpaid["id"]})
+    check_due(app_deps, unpaid["id"])
     r = refund(client, unpaid["id"], "1.00")
     assert r.status_code == 409 and body(r)["Code"] == "RefundNotAllowed"
     assert app_deps.store.refunds_of(unpaid["id"]) == []
@@ -231,3 +229,20 @@ def test_search_by_trade_number_username_and_status(client: Any, app_deps: Any) 
     assert [o["id"] for o in rest["items"]] == [order["id"]]
     for bad in ("?status=LOST", "?limit=0", "?limit=x", "?from=yesterday", "?cursor=notours"):
         assert client.http.get(f"/admin/orders{bad}", headers=ops).status_code == 400, bad
+
+
+def test_a_refund_settled_while_the_worker_waited_is_not_parked(app_deps: Any) -> None:
+    """Alipay's refund notify comes before the refund's own answer: the worker gets
+    the refund PENDING and waits; meanwhile the API settles it. Done, not a person's."""
+    order = paid(app_deps)
+    app_deps.gateway.refund_error = PaymentUnavailable("timed out")
+    made, _ = refunds.request_refund(app_deps, "carol", order["id"], "3.00", "x")
+    assert made.status == "PENDING"
+
+    def settled_meanwhile(_seconds: float) -> None:
+        current = app_deps.store.get_order(order["id"])
+        refunds._succeed(app_deps, made, current, trade_no=current.transaction_id)
+
+    app_deps.sleep = settled_meanwhile
+    assert refunds.resolve_refund(app_deps, {"refundId": made.id}) == "SUCCEEDED"
+    assert state(app_deps, order["id"]) == ("PAID", 300, 300, ["SUCCEEDED"])

@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from chalicelib import broker, config, handlers, seckill
+from chalicelib import broker, config, seckill
 from chalicelib.context import Deps
 from chalicelib.domain import Sale, Unprocessable
 from chalicelib.memstore import InMemoryStore
 from chalicelib.ratelimit import TokenBucket
-from tests.conftest import FakePublisher, bearer, body
+from tests.conftest import FakePublisher, bearer, body, check_due
 
 NOW = datetime(2026, 11, 26, 7, 0, tzinfo=UTC)
 
@@ -262,10 +262,10 @@ def test_a_flash_sale_order_that_times_out_gives_its_unit_back_to_the_sale(
     order_id = body(ticket_of(client, "alice", ticket_id))["orderId"]
     goods_before = {g.id: g.stock for g in app_deps.store.list_goods()}
     assert sale_stock(app_deps.store) == 2
-    assert handlers.on_check(app_deps, {"orderId": order_id}) == "CLOSED"
+    assert check_due(app_deps, order_id) == "CLOSED"
     assert sale_stock(app_deps.store) == 3
     assert {g.id: g.stock for g in app_deps.store.list_goods()} == goods_before
-    assert handlers.on_check(app_deps, {"orderId": order_id}) == "CLOSED"
+    assert check_due(app_deps, order_id) == "CLOSED"
     assert sale_stock(app_deps.store) == 3  # once
 
 
