@@ -3,9 +3,17 @@
     sweep                      check UNPAID orders past their check time, once
     parked list QUEUE          show the parked messages of a queue (nothing consumed)
     parked replay QUEUE        move them back to their queue, attempts reset
+    broker-users               print the rabbitmqctl commands that make the API's user
+                               (RMQ_URL) and the worker's (RMQ_WORKER_URL) with their
+                               permissions; --definitions: the same as RabbitMQ
+                               definitions (JSON, for Amazon MQ's import); --apply: run
+                               them with rabbitmqctl
+    declare                    declare the queues and exchanges as the worker's user
+                               (the worker does it when it starts)
 
 Settings come from the environment (chalicelib/config.py), as for the worker.
-Each command prints JSON lines on stdout.
+Each command prints JSON lines on stdout, but broker-users, which prints shell
+lines that hold the users' passwords.
 """
 
 from __future__ import annotations
@@ -13,7 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from chalicelib.config import Settings
 
 
 def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
@@ -25,6 +36,12 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     parked.add_argument("action", choices=["list", "replay"])
     parked.add_argument("queue", help="queue.order.check, queue.order.pay or queue.order.seckill "
                                       "(the .parked suffix is optional)")
+    users = sub.add_parser("broker-users", help="the API's and the worker's RabbitMQ users")
+    how = users.add_mutually_exclusive_group()
+    how.add_argument("--apply", action="store_true", help="run the commands with rabbitmqctl")
+    how.add_argument("--definitions", action="store_true",
+                     help="print RabbitMQ definitions (JSON) instead of commands")
+    sub.add_parser("declare", help="declare the topology as the worker's user")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     from chalicelib import config, logs
@@ -38,12 +55,55 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
         return 0
     from chalicelib import broker
 
+    if args.command == "broker-users":
+        return _broker_users(settings, args.apply, args.definitions, out)
+    if args.command == "declare":
+        try:
+            broker.declare_at(settings.worker_rmq_url, settings.check_delay_seconds,
+                              settings.rmq_queue_type,
+                              retry_delays_ms=settings.bridge_retry_delays_ms)
+        except broker.BrokerUnavailable as exc:
+            sys.stderr.write(f"{exc}\n")
+            return 1
+        out.write(json.dumps({"declared": broker.safe_url(settings.worker_rmq_url)}) + "\n")
+        return 0
+    # Reading parked queues and moving messages back is the worker's user's right.
     name = args.queue.removesuffix(".parked")
+    url = settings.worker_rmq_url
     if args.action == "list":
-        for msg in broker.list_parked(settings.rmq_url, name):
+        for msg in broker.list_parked(url, name):
             out.write(json.dumps(msg, default=str, ensure_ascii=False) + "\n")
     else:
-        out.write(json.dumps({"replayed": broker.replay_parked(settings.rmq_url, name)}) + "\n")
+        out.write(json.dumps({"replayed": broker.replay_parked(url, name)}) + "\n")
+    return 0
+
+
+def _broker_users(settings: Settings, apply: bool, definitions: bool, out: TextIO) -> int:
+    from chalicelib.broker import users
+
+    if not settings.rmq_worker_url:
+        sys.stderr.write("set RMQ_WORKER_URL to the worker's URL (its user and password) and "
+                         "RMQ_URL to the API's\n")
+        return 2
+    try:
+        made = users.service_users(settings.rmq_url, settings.rmq_worker_url)
+    except ValueError as exc:
+        sys.stderr.write(f"{exc}\n")
+        return 2
+    if definitions:
+        out.write(json.dumps(users.definitions(made), indent=2) + "\n")
+    elif apply:
+        try:
+            users.apply(made)
+        except (OSError, RuntimeError) as exc:
+            sys.stderr.write(f"{exc}\n")
+            return 1
+        for user in made:
+            made_one = {"user": user.name, "role": user.role, "vhost": user.vhost}
+            out.write(json.dumps(made_one) + "\n")
+    else:
+        for line in users.rabbitmqctl_commands(made):
+            out.write(line + "\n")
     return 0
 
 

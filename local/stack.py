@@ -2,6 +2,16 @@
 
 moto's DynamoDB server, the Alipay sandbox, the API (chalice local) and the
 bridge; RabbitMQ is the machine's own. Ctrl-C (or SIGTERM) stops every child.
+
+RabbitMQ users: unless RMQ_URL (or RMQ_URL_FILE) is set in the environment, the
+API connects as `shop-api` (it may only publish) and the bridge as `shop-worker`,
+with passwords made by the first `make run` in local/.keys/ (ignored by git);
+`make run` creates or updates both users with rabbitmqctl
+(chalicelib.broker.users) and declares the queues as the worker. The commands
+run beside it (`python -m local bridge`, `parked`, ...) use the same users once
+their passwords exist. With RMQ_URL set, that URL serves both, as it is.
+
+`python -m local.stack compose-broker DIR` makes the same for the compose file.
 """
 
 from __future__ import annotations
@@ -9,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -19,12 +30,19 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 RUN_DIR = PROJECT_DIR / "local" / ".run"
 KEYS_DIR = PROJECT_DIR / "local" / ".keys"
 
 log = logging.getLogger("local.stack")
+
+# The local stage's RabbitMQ users (chalicelib/broker/users.py gives them their rights).
+API_USER = "shop-api"
+WORKER_USER = "shop-worker"
+ADMIN_USER = "shop-admin"  # compose only: the management UI's login
 
 # goods id, name, price (fen), stock: some with little stock, to see 409s.
 CATALOGUE = [
@@ -73,9 +91,85 @@ def local_environment() -> dict[str, str]:
         env[key] = str(PROJECT_DIR / env[key])
     env.update({"API_PORT": api_port, "SANDBOX_PORT": sandbox_port,
                 "DYNAMODB_PORT": dynamodb_port})
+    if os.environ.get("RMQ_URL_FILE"):
+        # The compose file's API: its URL in a file of a volume only it mounts. Set
+        # here, so that chalice local does not put the stage's RMQ_URL in its place.
+        env["RMQ_URL"] = Path(os.environ["RMQ_URL_FILE"]).read_text().strip()
+    stored = {user: _stored(KEYS_DIR, user) for user in (API_USER, WORKER_USER)}
+    if local_users_wanted() and all(stored.values()):
+        base = env["RMQ_URL"]
+        env["RMQ_URL"] = with_user(base, API_USER, stored[API_USER])
+        env["RMQ_WORKER_URL"] = with_user(base, WORKER_USER, stored[WORKER_USER])
     merged = {**env, **os.environ}  # the environment wins
     merged["PYTHONUNBUFFERED"] = "1"
     return merged
+
+
+def local_users_wanted() -> bool:
+    """Whether the local stack uses its two RabbitMQ users: no RMQ_URL was given."""
+    return not {"RMQ_URL", "RMQ_URL_FILE"} & set(os.environ)
+
+
+def _stored(directory: Path, user: str) -> str:
+    file = directory / f"rabbitmq-{user}.password"
+    return file.read_text().strip() if file.exists() else ""
+
+
+def password(directory: Path, user: str) -> str:
+    """The user's password from `directory`, made (random, owner-only) on first use."""
+    file = directory / f"rabbitmq-{user}.password"
+    if not file.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_urlsafe(24))
+    return file.read_text().strip()
+
+
+def with_user(url: str, user: str, secret: str) -> str:
+    """`url` (amqp://guest:guest@host:port/vhost) with another user and password."""
+    parts = urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    netloc = f"{quote(user, safe='')}:{quote(secret, safe='')}@{host}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def broker_users(env: dict[str, str]) -> list[Any]:
+    """The API's and the worker's users of `env`; none when one URL serves both."""
+    from chalicelib.broker import users
+
+    worker = env.get("RMQ_WORKER_URL", "")
+    if not worker or worker == env["RMQ_URL"]:
+        return []
+    return users.service_users(env["RMQ_URL"], worker)
+
+
+def compose_broker(root: Path, host: str = "rabbitmq") -> None:
+    """The compose file's broker users, on first start: `root/api/url` (the API's URL,
+    RMQ_URL_FILE), `root/worker/url` (the worker's, RMQ_WORKER_URL_FILE) and
+    `root/rabbitmq/definitions.json` (loaded by RabbitMQ at boot: the two users, and
+    shop-admin for the management UI, its password in `root/rabbitmq`). Each
+    directory is a volume of its own, mounted only where it is needed."""
+    from chalicelib.broker import users
+
+    base = f"amqp://guest:guest@{host}:5672/%2F"
+    urls = {}
+    for role, user in (("api", API_USER), ("worker", WORKER_USER)):
+        file = root / role / "url"
+        if not file.exists():
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_text(with_user(base, user, secrets.token_urlsafe(24)))
+        urls[role] = file.read_text().strip()
+    made = users.service_users(urls["api"], urls["worker"])
+    admin = users.BrokerUser("admin", ADMIN_USER, password(root / "rabbitmq", ADMIN_USER), "/",
+                             users.ADMIN_PERMISSIONS, ("administrator",))
+    definitions = root / "rabbitmq" / "definitions.json"
+    definitions.write_text(json.dumps(users.definitions([*made, admin]), indent=2))
+    # RabbitMQ (its own user) reads the definitions; the services (uid 10001) their URL.
+    for file in (definitions, root / "api" / "url", root / "worker" / "url"):
+        file.chmod(0o644)
 
 
 def apply_local_environment() -> dict[str, str]:
@@ -131,9 +225,10 @@ class Stack:
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
         RUN_DIR.mkdir(parents=True, exist_ok=True)
 
-    def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None,
+              ) -> subprocess.Popen[bytes]:
         logfile = open(RUN_DIR / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
-        proc = subprocess.Popen(args, cwd=PROJECT_DIR, env=self.env, stdout=logfile,
+        proc = subprocess.Popen(args, cwd=PROJECT_DIR, env=env or self.env, stdout=logfile,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         self.children.append((name, proc))
         return proc
@@ -170,6 +265,9 @@ def _say(part: str, text: str) -> None:
 
 
 def run() -> int:
+    if local_users_wanted():
+        for user in (API_USER, WORKER_USER):
+            password(KEYS_DIR, user)
     env = local_environment()
     os.environ.update(env)
     py = sys.executable
@@ -180,15 +278,31 @@ def run() -> int:
             _say("error", f"port {port} is taken: another stack running? (set API_PORT, "
                           "SANDBOX_PORT or DYNAMODB_PORT to move it)")
             return 1
-    from chalicelib.broker import Broker
+    from chalicelib.broker import Broker, declare_at, safe_url
 
+    made = broker_users(env)
+    if made:
+        from chalicelib.broker import users
+
+        try:
+            users.apply(made)
+        except (OSError, RuntimeError) as exc:
+            _say("rabbitmq", f"cannot make the users {API_USER} and {WORKER_USER}: {exc}")
+            _say("", "make them as RabbitMQ's admin: python -m local.stack broker-users | sudo sh"
+                     " (or set RMQ_URL to run everything as one user)")
+            return 1
+    delay = int(env["ORDER_CHECK_DELAY_SECONDS"])
+    queue_type = env.get("RMQ_QUEUE_TYPE", "classic")
     try:
-        Broker(env["RMQ_URL"], int(env["ORDER_CHECK_DELAY_SECONDS"])).ping()
+        # As the worker, so that the API (which may not declare) can publish at once.
+        declare_at(env.get("RMQ_WORKER_URL") or env["RMQ_URL"], delay, queue_type)
+        Broker(env["RMQ_URL"], delay, queue_type, declare=False).ping()
     except Exception as exc:  # noqa: BLE001 - reported, then we stop
-        _say("rabbitmq", f"not reachable at {env['RMQ_URL']}: {exc}")
+        _say("rabbitmq", f"not reachable at {safe_url(env['RMQ_URL'])}: {exc}")
         _say("", "start it with: rabbitmq-server -detached")
         return 1
-    _say("rabbitmq", env["RMQ_URL"])
+    who = f" (users {API_USER}, {WORKER_USER})" if made else ""
+    _say("rabbitmq", f"{safe_url(env['RMQ_URL'])}{who}")
 
     from local.alipay_sandbox.keys import ensure_keys
 
@@ -202,15 +316,24 @@ def run() -> int:
             added = seed()
             _say("dynamodb", f"{env['AWS_ENDPOINT_URL_DYNAMODB']} (moto; "
                              f"{'seeded ' + str(added) + ' goods' if added else 'tables ready'})")
+            _say_faults("dynamodb", env, ("DYNAMODB_FAULT_RATE", "DYNAMODB_FAULTS",
+                                          "DYNAMODB_SLOW_MS"))
             sandbox = stack.start("sandbox", [py, "-m", "local.alipay_sandbox", "--port",
                                               str(sandbox_port), "--keys", str(KEYS_DIR)])
             wait_for_port(sandbox_port, proc=sandbox)
             _say("alipay", f"{env['ALIPAY_GATEWAY']} (local sandbox, app_id "
                            f"{env['ALIPAY_APP_ID']}, seller_id {env['ALIPAY_SELLER_ID']})")
-            api = stack.start("api", [py, "-m", "local", "api", "--port", str(api_port)])
+            _say_faults("alipay", env, ("SANDBOX_FAULT_RATE", "SANDBOX_FAULTS",
+                                        "SANDBOX_SLOW_SECONDS", "SANDBOX_NOTIFY_DELAY_SECONDS"))
+            # The API gets only its own RabbitMQ user's URL.
+            api_env = {k: v for k, v in env.items() if k != "RMQ_WORKER_URL"}
+            api = stack.start("api", [py, "-m", "local", "api", "--port", str(api_port)],
+                              api_env)
             wait_for_port(api_port, proc=api, timeout=60)
             _say("api", f"http://127.0.0.1:{api_port} (chalice local, stage local)")
-            bridge = stack.start("bridge", [py, "-m", "local", "bridge"])
+            # And the bridge only the worker's.
+            bridge_env = {**env, "RMQ_URL": env.get("RMQ_WORKER_URL") or env["RMQ_URL"]}
+            bridge = stack.start("bridge", [py, "-m", "local", "bridge"], bridge_env)
             time.sleep(1.0)
             if bridge.poll() is not None:
                 raise RuntimeError(f"the bridge exited with {bridge.returncode}: "
@@ -241,6 +364,14 @@ def run() -> int:
             _say("stopped", "every child process")
 
 
+def _say_faults(part: str, env: dict[str, str], names: tuple[str, ...]) -> None:
+    """The fault settings `make run` hands its children (they read them from the
+    environment: DYNAMODB_FAULT_RATE=0.1 make run), when any is set."""
+    given = [f"{name}={env[name]}" for name in names if env.get(name)]
+    if given:
+        _say(part, "faults: " + " ".join(given))
+
+
 def _wait_healthy(port: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     last = ""
@@ -255,3 +386,25 @@ def _wait_healthy(port: int, timeout: float = 30.0) -> None:
             last = str(exc)
         time.sleep(0.3)
     raise RuntimeError(f"/health did not turn ok: {last}")
+
+
+def main(argv: list[str]) -> int:
+    """`compose-broker DIR`: compose_broker; `broker-users`: the rabbitmqctl lines that
+    make the local stack's users (for a node only root or rabbitmq may administer)."""
+    if argv[:1] == ["compose-broker"] and len(argv) == 2:
+        compose_broker(Path(argv[1]))
+        return 0
+    if argv == ["broker-users"]:
+        from chalicelib.broker import users
+
+        for user in (API_USER, WORKER_USER):
+            password(KEYS_DIR, user)
+        for line in users.rabbitmqctl_commands(broker_users(local_environment())):
+            sys.stdout.write(line + "\n")
+        return 0
+    sys.stderr.write("usage: python -m local.stack compose-broker DIR | broker-users\n")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -46,9 +46,11 @@ def available() -> str | None:
 
 
 class PrivateRabbit:
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, *, cookie: str | None = None, name: str | None = None) -> None:
+        """`cookie`: the Erlang cookie (nodes that cluster share one); `name`: the
+        node's name (`rel-<random>@localhost` when None)."""
         self.base = base
-        self.name = f"rel-{secrets.token_hex(4)}@localhost"
+        self.name = name or f"rel-{secrets.token_hex(4)}@localhost"
         self.port = free_port()
         self.dist_port = free_port()
         self.pid: int | None = None
@@ -56,10 +58,10 @@ class PrivateRabbit:
         home = base / "home"
         for sub in ("home", "mnesia", "log"):
             (base / sub).mkdir(parents=True, exist_ok=True)
-        cookie = home / ".erlang.cookie"
-        if not cookie.exists():
-            cookie.write_text(secrets.token_hex(16).upper())
-            cookie.chmod(0o400)
+        cookie_file = home / ".erlang.cookie"
+        if not cookie_file.exists():
+            cookie_file.write_text(cookie or secrets.token_hex(16).upper())
+            cookie_file.chmod(0o400)
         (base / "enabled_plugins").write_text("[].\n")
         (base / "rabbitmq-env.conf").write_text("")  # not /etc/rabbitmq's NODENAME=rabbit
         (base / "rabbitmq.conf").write_text(

@@ -10,6 +10,7 @@ the first call that needs it and kept for the next ones.
     consumer.py    run_consumer: the connection's thread, reconnects, stop
     dispatcher.py  Park and the worker thread: decode, handle, ack / retry / park
     parked.py      list_parked, replay_parked (the operator's tools)
+    users.py       the API's and the worker's users (rabbitmqctl, definitions)
     connection.py  connection parameters, safe_url, the errors
     messages.py    JSON bodies, properties, our headers
 
@@ -51,6 +52,8 @@ from chalicelib.broker.topology import (
     QUEUE_SECKILL,
     QUEUE_SECKILL_PARKED,
     TopologyMismatch,
+    TopologyMissing,
+    declare_at,
     declare_topology,
     parked_queue_name,
     retry_queue_name,
@@ -79,7 +82,9 @@ __all__ = [
     "BrokerUnavailable",
     "Park",
     "TopologyMismatch",
+    "TopologyMissing",
     "Unroutable",
+    "declare_at",
     "declare_topology",
     "list_parked",
     "parked_queue_name",

@@ -19,7 +19,7 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingConnection
 
-from chalicelib.broker.connection import close_quietly, parameters, safe_url
+from chalicelib.broker.connection import close_quietly, open_connection, parameters, safe_url
 from chalicelib.broker.dispatcher import Dispatcher, Session
 from chalicelib.broker.topology import (
     CONSUMED_QUEUES,
@@ -84,7 +84,7 @@ def run_consumer(
             connection: BlockingConnection | None = None
             session: Session | None = None
             try:
-                connection = pika.BlockingConnection(params)
+                connection = open_connection(params)  # each address in turn
                 channel = connection.channel()
                 declare_topology(
                     channel, check_delay_ms, queue_type, retry_delays_ms=retry_delays_ms
@@ -95,7 +95,8 @@ def run_consumer(
                 for queue, handler in handlers.items():
                     on_message = dispatcher.receiver(session, queue, handler)
                     channel.basic_consume(queue, on_message, auto_ack=False)
-                logger.info("consuming %s from %s", ", ".join(handlers), safe_url(url))
+                logger.info("consuming %s from %s:%s (of %s)", ", ".join(handlers),
+                            params[-1].host, params[-1].port, safe_url(url))
                 failures = 0
                 while not stop.is_set():
                     dispatcher.raise_failure()

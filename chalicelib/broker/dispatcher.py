@@ -65,6 +65,13 @@ _SETTLE_POLL_S = 0.1
 _MOVE_FAILED_PAUSE_S = 1.0
 
 
+class ChannelNacking(pika.exceptions.AMQPChannelError):
+    """A move was nacked. A quorum queue nacks while it elects a leader, and RabbitMQ
+    3.10 goes on nacking on a channel whose first publish to it came then
+    (connection.NACK_RETRY_PAUSES_S): raised on the connection's thread, it makes
+    `run_consumer` reconnect, with new channels."""
+
+
 class Park(Exception):
     """Raised by a consumer handler to park the message at once, without retries.
 
@@ -314,6 +321,8 @@ def _move(
         # keeps a broker in trouble from being hammered.
         logger.error("could not move a message to %s (%r); requeued it", target, exc)
         channel.basic_nack(delivery.method.delivery_tag, requeue=True)
+        if isinstance(exc, pika.exceptions.NackError):
+            raise ChannelNacking(f"a move to {target} was nacked") from exc
         return False
     channel.basic_ack(delivery.method.delivery_tag)
     return True

@@ -5,6 +5,11 @@ a socket when a `Broker` is constructed (Lambda builds it at import and reuses
 the warm container); the first call connects and declares the topology, later
 calls reuse the connection, and a stale one is replaced once per call. Every
 publish is persistent, mandatory and confirmed: returning means RabbitMQ has it.
+
+The API's user may only publish to the exchanges (topology.API_PERMISSIONS): it
+cannot declare. With `declare=False`, or once the broker refused a declare
+(403), the publisher only checks, with passive declares (which need no
+permission), that the worker has declared the exchanges.
 """
 
 from __future__ import annotations
@@ -22,11 +27,14 @@ from pika.adapters.blocking_connection import BlockingChannel, BlockingConnectio
 from pika.spec import BasicProperties
 
 from chalicelib.broker.connection import (
+    NACK_RETRY_PAUSES_S,
     STALE,
     BrokerUnavailable,
+    Nacked,
     Unroutable,
     close_quietly,
     connect,
+    discard_channel,
     parameters,
     safe_url,
 )
@@ -37,11 +45,13 @@ from chalicelib.broker.topology import (
     EXCHANGE_PAY,
     EXCHANGE_REFUND,
     EXCHANGE_SECKILL,
+    EXCHANGES,
     QUEUE_DELAY,
     QUEUE_PAY,
     QUEUE_REFUND,
     QUEUE_SECKILL,
     TopologyMismatch,
+    TopologyMissing,
     declare_topology,
     parked_queue_name,
     validate_topology_args,
@@ -60,12 +70,22 @@ class Broker:
     BlockingConnection.
     """
 
-    def __init__(self, url: str, check_delay_seconds: int, queue_type: str = "classic") -> None:
+    def __init__(
+        self,
+        url: str,
+        check_delay_seconds: int,
+        queue_type: str = "classic",
+        *,
+        declare: bool = True,
+    ) -> None:
+        """`declare=False`: never declare, only check that the exchanges exist (the
+        API's publish-only user); True: declare, unless the user may not."""
         validate_topology_args(int(check_delay_seconds) * 1000, queue_type, (1,))
         self._url = url
+        self._declare = declare
         self._check_delay_ms = int(check_delay_seconds) * 1000
         self._queue_type = queue_type
-        self._params: pika.URLParameters | None = None
+        self._params: list[pika.URLParameters] | None = None  # every address, in turn
         self._connection: BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
         self._lock = threading.RLock()
@@ -93,10 +113,9 @@ class Broker:
             self._params = parameters(self._url)
         connection = connect(self._url, self._params)
         try:
-            channel = connection.channel()
-            declare_topology(channel, self._check_delay_ms, self._queue_type)
+            channel = self._prepare(connection)
             channel.confirm_delivery()
-        except TopologyMismatch:
+        except (TopologyMismatch, TopologyMissing):
             close_quietly(connection)
             raise
         except STALE as exc:
@@ -104,6 +123,34 @@ class Broker:
             raise BrokerUnavailable(f"RabbitMQ went away while declaring: {exc!r}") from exc
         self._connection, self._channel = connection, channel
         logger.info("connected to RabbitMQ at %s", safe_url(self._url))
+        return channel
+
+    def _prepare(self, connection: BlockingConnection) -> BlockingChannel:
+        """A channel on a new connection, the topology declared or found declared."""
+        channel = connection.channel()
+        if self._declare:
+            try:
+                declare_topology(channel, self._check_delay_ms, self._queue_type)
+                return channel
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code != 403:
+                    raise
+                # A publish-only user (the API's): the worker declares the topology.
+                logger.info("this RabbitMQ user may not declare (%s): only checking the "
+                            "exchanges from now on", exc.reply_text)
+                self._declare = False
+                channel = connection.channel()
+        for exchange in EXCHANGES:
+            try:
+                channel.exchange_declare(exchange, passive=True)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code != 404:
+                    raise
+                raise TopologyMissing(
+                    f"exchange {exchange!r} is not declared at {safe_url(self._url)}: the "
+                    "worker declares the topology when it starts (or run `python -m "
+                    "chalicelib.cli declare` with the worker's settings)"
+                ) from exc
         return channel
 
     def _drop(self) -> None:
@@ -135,7 +182,8 @@ class Broker:
         """Publish `body` as persistent JSON, mandatory, and wait for the broker's confirm.
 
         Raises `Unroutable` when no queue took it, `BrokerUnavailable` when it
-        was not confirmed (after one reconnect), `TopologyMismatch` when the
+        was not confirmed (after one reconnect; a nack: after a few new channels,
+        `NACK_RETRY_PAUSES_S`), `TopologyMismatch` when the
         queues exist with other arguments. Returning means the broker has it.
         A publish retried after a lost connection may be delivered twice:
         consumers are idempotent.
@@ -159,11 +207,21 @@ class Broker:
                     f"no queue bound to {exchange!r} with key {routing_key!r}: message returned"
                 ) from exc
             except pika.exceptions.NackError as exc:
-                raise BrokerUnavailable(
+                self._channel = None  # it may go on nacking: a new one (NACK_RETRY_PAUSES_S)
+                discard_channel(channel)
+                raise Nacked(
                     f"RabbitMQ refused ({exchange!r}, {routing_key!r}): publish nacked"
                 ) from exc
 
-        self._with_channel(f"publish to {exchange}/{routing_key}", send)
+        for pause in (*NACK_RETRY_PAUSES_S, None):
+            try:
+                self._with_channel(f"publish to {exchange}/{routing_key}", send)
+                return
+            except Nacked:
+                if pause is None:
+                    raise
+                logger.warning("publish to %s nacked: again in %.2f s", exchange, pause)
+                time.sleep(pause)
 
     def publish_check(self, order_id: str) -> None:
         """Schedule the order's timeout check (queue.order.delay, then queue.order.check)."""

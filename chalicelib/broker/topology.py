@@ -21,12 +21,20 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
-from chalicelib.broker.connection import BrokerUnavailable
+from chalicelib.broker.connection import (
+    STALE,
+    BrokerUnavailable,
+    close_quietly,
+    connect,
+    parameters,
+    safe_url,
+)
 from chalicelib.config import DEFAULT_RETRY_DELAYS_MS
 
 logger = logging.getLogger(__name__)
@@ -53,6 +61,43 @@ CONSUMED_QUEUES: tuple[str, ...] = (QUEUE_CHECK, QUEUE_PAY, QUEUE_SECKILL, QUEUE
 
 QUEUE_TYPES = ("classic", "quorum")
 
+#: Every exchange of the contract: the API publishes to these and nothing else.
+EXCHANGES: tuple[str, ...] = (EXCHANGE_DELAY, EXCHANGE_PAY, EXCHANGE_SECKILL, EXCHANGE_REFUND)
+
+
+@dataclass(frozen=True)
+class Permissions:
+    """A user's RabbitMQ permissions in one vhost: three regexes over resource names.
+
+    RabbitMQ checks `configure` for a (non-passive) declare or delete, `write` for
+    a publish (the default exchange is `amq.default`), a queue.bind (the queue)
+    and the dead-letter exchange of a declared queue, `read` for consume, get,
+    purge, a queue.bind (the exchange) and the queue of a declared dead-letter
+    queue. A passive declare needs no permission, only access to the vhost.
+    """
+
+    configure: str
+    write: str
+    read: str
+
+
+_OUR_EXCHANGES = "|".join(re.escape(name) for name in EXCHANGES)
+# Every consumed queue with its retry and parked queues, and queue.order.delay.
+_OUR_QUEUES = r"queue\.order\..+"
+
+#: The API: publishes to the exchanges, nothing else. Its health check and the
+#: seckill queue depth are passive declares, which need no permission.
+API_PERMISSIONS = Permissions(configure="^$", write=f"^({_OUR_EXCHANGES})$", read="^$")
+
+#: The worker (and the operator's parked tools): declares the topology, consumes,
+#: moves failed messages to the retry and parked queues through the default
+#: exchange, replays parked ones, and publishes what its handlers publish.
+WORKER_PERMISSIONS = Permissions(
+    configure=f"^({_OUR_EXCHANGES}|{_OUR_QUEUES})$",
+    write=f"^(amq\\.default|{_OUR_EXCHANGES}|{_OUR_QUEUES})$",
+    read=f"^({_OUR_EXCHANGES}|{_OUR_QUEUES})$",
+)
+
 
 class TopologyMismatch(BrokerUnavailable):
     """A queue or exchange exists with other arguments than the code declares.
@@ -62,6 +107,11 @@ class TopologyMismatch(BrokerUnavailable):
     caller answers 503 either way), but `run_consumer` does not retry it: it is
     a configuration problem that reconnecting cannot fix.
     """
+
+
+class TopologyMissing(BrokerUnavailable):
+    """The exchanges are not declared, and this user does not declare them (the API's
+    may not): the worker declares them when it starts."""
 
 
 def parked_queue_name(queue: str) -> str:
@@ -89,7 +139,7 @@ def _queue_args(queue_type: str, **arguments: Any) -> dict[str, Any]:
 def _topology(
     check_delay_ms: int, queue_type: str, retry_delays_ms: Sequence[int]
 ) -> tuple[list[str], list[tuple[str, dict[str, Any]]], list[tuple[str, str, str]]]:
-    exchanges = [EXCHANGE_DELAY, EXCHANGE_PAY, EXCHANGE_SECKILL, EXCHANGE_REFUND]
+    exchanges = list(EXCHANGES)
     queues: list[tuple[str, dict[str, Any]]] = [
         (
             QUEUE_DELAY,
@@ -180,6 +230,32 @@ def declare_topology(
     for queue, exchange, key in bindings:
         channel.queue_bind(queue, exchange, routing_key=key)
     logger.debug("topology declared (%s queues, check delay %d ms)", queue_type, check_delay_ms)
+
+
+def declare_at(
+    url: str,
+    check_delay_seconds: int,
+    queue_type: str = "classic",
+    *,
+    retry_delays_ms: Sequence[int] = DEFAULT_RETRY_DELAYS_MS,
+) -> None:
+    """Declare the topology over a connection of its own (the worker's user), e.g.
+    before the API first publishes on a new broker; the worker does it when it starts."""
+    check_delay_ms = int(check_delay_seconds) * 1000
+    validate_topology_args(check_delay_ms, queue_type, retry_delays_ms)
+    connection = connect(url, parameters(url))
+    try:
+        declare_topology(
+            connection.channel(), check_delay_ms, queue_type, retry_delays_ms=retry_delays_ms
+        )
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        raise BrokerUnavailable(
+            f"cannot declare the topology at {safe_url(url)}: {exc.reply_code} {exc.reply_text}"
+        ) from exc
+    except STALE as exc:
+        raise BrokerUnavailable(f"RabbitMQ went away while declaring: {exc!r}") from exc
+    finally:
+        close_quietly(connection)
 
 
 def _declare(

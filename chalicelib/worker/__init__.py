@@ -141,7 +141,7 @@ def run(d: Deps, stop: threading.Event, *, prefetch: int | None = None,
 
     def consume(chosen: dict[str, Handle]) -> None:
         broker.run_consumer(
-            settings.rmq_url,
+            settings.worker_rmq_url,
             chosen,
             prefetch=prefetch,
             max_attempts=settings.bridge_max_attempts,

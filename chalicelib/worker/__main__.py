@@ -5,15 +5,28 @@ SIGTERM or SIGINT: finish the message in hand, ack it, exit 0.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import sys
 import threading
 
 from chalicelib import broker, config, deps, logs
+from chalicelib.context import Deps
 from chalicelib.worker import run
 
 log = logging.getLogger("chalicelib.worker")
+
+
+def own_user(d: Deps) -> Deps:
+    """`d` with the worker's RabbitMQ user everywhere: what its handlers publish goes
+    through that user too (it may publish to the exchanges), never the API's."""
+    settings = d.settings
+    if settings.rmq_url == settings.worker_rmq_url:
+        return d
+    own = dataclasses.replace(settings, rmq_url=settings.worker_rmq_url)
+    return dataclasses.replace(d, settings=own, broker=broker.Broker(
+        own.rmq_url, own.check_delay_seconds, own.rmq_queue_type))
 
 
 def main() -> int:
@@ -32,10 +45,11 @@ def main() -> int:
     except config.SettingsError as exc:
         log.error("%s", exc)
         return 2
-    log.info("worker: %s, prefetch %s, check delay %s s", broker.safe_url(settings.rmq_url),
-             settings.bridge_prefetch, settings.check_delay_seconds)
+    log.info("worker: %s, prefetch %s, check delay %s s",
+             broker.safe_url(settings.worker_rmq_url), settings.bridge_prefetch,
+             settings.check_delay_seconds)
     try:
-        run(deps.get(), stop)
+        run(own_user(deps.get()), stop)
     except broker.TopologyMismatch as exc:
         log.error("%s", exc)
         return 2
