@@ -26,6 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     ddb = sub.add_parser("dynamodb", help="moto's DynamoDB server, requests one at a time")
     ddb.add_argument("--host", default="127.0.0.1")
     ddb.add_argument("--port", type=int, default=int(os.environ.get("DYNAMODB_PORT", "8002")))
+    ddb.add_argument("--fault-rate", default=os.environ.get("DYNAMODB_FAULT_RATE"),
+                     help="fraction of calls that get a fault (default: $DYNAMODB_FAULT_RATE, "
+                          "else 0)")
+    ddb.add_argument("--faults", default=os.environ.get("DYNAMODB_FAULTS"),
+                     help="throttle,internal,conflict,slow (default: $DYNAMODB_FAULTS, else all)")
+    ddb.add_argument("--slow-ms", default=os.environ.get("DYNAMODB_SLOW_MS"),
+                     help="delay of a slow call (default: $DYNAMODB_SLOW_MS, else 800)")
     sub.add_parser("bridge", help="consume the check and pay queues into the handlers")
     sub.add_parser("sweep", help="check UNPAID orders past their check time, once")
     sub.add_parser("seed", help="create the tables and seed the catalogue")
@@ -59,9 +66,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return stack.run()
     if args.command == "dynamodb":
-        from local.dynamodb import serve
+        from local.dynamodb import FaultSettings, serve
 
-        serve(args.host, args.port)
+        serve(args.host, args.port, FaultSettings.parse(
+            args.fault_rate, args.faults, args.slow_ms, os.environ.get("DYNAMODB_FAULT_SEED")))
         return 0
 
     if os.environ.get("STAGE", "local") == "local":

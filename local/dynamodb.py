@@ -6,14 +6,39 @@ lose an update, which real DynamoDB never does (conditions and ADD are atomic
 per item, transactions serializable). The server below keeps moto's threaded
 HTTP front (keep-alive connections) and serializes the calls into the backend,
 so the stock conditions tested here hold as they do on AWS.
+
+A fault front may stand before it (`FaultSettings`; `python -m local dynamodb
+--fault-rate 0.1 --faults throttle,internal,conflict,slow --slow-ms 800`, or the
+environment: DYNAMODB_FAULT_RATE, DYNAMODB_FAULTS, DYNAMODB_SLOW_MS): a chosen
+fraction of the DynamoDB calls gets one of DynamoDB's own failures, in the shape
+DynamoDB sends it, without the call reaching moto (nothing of it is written), or
+reaches moto only after a delay:
+
+- throttle: HTTP 400 ProvisionedThroughputExceededException (botocore retries it);
+- internal: HTTP 500 InternalServerError (botocore retries it);
+- conflict: TransactWriteItems cancelled with a TransactionConflict reason, a
+  single-item write HTTP 400 TransactionConflictException (botocore retries
+  neither); calls that read only get another of the chosen kinds;
+- slow: forwarded after `slow_ms`.
+
+`GET /fault-front` shows the settings and what was injected; `PUT /fault-front`
+with JSON `{"rate": 0.1, "kinds": ["throttle"], "slow_ms": 800}` changes them
+(fields left out keep their value), `DELETE /fault-front` turns faults off.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import os
+import random
 import signal
 import threading
-from collections.abc import Callable, Iterable
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from moto.moto_server.werkzeug_app import (
@@ -122,20 +147,25 @@ class _Quiet(MotoRequestHandler):
         """No line per request: a test run or a benchmark makes tens of thousands."""
 
 
-def make(host: str = "127.0.0.1", port: int = 8002) -> BaseWSGIServer:
+def make(host: str = "127.0.0.1", port: int = 8002, faults: FaultSettings | None = None,
+         ) -> BaseWSGIServer:
     _cheap_transactions()
-    app = _OneAtATime(DomainDispatcherApplication(create_backend_app))
-    return make_server(host, port, app, threaded=True, request_handler=_Quiet)
+    app = FaultFront(_OneAtATime(DomainDispatcherApplication(create_backend_app)),
+                     faults or FaultSettings())
+    server = make_server(host, port, app, threaded=True, request_handler=_Quiet)
+    server.fault_front = app  # type: ignore[attr-defined]
+    return server
 
 
-def start_in_thread(host: str, port: int) -> BaseWSGIServer:
-    server = make(host, port)
+def start_in_thread(host: str, port: int, faults: FaultSettings | None = None,
+                    ) -> BaseWSGIServer:
+    server = make(host, port, faults)
     threading.Thread(target=server.serve_forever, name="moto", daemon=True).start()
     return server
 
 
-def serve(host: str, port: int) -> None:
-    server = make(host, port)
+def serve(host: str, port: int, faults: FaultSettings | None = None) -> None:
+    server = make(host, port, faults if faults is not None else FaultSettings.from_env())
 
     def stop(signum: int, frame: object) -> None:
         threading.Thread(target=server.shutdown, daemon=True).start()
@@ -143,3 +173,202 @@ def serve(host: str, port: int) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     server.serve_forever()
+
+
+# --- the fault front --------------------------------------------------------------
+
+FAULT_KINDS = ("throttle", "internal", "conflict", "slow")
+CONTROL_PATH = "/fault-front"
+_TARGET_PREFIX = "DynamoDB_20120810."
+_ERROR_TYPE = "com.amazonaws.dynamodb.v20120810#"
+_SINGLE_WRITES = frozenset({"PutItem", "UpdateItem", "DeleteItem"})
+
+
+@dataclass(frozen=True)
+class FaultSettings:
+    """`rate`: the fraction of DynamoDB calls that get a fault (0: none); `kinds`:
+    which faults, one picked at random per faulted call; `slow_ms`: the delay of a
+    slow call; `seed`: for a repeatable sequence of faults."""
+
+    rate: float = 0.0
+    kinds: tuple[str, ...] = FAULT_KINDS
+    slow_ms: int = 800
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.rate <= 1.0:
+            raise ValueError(f"the fault rate must be within 0..1: {self.rate}")
+        unknown = set(self.kinds) - set(FAULT_KINDS)
+        if unknown or not self.kinds:
+            raise ValueError(f"faults must be some of {','.join(FAULT_KINDS)}: {self.kinds}")
+        if self.slow_ms < 0:
+            raise ValueError(f"slow_ms must not be negative: {self.slow_ms}")
+
+    @classmethod
+    def parse(cls, rate: str | float | None = None, kinds: str | None = None,
+              slow_ms: str | int | None = None, seed: str | int | None = None,
+              ) -> FaultSettings:
+        return cls(
+            rate=float(rate) if rate not in (None, "") else 0.0,
+            kinds=(tuple(k.strip() for k in kinds.split(",") if k.strip())
+                   if kinds else FAULT_KINDS),
+            slow_ms=int(slow_ms) if slow_ms not in (None, "") else 800,
+            seed=int(seed) if seed not in (None, "") else None)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> FaultSettings:
+        env = os.environ if env is None else env
+        return cls.parse(env.get("DYNAMODB_FAULT_RATE"), env.get("DYNAMODB_FAULTS"),
+                         env.get("DYNAMODB_SLOW_MS"), env.get("DYNAMODB_FAULT_SEED"))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rate": self.rate, "kinds": list(self.kinds), "slow_ms": self.slow_ms,
+                "seed": self.seed}
+
+
+@dataclass
+class _Injected:
+    calls: int = 0
+    faults: Counter[str] = field(default_factory=Counter)
+
+
+class FaultFront:
+    """WSGI middleware before moto: DynamoDB's failures for a fraction of the calls.
+
+    An error is answered here, before moto sees the call, so a faulted write never
+    happens, in part or whole; a slow call waits here, outside moto's lock, so it
+    holds up no other call."""
+
+    def __init__(self, app: Callable[..., Iterable[bytes]], settings: FaultSettings) -> None:
+        self._app = app
+        self._lock = threading.Lock()
+        self._settings = settings
+        self._random = random.Random(settings.seed)
+        self._injected = _Injected()
+
+    @property
+    def settings(self) -> FaultSettings:
+        return self._settings
+
+    def configure(self, settings: FaultSettings) -> None:
+        with self._lock:
+            self._settings = settings
+            self._random = random.Random(settings.seed)
+
+    def report(self) -> dict[str, Any]:
+        with self._lock:
+            return {**self._settings.to_json(), "calls": self._injected.calls,
+                    "injected": dict(self._injected.faults)}
+
+    def reset_counts(self) -> None:
+        with self._lock:
+            self._injected = _Injected()
+
+    def _pick(self, operation: str) -> str | None:
+        with self._lock:
+            self._injected.calls += 1
+            settings = self._settings
+            if settings.rate <= 0 or self._random.random() >= settings.rate:
+                return None
+            kinds = [k for k in settings.kinds if k != "conflict"
+                     or operation == "TransactWriteItems" or operation in _SINGLE_WRITES]
+            if not kinds:
+                return None
+            kind = self._random.choice(kinds)
+            self._injected.faults[kind] += 1
+            return kind
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any],
+                 ) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == CONTROL_PATH:
+            return self._control(environ, start_response)
+        target = str(environ.get("HTTP_X_AMZ_TARGET") or "")
+        if not target.startswith(_TARGET_PREFIX):
+            return self._app(environ, start_response)
+        operation = target.removeprefix(_TARGET_PREFIX)
+        kind = self._pick(operation)
+        if kind is None:
+            return self._app(environ, start_response)
+        if kind == "slow":
+            time.sleep(self._settings.slow_ms / 1000)
+            return self._app(environ, start_response)
+        body = self._read_body(environ)
+        with self._lock:
+            which = self._random.random()
+        status, payload = _fault_answer(kind, operation, body, which)
+        return _answer(start_response, status, payload, "application/x-amz-json-1.0")
+
+    @staticmethod
+    def _read_body(environ: dict[str, Any]) -> bytes:
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = 0
+        return environ["wsgi.input"].read(length) if length > 0 else b""
+
+    def _control(self, environ: dict[str, Any], start_response: Callable[..., Any],
+                 ) -> list[bytes]:
+        method = environ.get("REQUEST_METHOD")
+        try:
+            if method == "PUT":
+                change = json.loads(self._read_body(environ) or b"{}")
+                if not isinstance(change, dict) or set(change) - {"rate", "kinds", "slow_ms",
+                                                                  "seed"}:
+                    raise ValueError("a JSON object of rate, kinds, slow_ms, seed")
+                now = self._settings
+                kinds = change.get("kinds", list(now.kinds))
+                self.configure(FaultSettings(
+                    rate=float(change.get("rate", now.rate)),
+                    kinds=tuple(kinds.split(",") if isinstance(kinds, str) else kinds),
+                    slow_ms=int(change.get("slow_ms", now.slow_ms)),
+                    seed=change.get("seed", now.seed)))
+                self.reset_counts()
+            elif method == "DELETE":
+                self.configure(FaultSettings(kinds=self._settings.kinds,
+                                             slow_ms=self._settings.slow_ms))
+            elif method != "GET":
+                return _answer(start_response, 405, {"error": "GET, PUT or DELETE"})
+        except (ValueError, TypeError) as exc:
+            return _answer(start_response, 400, {"error": str(exc)})
+        return _answer(start_response, 200, self.report())
+
+
+def _fault_answer(kind: str, operation: str, body: bytes, which: float,
+                  ) -> tuple[int, dict[str, Any]]:
+    """DynamoDB's own answer for the fault (status, JSON body); `which` (0..1) picks
+    the action of a transaction that met the conflict."""
+    if kind == "throttle":
+        return 400, {"__type": _ERROR_TYPE + "ProvisionedThroughputExceededException",
+                     "message": "The level of configured provisioned throughput for the table "
+                                "was exceeded. Consider increasing your provisioning level "
+                                "with the UpdateTable API."}
+    if kind == "internal":
+        return 500, {"__type": _ERROR_TYPE + "InternalServerError",
+                     "message": "Internal server error"}
+    if operation != "TransactWriteItems":
+        return 400, {"__type": _ERROR_TYPE + "TransactionConflictException",
+                     "message": "Transaction is ongoing for the item"}
+    try:
+        actions = len(json.loads(body or b"{}").get("TransactItems") or []) or 1
+    except (ValueError, AttributeError):
+        actions = 1
+    conflicted = min(int(which * actions), actions - 1)
+    reasons: list[dict[str, str]] = [
+        {"Code": "TransactionConflict", "Message": "Transaction is ongoing for the item"}
+        if i == conflicted else {"Code": "None"} for i in range(actions)]
+    codes = ", ".join(r["Code"] for r in reasons)
+    return 400, {"__type": _ERROR_TYPE + "TransactionCanceledException",
+                 "Message": "Transaction cancelled, please refer cancellation reasons for "
+                            f"specific reasons [{codes}]",
+                 "CancellationReasons": reasons}
+
+
+def _answer(start_response: Callable[..., Any], status: int, payload: Mapping[str, Any],
+            content_type: str = "application/json") -> list[bytes]:
+    data = json.dumps(payload).encode()
+    reason = {200: "OK", 400: "Bad Request", 405: "Method Not Allowed",
+              500: "Internal Server Error"}[status]
+    start_response(f"{status} {reason}", [("Content-Type", content_type),
+                                          ("Content-Length", str(len(data))),
+                                          ("x-amzn-RequestId", uuid.uuid4().hex.upper())])
+    return [data]

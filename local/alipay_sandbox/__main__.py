@@ -1,5 +1,7 @@
 """``python -m local.alipay_sandbox [--host 127.0.0.1] [--port 8001] [--keys local/.keys]
-[--refund-notify 1|0] [--refund-rule alipay|sandbox]``
+[--refund-notify 1|0] [--refund-rule alipay|sandbox] [--fault-rate R]
+[--faults slow,5xx,unsigned,badsign] [--slow-seconds S] [--notify-delay S]``
+(the faults: see ``local.alipay_sandbox.faults``)
 
 Prints one start line (gateway URL, app id, seller id, keys dir) on stdout, logs
 JSON lines on stderr, and stops cleanly on SIGTERM or SIGINT.
@@ -16,6 +18,7 @@ import threading
 from pathlib import Path
 from types import FrameType
 
+from . import faults as gateway_faults
 from . import logs
 from .constants import DEFAULT_KEYS_DIR, DEFAULT_PORT, LOCAL_APP_ID, LOCAL_SELLER_ID
 from .server import (
@@ -63,6 +66,25 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help=f"sandbox: one full refund per trade (default: ${REFUND_RULE_ENV}, else alipay)",
     )
+    parser.add_argument(
+        "--fault-rate", default=os.environ.get(gateway_faults.RATE_ENV),
+        help=f"fraction of API calls that get a fault (default: ${gateway_faults.RATE_ENV}, "
+        "else 0)",
+    )
+    parser.add_argument(
+        "--faults", default=os.environ.get(gateway_faults.KINDS_ENV),
+        help=f"{','.join(gateway_faults.FAULT_KINDS)} (default: ${gateway_faults.KINDS_ENV}, "
+        "else all)",
+    )
+    parser.add_argument(
+        "--slow-seconds", default=os.environ.get(gateway_faults.SLOW_ENV),
+        help=f"delay of a slow answer (default: ${gateway_faults.SLOW_ENV}, else 5)",
+    )
+    parser.add_argument(
+        "--notify-delay", default=os.environ.get(gateway_faults.NOTIFY_DELAY_ENV),
+        help=f"delay of each notify's first attempt (default: ${gateway_faults.NOTIFY_DELAY_ENV}, "
+        "else 0)",
+    )
     parser.add_argument("--log-level", default=os.environ.get("SANDBOX_LOG_LEVEL", "INFO"))
     return parser.parse_args(argv)
 
@@ -82,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
             seller_id=args.seller_id,
             refund_notify=parse_flag(args.refund_notify) if args.refund_notify else None,
             refund_rule=parse_refund_rule(args.refund_rule) if args.refund_rule else None,
+            faults=gateway_faults.GatewayFaults.parse(
+                args.fault_rate, args.faults, args.slow_seconds, args.notify_delay,
+                os.environ.get(gateway_faults.SEED_ENV),
+            ),
         )
     except (OSError, ValueError) as exc:
         logger.error("sandbox cannot start: %s", exc)
@@ -102,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         f"alipay sandbox: {server.gateway_url} app_id={server.app_id} "
         f"seller_id={server.seller_id} keys={server.keys_dir.resolve()} "
         f"notify_schedule={','.join(f'{d:g}' for d in server.notifier.schedule)} "
-        f"refund_notify={int(server.refund_notify)} refund_rule={server.refund_rule}\n"
+        f"refund_notify={int(server.refund_notify)} refund_rule={server.refund_rule} "
+        f"faults={server.faults.report()}\n"
     )
     sys.stdout.flush()
     while not stop.wait(1.0):

@@ -13,7 +13,7 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -92,7 +92,10 @@ class Notifier:
         schedule: Sequence[float],
         clock: Clock,
         timeout: float = 5.0,
+        first_delay: Callable[[], float] = lambda: 0.0,
     ) -> None:
+        """`first_delay`: how long each notify's first attempt waits (a slow Alipay)."""
+        self._first_delay = first_delay
         self._book = book
         self._key = key
         self._schedule = tuple(schedule)
@@ -125,7 +128,7 @@ class Notifier:
 
     def _attempts(self, key: NoticeKey) -> None:
         out_trade_no, out_request_no = key
-        for attempt, delay in enumerate((0.0, *self._schedule), start=1):
+        for attempt, delay in enumerate((self._first_delay(), *self._schedule), start=1):
             if self._stop.wait(delay):
                 return
             if self._book.notify_acknowledged(out_trade_no, out_request_no):

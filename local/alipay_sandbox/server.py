@@ -13,6 +13,8 @@ Routes:
   ``{"code": "ACQ.SELLER_BALANCE_NOT_ENOUGH" | "ACQ.SYSTEM_ERROR", "applied": false}``:
   the trade's next refunds fail so (see ``trades``); ``DELETE`` clears it.
   400 on a bad body, 404 on an unknown trade.
+- ``GET|PUT|DELETE /sandbox/faults``: the gateway's faults (slow, 5xx, unsigned or
+  wrongly signed answers, slow notifies; see ``faults``).
 - ``GET /health``.
 
 Settings (``make_server`` arguments, else the environment):
@@ -27,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
@@ -44,6 +47,7 @@ from .constants import (
     LOCAL_SELLER_ID,
     PAGE_PAY_METHOD,
 )
+from .faults import FaultPicker, GatewayFaults
 from .keys import ensure_keys, load_private_key, load_public_key
 from .notifier import Notifier
 from .pages import cashier_page, error_page, paid_page
@@ -67,6 +71,7 @@ NOTIFY_SCHEDULE_ENV = "SANDBOX_NOTIFY_SCHEDULE"
 REFUND_NOTIFY_ENV = "SANDBOX_REFUND_NOTIFY"
 REFUND_RULE_ENV = "SANDBOX_REFUND_RULE"
 _FAULT_SUFFIX = "/refund-fault"
+FAULTS_PATH = "/sandbox/faults"
 
 __all__ = [
     "SandboxServer",
@@ -135,6 +140,7 @@ class SandboxServer(ThreadingHTTPServer):
         clock: Callable[[], datetime],
         refund_notify: bool = True,
         refund_rule: str = REFUND_RULE_ALIPAY,
+        faults: GatewayFaults | None = None,
     ) -> None:
         super().__init__(address, SandboxHandler)
         self.keys_dir = keys["app_private"].parent
@@ -144,7 +150,9 @@ class SandboxServer(ThreadingHTTPServer):
         self.app_public_key = load_public_key(keys["app_public"])
         self.alipay_private_key = load_private_key(keys["alipay_private"])
         self.book = TradeBook(clock, refund_rule)
-        self.notifier = Notifier(self.book, self.alipay_private_key, notify_schedule, clock)
+        self.faults = FaultPicker(faults or GatewayFaults())
+        self.notifier = Notifier(self.book, self.alipay_private_key, notify_schedule, clock,
+                                 first_delay=lambda: self.faults.faults.notify_delay_seconds)
         self.refund_notify = refund_notify
         self.book.on_refund(self._refunded)
 
@@ -189,15 +197,20 @@ class SandboxHandler(BaseHTTPRequestHandler):
     def _send(
         self, status: int, body: bytes, content_type: str, headers: Mapping[str, str] | None = None
     ) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            # the caller stopped waiting (a slow answer): what it asked was done all the same
+            logger.info("answer not delivered: the caller hung up", extra={"path": self.path})
+            self.close_connection = True
 
     def _html(self, status: int, body: bytes) -> None:
         self._send(status, body, "text/html; charset=utf-8")
@@ -244,6 +257,8 @@ class SandboxHandler(BaseHTTPRequestHandler):
             self._json(200, {"status": "ok"})
         elif path == "/sandbox/trades":
             self._json(200, {"items": self.server.book.snapshot_all()})
+        elif path == FAULTS_PATH:
+            self._json(200, self.server.faults.report())
         elif (fault_of := self._fault_target(path)) is not None:
             trade = self.server.book.snapshot(fault_of)
             if trade is None:
@@ -281,6 +296,18 @@ class SandboxHandler(BaseHTTPRequestHandler):
 
     def do_PUT(self) -> None:
         path, _ = self._split()
+        if path == FAULTS_PATH:
+            try:
+                change = self._read_json()
+                if not isinstance(change, dict):
+                    raise ValueError("the body must be a JSON object")
+                self.server.faults.set(self.server.faults.faults.changed(change))
+            except (ValueError, TypeError, UnicodeDecodeError) as exc:
+                self._json(400, {"error": "BAD_REQUEST", "detail": str(exc)})
+                return
+            logger.info("gateway faults set", extra={"faults": self.server.faults.report()})
+            self._json(200, self.server.faults.report())
+            return
         out_trade_no = self._fault_target(path)
         if out_trade_no is None:
             self._json(404, {"error": "NOT_FOUND", "path": path})
@@ -294,6 +321,10 @@ class SandboxHandler(BaseHTTPRequestHandler):
 
     def do_DELETE(self) -> None:
         path, _ = self._split()
+        if path == FAULTS_PATH:
+            self.server.faults.set(GatewayFaults())
+            self._json(200, self.server.faults.report())
+            return
         out_trade_no = self._fault_target(path)
         if out_trade_no is None:
             self._json(404, {"error": "NOT_FOUND", "path": path})
@@ -410,6 +441,11 @@ class SandboxHandler(BaseHTTPRequestHandler):
             )
             self._api_answer(name, refused.payload())
             return
+        fault = self.server.faults.pick(method)
+        status = self.server.faults.status_5xx() if fault == "5xx" else 0
+        if fault == "unsigned" or status in (502, 503):
+            self._fault_answer(method, name, fault, status, params)  # never reaches Alipay
+            return
         book = self.server.book
         handler = {
             "alipay.trade.query": book.query,
@@ -435,12 +471,41 @@ class SandboxHandler(BaseHTTPRequestHandler):
                 "sub_code": answer.get("sub_code"),
                 "out_trade_no": answer.get("out_trade_no"),
                 "trade_no": answer.get("trade_no"),
+                "fault": fault,
             },
         )
-        self._api_answer(name, answer)
+        if fault is None:
+            self._api_answer(name, answer)
+        elif fault == "slow":
+            time.sleep(self.server.faults.faults.slow_seconds)
+            self._api_answer(name, answer)
+        else:  # done; then a 504, or the answer replaced by a lie with the true signature
+            self._fault_answer(method, name, fault, status, params, answer)
 
     def _api_answer(self, name: str, payload: Mapping[str, Any]) -> None:
         body = render_api_response(name, payload, self.server.alipay_private_key)
+        self._send(200, body, "application/json;charset=utf-8")
+
+    def _fault_answer(self, method: str, name: str, fault: str | None, status: int,
+                      params: Mapping[str, str], true_answer: Mapping[str, Any] | None = None,
+                      ) -> None:
+        logger.info("gateway fault", extra={"event": "gateway_fault", "method": method,
+                                             "fault": fault, "status": status or None})
+        if status:
+            self._send(status, f"<html><body><h1>{status}</h1></body></html>".encode(),
+                       "text/html; charset=utf-8")
+            return
+        try:
+            out_trade_no = str(self._biz(params).get("out_trade_no") or "")
+        except ApiError:
+            out_trade_no = ""
+        lie = json.dumps(_lie(method, out_trade_no, true_answer),
+                         ensure_ascii=False, separators=(",", ":"))
+        tail = ""
+        if true_answer is not None:  # badsign: the lie beside the true answer's signature
+            text = json.dumps(true_answer, ensure_ascii=False, separators=(",", ":"))
+            tail = ',"sign":"' + sign_content(text, self.server.alipay_private_key) + '"'
+        body = ('{"' + name + '":' + lie + tail + "}").encode("utf-8")
         self._send(200, body, "application/json;charset=utf-8")
 
     # --- the buyer --------------------------------------------------------
@@ -498,6 +563,25 @@ class SandboxHandler(BaseHTTPRequestHandler):
         )
 
 
+def _lie(method: str, out_trade_no: str, truth: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What a faulty answer claims: Alipay has no such trade (which would close a paid
+    order if believed) or, when that is the truth, that the call succeeded (which
+    would mark an order paid, or a refund made)."""
+    if truth is None or str(truth.get("code")) == "10000":
+        return {"code": "40004", "msg": "Business Failed", "sub_code": "ACQ.TRADE_NOT_EXIST",
+                "sub_msg": "交易不存在", "out_trade_no": out_trade_no}
+    claim: dict[str, Any] = {"code": "10000", "msg": "Success", "out_trade_no": out_trade_no,
+                             "trade_no": "2099010122001400000000000000"}
+    if method == "alipay.trade.query":
+        claim.update(trade_status="TRADE_SUCCESS", total_amount="0.01",
+                     send_pay_date="2099-01-01 00:00:00")
+    elif method == "alipay.trade.refund":
+        claim.update(fund_change="Y", refund_fee="0.01")
+    elif method == "alipay.trade.fastpay.refund.query":
+        claim.update(refund_status="REFUND_SUCCESS", refund_amount="0.01")
+    return claim
+
+
 def _parse_fault(body: Any) -> RefundFault:
     if not isinstance(body, dict):
         raise ValueError("the body must be a JSON object")
@@ -526,6 +610,7 @@ def make_server(
     clock: Callable[[], datetime] = utc_now,
     refund_notify: bool | None = None,
     refund_rule: str | None = None,
+    faults: GatewayFaults | None = None,
 ) -> SandboxServer:
     """A sandbox bound to ``host:port`` (0 picks a free port); call ``serve_forever``.
 
@@ -533,7 +618,9 @@ def make_server(
     default: env ``SANDBOX_NOTIFY_SCHEDULE``, else Alipay's schedule with a minute
     compressed to a second. ``refund_notify`` (default: env ``SANDBOX_REFUND_NOTIFY``,
     else on) and ``refund_rule`` (default: env ``SANDBOX_REFUND_RULE``, else
-    ``alipay``): see the module's docstring. Keys are made in ``keys_dir`` when missing.
+    ``alipay``): see the module's docstring. ``faults`` (default: the environment's,
+    see ``faults.GatewayFaults.from_env``): the gateway's faults. Keys are made in
+    ``keys_dir`` when missing.
     """
     if notify_schedule is None:
         env = os.environ.get(NOTIFY_SCHEDULE_ENV)
@@ -556,6 +643,7 @@ def make_server(
         clock=clock,
         refund_notify=refund_notify,
         refund_rule=refund_rule,
+        faults=faults if faults is not None else GatewayFaults.from_env(),
     )
     logger.info(
         "sandbox ready",
@@ -567,6 +655,7 @@ def make_server(
             "keys_dir": str(server.keys_dir),
             "refund_notify": refund_notify,
             "refund_rule": refund_rule,
+            "faults": server.faults.report(),
         },
     )
     return server
