@@ -18,6 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 
 LOCAL_JWT_SECRET = "local-dev-secret-0123456789abcdef"
+LOCAL_RMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 DEFAULT_RETRY_DELAYS_MS = (1000, 5000, 30000)  # a failed message waits these, then parks
 
 
@@ -127,6 +128,10 @@ class Settings:
     rmq_worker_url: str = field(default="", repr=False)
     # The most UNPAID cart orders one user may hold; one more: 409 TooManyUnpaidOrders.
     max_unpaid_orders_per_user: int = 5
+    # FUNCTION_ROLE: which of the deployed functions this process is (ROLES); each
+    # is given only its own secrets, so `check` asks for exactly those. Empty: the
+    # local stack (one process doing everything) or the worker's container.
+    function_role: str = ""
 
     @property
     def worker_rmq_url(self) -> str:
@@ -142,25 +147,60 @@ class Settings:
 LOCAL_STAGES = ("local", "test")  # one machine: make run, and the test suite
 
 
+MIN_JWT_SECRET_BYTES = 32  # HS256: a shorter key is guessable offline from one token
+
+# What each role needs outside the local stages (the deploy template gives each
+# function exactly these, .chalice/config.json). The authorizer only verifies
+# tokens; the API and the sweeper call Alipay with the app's private key; the
+# notify function only checks Alipay's signature (its public key) and publishes.
+_PAYMENT = ("ALIPAY_APP_ID", "ALIPAY_SELLER_ID", "ALIPAY_GATEWAY",
+            "ALIPAY_APP_PRIVATE_KEY", "ALIPAY_PUBLIC_KEY")
+ROLE_NEEDS: dict[str, tuple[str, ...]] = {
+    "api": (*_PAYMENT, "RMQ_URL"),
+    "authorizer": ("JWT_SECRET",),
+    "notify": ("ALIPAY_APP_ID", "ALIPAY_SELLER_ID", "ALIPAY_PUBLIC_KEY", "RMQ_URL"),
+    "sweeper": (*_PAYMENT, "RMQ_URL"),
+    "worker": (*_PAYMENT, "RMQ_URL"),  # RMQ_WORKER_URL stands in for RMQ_URL
+    "": (*_PAYMENT, "RMQ_URL"),  # the worker's container, the CLI: as the worker
+}
+ROLES = tuple(r for r in ROLE_NEEDS if r)
+
+
 class SettingsError(ValueError):
     """The settings cannot run this stage; the message says what is missing."""
 
 
 def check(settings: Settings) -> Settings:
-    """Refuses settings that would lose money: outside the local stages, a service
-    without payment settings would take orders it can never close safely (an
-    order is closed only after Alipay said it was not paid)."""
+    """Refuses settings that would lose money or leak: outside the local stages, a
+    service without payment settings would take orders it can never close safely
+    (an order is closed only after Alipay said it was not paid), and everywhere a
+    JWT secret short enough to guess, or the local stack's well-known one."""
+    if settings.function_role not in ROLE_NEEDS:
+        raise SettingsError(f"FUNCTION_ROLE {settings.function_role!r} is none of "
+                            f"{', '.join(ROLES)}")
+    secret = settings.jwt_secret
+    if secret and len(secret.encode()) < MIN_JWT_SECRET_BYTES:
+        raise SettingsError(f"JWT_SECRET is {len(secret.encode())} bytes; at least "
+                            f"{MIN_JWT_SECRET_BYTES} are needed")
     if settings.stage in LOCAL_STAGES:
         return settings
-    missing = [name for name, value in (
-        ("ALIPAY_APP_ID", settings.alipay_app_id),
-        ("ALIPAY_SELLER_ID", settings.alipay_seller_id),
-        ("ALIPAY_GATEWAY", settings.alipay_gateway),
-        ("ALIPAY_APP_PRIVATE_KEY", settings.alipay_app_private_key),
-        ("ALIPAY_PUBLIC_KEY", settings.alipay_public_key),
-    ) if not value]
+    if secret == LOCAL_JWT_SECRET:
+        raise SettingsError(f"JWT_SECRET is the local stack's well-known secret; stage "
+                            f"{settings.stage!r} needs its own")
+    values = {
+        "ALIPAY_APP_ID": settings.alipay_app_id,
+        "ALIPAY_SELLER_ID": settings.alipay_seller_id,
+        "ALIPAY_GATEWAY": settings.alipay_gateway,
+        "ALIPAY_APP_PRIVATE_KEY": settings.alipay_app_private_key,
+        "ALIPAY_PUBLIC_KEY": settings.alipay_public_key,
+        "RMQ_URL": (settings.rmq_url if settings.function_role not in ("worker", "")
+                    else settings.worker_rmq_url),
+        "JWT_SECRET": secret,
+    }
+    missing = [n for n in ROLE_NEEDS[settings.function_role] if not values[n]]
     if missing:
-        raise SettingsError(f"stage {settings.stage!r} needs its payment settings: "
+        role = settings.function_role or "no FUNCTION_ROLE: the worker's settings"
+        raise SettingsError(f"stage {settings.stage!r} ({role}) needs: "
                             f"{', '.join(missing)} (or their _FILE forms) not set")
     return settings
 
@@ -168,7 +208,13 @@ def check(settings: Settings) -> Settings:
 def load(environ: Mapping[str, str] | None = None) -> Settings:
     """Settings from `environ` (the process's environment when None)."""
     env = _Env(os.environ if environ is None else environ)
-    stage = env.str("STAGE", "local")
+    stage = env.str("STAGE")
+    if not stage:
+        # The local stack is the default only off AWS: a function or task that lost
+        # its STAGE would otherwise run with the local tables and the local secret.
+        if env.str("AWS_LAMBDA_FUNCTION_NAME") or env.str("AWS_EXECUTION_ENV"):
+            raise SettingsError("STAGE is not set; outside the local stack it is required")
+        stage = "local"
     prefix = env.str("TABLE_PREFIX", f"shop-{stage}")
     jwt_secret = env.str("JWT_SECRET")
     if not jwt_secret and stage == "local":
@@ -178,7 +224,9 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         goods_table=env.str("GOODS_TABLE", f"{prefix}-goods"),
         carts_table=env.str("CARTS_TABLE", f"{prefix}-carts"),
         orders_table=env.str("ORDERS_TABLE", f"{prefix}-orders"),
-        rmq_url=env.str("RMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"),
+        # The guest user only on the local stack's own broker: a deployed function
+        # without RMQ_URL is refused by `check` (its role needs one) or publishes nowhere.
+        rmq_url=env.str("RMQ_URL", LOCAL_RMQ_URL if stage in LOCAL_STAGES else ""),
         rmq_queue_type=env.str("RMQ_QUEUE_TYPE", "classic"),
         check_delay_seconds=env.int("ORDER_CHECK_DELAY_SECONDS", 2100),
         pay_timeout_seconds=env.int("ORDER_PAY_TIMEOUT_SECONDS", 1800),
@@ -211,6 +259,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         alipay_public_key=env.secret("ALIPAY_PUBLIC_KEY"),
         rmq_worker_url=env.secret("RMQ_WORKER_URL").strip(),
         max_unpaid_orders_per_user=max(1, env.int("MAX_UNPAID_ORDERS_PER_USER", 5)),
+        function_role=env.str("FUNCTION_ROLE"),
     )
 
 

@@ -22,7 +22,8 @@ def build(settings: config.Settings | None = None) -> Deps:
     settings = config.check(settings or config.get())
     logs.configure(settings.log_level)  # the level only where nobody configured logging
     store = Store.from_settings(settings)
-    store.warm()  # one DynamoDB client for all tables (built here, on first use; no request)
+    if settings.function_role != "authorizer":  # it verifies tokens, never reads a table
+        store.warm()  # one DynamoDB client for all tables (built here; no request)
     return Deps(
         settings=settings,
         store=store,
@@ -32,20 +33,40 @@ def build(settings: config.Settings | None = None) -> Deps:
 
 
 def _gateway(settings: config.Settings) -> PaymentGateway | None:
-    if not (settings.alipay_app_id and settings.alipay_gateway):
+    if settings.function_role == "authorizer":
+        return None
+    verify_only = settings.function_role == "notify"
+    if not (settings.alipay_app_id and (settings.alipay_gateway or verify_only)):
         log.warning("ALIPAY_APP_ID or ALIPAY_GATEWAY not set: payment is off")
         return None
     from chalicelib.alipay_gateway import AlipayGateway
 
+    private_key = settings.alipay_app_private_key
+    if verify_only and not private_key:
+        private_key = _throwaway_private_key()
     return AlipayGateway(
         app_id=settings.alipay_app_id,
         seller_id=settings.alipay_seller_id,
         gateway_url=settings.alipay_gateway,
-        app_private_key_pem=settings.alipay_app_private_key,
+        app_private_key_pem=private_key,
         alipay_public_key_pem=settings.alipay_public_key,
         notify_url=settings.alipay_notify_url or None,
         return_url=settings.alipay_return_url or None,
     )
+
+
+def _throwaway_private_key() -> str:
+    """A fresh RSA key for the notify function, which is not given the app's own.
+
+    python-alipay-sdk imports an app private key when it is built, though checking
+    a notify needs only Alipay's public key. This key is made in memory, never
+    registered with Alipay: anything signed with it (nothing on the notify path
+    signs) is refused by Alipay, so the function fails closed. 1024 bits: it
+    protects nothing and is made on each cold start.
+    """
+    from Cryptodome.PublicKey import RSA
+
+    return RSA.generate(1024).export_key().decode()
 
 
 _current: Deps | None = None

@@ -24,6 +24,13 @@ stack made before them grows one index a deployment:
 
 A new stack needs none of this: a table is created with all its indexes.
 
+Each function has its own role and settings (`lambda_functions` in
+`.chalice/config.json`, `.chalice/policy-<stage>[-<function>].json`):
+`policy_problems` reads the built template and names any wildcard, any Scan the
+code does not make, any secret given to a function whose role does not use it,
+and a notify function without reserved concurrency; `main` refuses to finish on
+any of them (tests/integration/test_package.py runs it, and cfn-lint).
+
 Nothing here talks to AWS. Building the deployment zip downloads the Lambda
 (manylinux) wheels of requirements.txt from PyPI the first time; chalice keeps
 them in `.chalice/deployments/` for the next runs.
@@ -34,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,6 +49,8 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from chalicelib import config
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 MERGE_TEMPLATE = PROJECT_DIR / ".chalice" / "resources.json"
@@ -111,6 +121,97 @@ def build(stage: str, out: Path, without_indexes: Iterable[str] = ()) -> Path:
     return out / "sam.json"
 
 
+# Settings that only the roles that read them may be given (config.ROLE_NEEDS).
+GUARDED_SETTINGS = ("JWT_SECRET", "ALIPAY_APP_PRIVATE_KEY", "RMQ_URL", "RMQ_WORKER_URL",
+                    "ALIPAY_PUBLIC_KEY", "ALIPAY_APP_ID", "ALIPAY_SELLER_ID", "ALIPAY_GATEWAY")
+# The only scans the code makes: list_goods and list_sales, both API routes
+# (chalicelib/store/catalog.py, sales.py). Table name suffix per role.
+ALLOWED_SCANS = {"api": {"goods", "sales"}}
+_DYNAMIC = re.compile(r"\{\{resolve:(ssm|secretsmanager):[^}]+\}\}")
+
+
+def _listed(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def _text(value: Any) -> str:
+    """An ARN as written: a string, or the string of an Fn::Sub."""
+    if isinstance(value, dict) and "Fn::Sub" in value:
+        sub = value["Fn::Sub"]
+        return sub[0] if isinstance(sub, list) else sub
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _own_logs(arn: str, function_name: str | None) -> bool:
+    """The function's own log group and its streams: Lambda names the streams at
+    run time, so `:*` after the group's name is the one wildcard IAM needs."""
+    return bool(function_name) and re.fullmatch(
+        r"arn:(aws|\$\{AWS::Partition\}):logs:\$\{AWS::Region\}:\$\{AWS::AccountId\}:"
+        rf"log-group:/aws/lambda/{re.escape(str(function_name))}:\*", arn) is not None
+
+
+def policy_problems(template: dict[str, Any]) -> list[str]:
+    """What makes a deploy template grant more than its functions use: each as a
+    sentence naming the function. Empty: none. Pure (reads the template only)."""
+    problems: list[str] = []
+    resources = template.get("Resources", {})
+    for fn_id, fn in resources.items():
+        if fn.get("Type") not in ("AWS::Serverless::Function", "AWS::Lambda::Function"):
+            continue
+        props = fn.get("Properties", {})
+        env = props.get("Environment", {}).get("Variables", {})
+        role = env.get("FUNCTION_ROLE")
+        if role not in config.ROLES:
+            problems.append(f"{fn_id}: FUNCTION_ROLE {role!r} is none of {config.ROLES}")
+            continue
+        needs = config.ROLE_NEEDS[role]
+        for name in GUARDED_SETTINGS:
+            if name in env and name not in needs:
+                problems.append(f"{fn_id} ({role}) is given {name}, which it does not use")
+        for name in needs:
+            if name not in env:
+                problems.append(f"{fn_id} ({role}) lacks {name}: it would refuse to start")
+            elif isinstance(env[name], str) and not _DYNAMIC.fullmatch(env[name]):
+                problems.append(f"{fn_id}: {name} is written in the template, not resolved "
+                                f"from SSM or Secrets Manager")
+        if role == "notify" and not props.get("ReservedConcurrentExecutions"):
+            problems.append(f"{fn_id} (notify) has no reserved concurrency")
+        ref = props.get("Role", {})
+        role_id = ref.get("Fn::GetAtt", [None])[0] if isinstance(ref, dict) else None
+        if role_id not in resources:
+            problems.append(f"{fn_id}: its role is not in the template")
+            continue
+        problems += [f"{fn_id} ({role}): {p}" for p in _statement_problems(
+            resources[role_id], props.get("FunctionName"), ALLOWED_SCANS.get(role, set()))]
+    return problems
+
+
+def _statement_problems(role: dict[str, Any], function_name: str | None,
+                        scans: set[str]) -> list[str]:
+    problems = []
+    props = role.get("Properties", {})
+    if props.get("ManagedPolicyArns"):
+        problems.append(f"managed policies {props['ManagedPolicyArns']} (not reviewed here)")
+    for policy in props.get("Policies", []):
+        for st in _listed(policy.get("PolicyDocument", {}).get("Statement", [])):
+            if st.get("Effect") != "Allow" or "NotAction" in st or "NotResource" in st:
+                problems.append(f"statement {st.get('Sid')}: only Allow with Action and "
+                                f"Resource is reviewed")
+                continue
+            actions = [_text(a) for a in _listed(st.get("Action", []))]
+            arns = [_text(r) for r in _listed(st.get("Resource", []))]
+            problems += [f"wildcard action {a!r}" for a in actions if "*" in a]
+            logs = all(a.startswith("logs:") for a in actions)
+            problems += [f"wildcard resource {r!r}" for r in arns
+                         if "*" in r and not (logs and _own_logs(r, function_name))]
+            if "dynamodb:Scan" in actions:
+                for r in arns:
+                    table = r.rsplit(":table/", 1)[-1].split("/")[0]
+                    if table.split("-")[-1] not in scans or "/index/" in r:
+                        problems.append(f"dynamodb:Scan on {r!r}, which the code never scans")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m local.package")
     parser.add_argument("--stage", default="prod")
@@ -123,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or PROJECT_DIR / ".chalice" / "package" / args.stage
     sam = build(args.stage, out, args.without_index)
     template = json.loads(sam.read_text())
+    problems = policy_problems(template)
+    if problems:
+        sys.stderr.write("".join(f"{sam}: {p}\n" for p in problems))
+        return 1
     sys.stdout.write(f"{sam} ({len(template['Resources'])} resources) and "
                      f"{out / 'deployment.zip'}\n")
     return 0

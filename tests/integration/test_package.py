@@ -1,9 +1,11 @@
 """`make package STAGE=prod`, checked offline: the SAM template chalice writes with
 .chalice/resources.json merged in holds the tables (keys and indexes as the
 pynamodb models declare them), the functions, the sweeper's schedule, the notify
-function URL, a least-privilege policy (per table, the actions the store's code
-makes), the alarms that page a person on the attention list's metrics, and no
-secret, only references to SSM and Secrets Manager.
+function URL, a least-privilege role per function (its own log group; per table,
+the actions that function's code makes; no `*`), each function's own settings
+and no other's (no secret in the template, only references to SSM and Secrets
+Manager), the alarms that page a person on the attention list's metrics, and a
+template cfn-lint passes.
 
 The build is the real one (local.package, as the Makefile runs it). The first
 build on a machine downloads the Lambda wheels from PyPI; chalice caches them in
@@ -12,8 +14,11 @@ build on a machine downloads the Lambda wheels from PyPI; chalice caches them in
 
 from __future__ import annotations
 
+import copy
 import json
 import re
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -26,7 +31,9 @@ from tests.conftest import MODELS
 
 STAGE = "prod"
 REPO = Path(__file__).resolve().parents[2]
-SECRET_SETTINGS = ("JWT_SECRET", "RMQ_URL", "ALIPAY_APP_PRIVATE_KEY")
+# setting -> its key in the stage's secret (Secrets Manager); the others are in SSM.
+SECRET_SETTINGS = {"JWT_SECRET": "JWT_SECRET", "RMQ_URL": "RMQ_PUBLISH_URL",
+                   "ALIPAY_APP_PRIVATE_KEY": "ALIPAY_APP_PRIVATE_KEY"}
 SSM_SETTINGS = ("ALIPAY_APP_ID", "ALIPAY_SELLER_ID", "ALIPAY_GATEWAY", "ALIPAY_PUBLIC_KEY")
 FUNCTIONS = {  # logical id -> handler
     "APIHandler": "app.app",
@@ -34,6 +41,11 @@ FUNCTIONS = {  # logical id -> handler
     "Sweeper": "app.sweeper",
     "AlipayNotifyUrl": "app.alipay_notify_url",
 }
+ROLES = {"APIHandler": "api", "JwtAuth": "authorizer", "Sweeper": "sweeper",
+         "AlipayNotifyUrl": "notify"}
+FUNCTION_NAMES = {"APIHandler": f"shop-pay-{STAGE}", "JwtAuth": f"shop-pay-{STAGE}-jwt_auth",
+                  "Sweeper": f"shop-pay-{STAGE}-sweeper",
+                  "AlipayNotifyUrl": f"shop-pay-{STAGE}-alipay_notify_url"}
 
 
 @pytest.fixture(scope="module")
@@ -145,44 +157,66 @@ def test_the_notify_function_url(built: Any) -> None:
     assert template["Outputs"]["AlipayNotifyFunctionUrl"]["Value"] == {
         "Fn::GetAtt": [url_id, "FunctionUrl"]}
     # No function refers to its own URL (a cycle CloudFormation refuses).
-    assert function_env(template, "AlipayNotifyUrl")["ALIPAY_NOTIFY_URL"] == ""
+    assert "ALIPAY_NOTIFY_URL" not in function_env(template, "AlipayNotifyUrl")
+
+
+def _arn(value: Any) -> str:
+    return value["Fn::Sub"] if isinstance(value, dict) else value
+
+
+def _listed(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def role_of(template: dict[str, Any], function: str) -> dict[str, Any]:
+    (role_id, _) = template["Resources"][function]["Properties"]["Role"]["Fn::GetAtt"]
+    return template["Resources"][role_id]
 
 
 def test_policy_is_least_privilege(built: Any) -> None:
+    """The pure check `make package` runs (unit-tested on planted `*`s and secrets in
+    tests/unit/test_template_policy.py) finds nothing; each function has a role of
+    its own, with its own log group (made by the template: no logs:CreateLogGroup)
+    and DynamoDB ARNs in this account and region."""
     template, _, _ = built
-    tables = sorted(t["Properties"]["TableName"]
-                    for t in resources(template, "AWS::DynamoDB::Table").values())
-    indexes = sorted(f"{t['Properties']['TableName']}/index/{i['IndexName']}"
-                     for t in resources(template, "AWS::DynamoDB::Table").values()
-                     for i in t["Properties"].get("GlobalSecondaryIndexes", []))
-    roles = resources(template, "AWS::IAM::Role")
-    assert roles
-    for name, role in roles.items():
-        (policy,) = role["Properties"]["Policies"]
-        statements = policy["PolicyDocument"]["Statement"]
-        for st in statements:
-            assert st["Effect"] == "Allow"
-            actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
-            res = st["Resource"] if isinstance(st["Resource"], list) else [st["Resource"]]
-            assert all(a.startswith(("logs:", "dynamodb:")) and "*" not in a for a in actions), (
-                name, actions)
-            if actions[0].startswith("logs:"):
-                assert res == [f"arn:aws:logs:*:*:log-group:/aws/lambda/shop-pay-{STAGE}*"]
-            else:
-                assert all(re.fullmatch(r"arn:aws:dynamodb:\*:\*:table/[\w./-]+", r) for r in res)
-        dynamo = sorted(r.split(":table/")[1] for st in statements
-                        for r in (st["Resource"] if isinstance(st["Resource"], list)
-                                  else [st["Resource"]]) if ":dynamodb:" in r)
-        assert dynamo == sorted(tables + indexes), name
+    assert package.policy_problems(template) == []
+    # The same check on this template with a `*` and a secret planted: both named.
+    planted = copy.deepcopy(template)
+    (notify_policy,) = role_of(planted, "AlipayNotifyUrl")["Properties"]["Policies"]
+    notify_policy["PolicyDocument"]["Statement"][1]["Action"] = ["dynamodb:*"]
+    function_env(planted, "AlipayNotifyUrl")["JWT_SECRET"] = function_env(
+        template, "JwtAuth")["JWT_SECRET"]
+    assert package.policy_problems(planted) == [
+        "AlipayNotifyUrl (notify) is given JWT_SECRET, which it does not use",
+        "AlipayNotifyUrl (notify): wildcard action 'dynamodb:*'"]
+    functions = resources(template, "AWS::Serverless::Function")
+    role_ids = {f["Properties"]["Role"]["Fn::GetAtt"][0] for f in functions.values()}
+    assert len(role_ids) == len(functions) == len(resources(template, "AWS::IAM::Role"))
+    arn = r"arn:\$\{AWS::Partition\}:%s:\$\{AWS::Region\}:\$\{AWS::AccountId\}:%s"
+    for fn, props in ((k, v["Properties"]) for k, v in functions.items()):
+        assert props["FunctionName"] == FUNCTION_NAMES[fn]
+        group = template["Resources"][f"{fn}LogGroup"]
+        assert group["Properties"]["LogGroupName"] == f"/aws/lambda/{FUNCTION_NAMES[fn]}"
+        assert functions[fn]["DependsOn"] == [f"{fn}LogGroup"]
+        (policy,) = role_of(template, fn)["Properties"]["Policies"]
+        logs, *tables = policy["PolicyDocument"]["Statement"]
+        assert logs["Action"] == ["logs:CreateLogStream", "logs:PutLogEvents"], fn
+        own = re.escape(f"log-group:{group['Properties']['LogGroupName']}") + r":\*"
+        assert re.fullmatch(arn % ("logs", own), _arn(logs["Resource"])), fn
+        for st in tables:
+            assert all(a.startswith("dynamodb:") for a in _listed(st["Action"])), fn
+            assert all(re.fullmatch(arn % ("dynamodb", rf"table/shop-{STAGE}-[\w./-]+"), _arn(r))
+                       for r in _listed(st["Resource"])), fn
 
 
-# What the functions (and the worker, whose task role takes the same statements) may
-# do on each table: what chalicelib/store/*.py calls, nothing more. No
-# TransactWriteItems here: IAM checks each action of a transaction as PutItem,
-# UpdateItem, DeleteItem or ConditionCheckItem on its own table. Left out on
-# purpose: CreateTable/DescribeTable of create_tables (local and tests only) and
+# What each function may do on each table: what its code calls through the store,
+# nothing more. No TransactWriteItems: IAM checks each action of a transaction as
+# PutItem, UpdateItem, DeleteItem or ConditionCheckItem on its own table. Left out
+# on purpose: CreateTable/DescribeTable of create_tables (local and tests only) and
 # PutItem on goods and sales (put_goods/put_sale: only the seed writes the
 # catalogue, with the deployer's credentials, README "Deploy to AWS" step 5).
+# The API (every route, its own /alipay/notify among them; the worker's task role
+# takes the same statements):
 TABLE_ACTIONS = {
     "goods": {"BatchGetItem", "Scan", "UpdateItem"},  # get_goods, list_goods, stock -/+ n
     "carts": {"Query", "PutItem", "UpdateItem", "DeleteItem"},
@@ -191,6 +225,24 @@ TABLE_ACTIONS = {
     "seckill": {"GetItem", "PutItem", "UpdateItem", "DeleteItem"},  # tickets, claims
     "refunds": {"GetItem", "PutItem", "UpdateItem"},
     "timeline": {"Query", "PutItem"},
+}
+ROLE_ACTIONS: dict[str, dict[str, set[str]]] = {
+    "APIHandler": TABLE_ACTIONS,  # and Query on every index (below)
+    "JwtAuth": {},  # verifies a token: no table
+    # handlers.on_notify: get_order, get_refund, the timeline's event; then publishes.
+    "AlipayNotifyUrl": {"orders": {"GetItem"}, "refunds": {"GetItem"},
+                        "timeline": {"PutItem"}},
+    # handlers.sweep and admin.attention: the due/recheck/open/paid-but-closed
+    # indexes; close_order (stock back to goods or the sale), mark_paid,
+    # mark_paid_but_closed, clear_recheck, reserve_refund/settle_refund; the timeline.
+    "Sweeper": {
+        "goods": {"UpdateItem"}, "sales": {"UpdateItem"},
+        "orders": {"GetItem", "UpdateItem"},
+        "refunds": {"GetItem", "PutItem", "UpdateItem"},
+        "timeline": {"PutItem"},
+        "orders/index/unpaid-by-check-time": {"Query"}, "orders/index/recheck-by-time": {"Query"},
+        "orders/index/paid-but-closed": {"Query"}, "refunds/index/open-by-time": {"Query"},
+    },
 }
 # The actions a reader sees in the store's source, per table: each must be in the
 # policy, and the policy grants none of these the code does not make.
@@ -202,9 +254,8 @@ def _policy_grants(statements: list[dict[str, Any]]) -> dict[str, set[str]]:
     """resource after `:table/` -> the dynamodb actions granted on it."""
     grants: dict[str, set[str]] = {}
     for st in statements:
-        actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
-        res = st["Resource"] if isinstance(st["Resource"], list) else [st["Resource"]]
-        for r in res:
+        actions = _listed(st["Action"])
+        for r in map(_arn, _listed(st["Resource"])):
             if ":dynamodb:" in r:
                 grants.setdefault(r.split(":table/")[1], set()).update(
                     a.removeprefix("dynamodb:") for a in actions)
@@ -256,34 +307,73 @@ def test_policy_grants_each_table_only_what_the_store_calls(built: Any) -> None:
                f"{i['IndexName']}"
                for t in resources(template, "AWS::DynamoDB::Table").values()
                for i in t["Properties"].get("GlobalSecondaryIndexes", [])}
-    want = {**TABLE_ACTIONS, **{i: {"Query"} for i in indexes}}
+    wants = {**ROLE_ACTIONS, "APIHandler": {**TABLE_ACTIONS, **{i: {"Query"} for i in indexes}}}
     assert set(TABLE_ACTIONS) == set(_model_tables())
-    for name, role in resources(template, "AWS::IAM::Role").items():
-        (policy,) = role["Properties"]["Policies"]
+    assert set(wants) == set(FUNCTIONS)
+    for fn, want in wants.items():
+        (policy,) = role_of(template, fn)["Properties"]["Policies"]
         grants = _policy_grants(policy["PolicyDocument"]["Statement"])
         got = {r.removeprefix(f"shop-{STAGE}-"): a for r, a in grants.items()}
-        assert got == want, name
-    # Cross-checked against the source: what it visibly calls is granted, and of
-    # those kinds of calls nothing is granted that it does not make.
+        assert got == want, fn
+    # Cross-checked against the source: what it visibly calls is granted (to the API,
+    # which serves every route), and of those kinds of calls nothing is granted to
+    # any function that the store never makes.
     calls = _store_calls()
     assert {("Scan", "goods"), ("Query", "orders/index/unpaid-by-check-time"),
             ("DeleteItem", "carts"), ("DescribeTable", "orders")} <= calls  # the parser works
-    granted = {(a, r) for r, acts in want.items() for a in acts}
+    granted = {(a, r) for r, acts in wants["APIHandler"].items() for a in acts}
     assert calls - granted == set(), "the store calls what the policy does not grant"
-    assert {(a, r) for a, r in granted if a in SEEN_IN_SOURCE} - calls == set(), (
-        "the policy grants what the store never calls")
+    for fn, want in wants.items():
+        assert {(a, r) for r, acts in want.items() for a in acts
+                if a in SEEN_IN_SOURCE} - calls == set(), (fn, "grants what the store never calls")
+    # Only the API lists goods and sales (the code's only scans).
+    assert {fn for fn, want in wants.items() for acts in want.values() if "Scan" in acts} == {
+        "APIHandler"}
+
+
+POLICY_FILES = ("", "-authorizer", "-notify", "-sweeper")
 
 
 def test_the_stages_policies_differ_only_in_the_stage() -> None:
-    dev = (REPO / ".chalice" / "policy-dev.json").read_text()
-    prod = (REPO / ".chalice" / "policy-prod.json").read_text()
-    assert dev.replace("shop-dev-", "shop-prod-").replace("shop-pay-dev", "shop-pay-prod") == prod
     stages = json.loads((REPO / ".chalice" / "config.json").read_text())["stages"]
+    for suffix in POLICY_FILES:
+        dev = (REPO / ".chalice" / f"policy-dev{suffix}.json").read_text()
+        prod = (REPO / ".chalice" / f"policy-prod{suffix}.json").read_text()
+        assert dev.replace("shop-dev-", "shop-prod-").replace("shop-pay-dev", "shop-pay-prod") == (
+            prod), suffix
     for stage in ("dev", "prod"):
         env = stages[stage]["environment_variables"]
         tables = vars(config.load({**env, "STAGE": stage}).tables)
         assert {env[f"{f.upper()}_TABLE"] for f in tables} == {
             f"shop-{stage}-{s}" for s in TABLE_ACTIONS}, stage
+        named = {f.get("iam_policy_file") for f in stages[stage]["lambda_functions"].values()}
+        assert named == {None} | {f"policy-{stage}{s}.json" for s in POLICY_FILES[1:]}, stage
+        assert stages[stage]["iam_policy_file"] == f"policy-{stage}.json"  # the API's
+
+
+def test_the_template_passes_cfn_lint(built: Any) -> None:
+    """Every rule on, warnings failing too: the template needs no exception. Should
+    chalice's own output ever trip a rule, ignore that rule by name here
+    (`--ignore-checks`), with the reason, rather than warnings wholesale."""
+    _, _, out = built
+    lint = Path(sys.executable).with_name("cfn-lint")
+    assert lint.exists(), "cfn-lint is in requirements-dev.txt: make test installs it"
+    result = subprocess.run([str(lint), "--format", "parseable", str(out / "sam.json")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_notify_function_has_reserved_concurrency(built: Any) -> None:
+    """The notify URL is public and unauthenticated: a flood of forged notifies takes
+    at most these executions (the API keeps the rest of the account's pool), and
+    each warm one holds one broker connection. Alipay retries whatever is not
+    `success`, a throttled notify (429) included, so the cap loses no payment."""
+    template, _, _ = built
+    props = template["Resources"]["AlipayNotifyUrl"]["Properties"]
+    assert props["ReservedConcurrentExecutions"] == 10
+    others = [k for k, v in resources(template, "AWS::Serverless::Function").items()
+              if "ReservedConcurrentExecutions" in v["Properties"]]
+    assert others == ["AlipayNotifyUrl"]
 
 
 def test_each_attention_metric_has_an_alarm_that_notifies_the_topic(built: Any) -> None:
@@ -346,15 +436,36 @@ def test_indexes_can_be_left_out_for_a_table_that_exists_already() -> None:
 
 
 def test_settings_come_from_ssm_and_secrets_manager(built: Any) -> None:
+    """Each function gets exactly the settings its role checks for at start
+    (config.ROLE_NEEDS), each a reference resolved when the stack is deployed, and
+    starts with them: the notify function with Alipay's public key, ids and the
+    publish-only broker user; the authorizer with the JWT secret only."""
     template, _, _ = built
-    for fn in FUNCTIONS:
+    guarded = (*SECRET_SETTINGS, *SSM_SETTINGS, "RMQ_WORKER_URL")
+    for fn, role in ROLES.items():
         env = function_env(template, fn)
-        for key in SECRET_SETTINGS:
-            assert re.fullmatch(rf"\{{\{{resolve:secretsmanager:shop-pay/{STAGE}:SecretString:"
-                                rf"{key}\}}\}}", env[key]), (fn, key)
+        assert env["FUNCTION_ROLE"] == role
+        assert {k for k in env if k in guarded} == set(config.ROLE_NEEDS[role]), fn
+        for key, secret_key in SECRET_SETTINGS.items():
+            if key in env:
+                assert re.fullmatch(rf"\{{\{{resolve:secretsmanager:shop-pay/{STAGE}:"
+                                    rf"SecretString:{secret_key}\}}\}}", env[key]), (fn, key)
         for key in SSM_SETTINGS:
-            assert re.fullmatch(rf"\{{\{{resolve:ssm:/shop-pay/{STAGE}/[a-z-]+\}}\}}",
-                                env[key]), (fn, key)
+            if key in env:
+                assert re.fullmatch(rf"\{{\{{resolve:ssm:/shop-pay/{STAGE}/[a-z-]+\}}\}}",
+                                    env[key]), (fn, key)
+        # As deployed: the references stand for values; the function starts with them.
+        resolved = {k: v if not isinstance(v, str) or "{{resolve:" not in v else
+                    (SECRET if k == "JWT_SECRET" else "resolved")
+                    for k, v in env.items()}
+        resolved = {k: v for k, v in resolved.items() if isinstance(v, str)}
+        config.check(config.load({**resolved, "AWS_LAMBDA_FUNCTION_NAME": FUNCTION_NAMES[fn]}))
+    assert set(config.ROLE_NEEDS["notify"]) == {
+        "ALIPAY_PUBLIC_KEY", "ALIPAY_APP_ID", "ALIPAY_SELLER_ID", "RMQ_URL"}
+    assert config.ROLE_NEEDS["authorizer"] == ("JWT_SECRET",)
+
+
+SECRET = "x" * 48  # what Secrets Manager would hand the authorizer
 
 
 def test_no_secret_in_the_template_or_the_zip(built: Any) -> None:
