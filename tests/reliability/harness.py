@@ -42,6 +42,7 @@ from chalice.local import ThreadedHTTPServer
 
 from chalicelib import broker, config, deps
 from chalicelib.alipay_gateway import AlipayGateway
+from chalicelib.broker.connection import close_quietly, open_connection, parameters
 from chalicelib.context import Deps
 from chalicelib.domain import CLOSED, PAID, REFUNDED, STATES, UNPAID, Goods, Order, to_fen
 from chalicelib.store import Store
@@ -302,9 +303,10 @@ def queue_names(retry_delays_ms: Iterable[int]) -> list[str]:
 
 
 def queue_depths(url: str, names: Iterable[str]) -> dict[str, int]:
-    """Ready messages per queue (unacked ones come back once their consumer is gone)."""
+    """Ready messages per queue (unacked ones come back once their consumer is gone),
+    asked of whichever of the URL's nodes answers."""
     depths: dict[str, int] = {}
-    conn = pika.BlockingConnection(pika.URLParameters(url))
+    conn = open_connection(parameters(url))
     try:
         for name in names:
             ch = conn.channel()
@@ -314,7 +316,7 @@ def queue_depths(url: str, names: Iterable[str]) -> dict[str, int]:
             except pika.exceptions.ChannelClosedByBroker:
                 depths[name] = 0  # never declared: nothing in it
     finally:
-        conn.close()
+        close_quietly(conn)
     return depths
 
 

@@ -31,11 +31,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pika.exceptions
 import pytest
 
 from chalicelib import broker, deps
-from chalicelib.broker.connection import close_quietly, open_connection, parameters
 from chalicelib.context import Deps
 from chalicelib.domain import TICKET_FINAL, TICKET_ORDERED, Sale
 from tests import rabbit_node
@@ -49,6 +47,7 @@ from tests.reliability.harness import (
     Stack,
     all_orders,
     audit,
+    queue_depths,
     queue_names,
     settle,
 )
@@ -90,20 +89,7 @@ class ClusterStack(Stack):
         deps.use(self.deps)
 
     def depths(self) -> dict[str, int]:
-        """Ready messages per queue, asked of whichever node answers."""
-        conn = open_connection(parameters(self.settings.rmq_url))
-        depths: dict[str, int] = {}
-        try:
-            for name in queue_names(self.retry_delays_ms):
-                ch = conn.channel()
-                try:
-                    depths[name] = int(ch.queue_declare(name, passive=True).method.message_count)
-                    ch.close()
-                except pika.exceptions.ChannelClosedByBroker:
-                    depths[name] = 0  # never declared: nothing in it
-        finally:
-            close_quietly(conn)
-        return depths
+        return queue_depths(self.settings.rmq_url, queue_names(self.retry_delays_ms))
 
 
 @pytest.fixture
