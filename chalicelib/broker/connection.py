@@ -165,20 +165,11 @@ def connect(url: str, params: list[pika.URLParameters]) -> BlockingConnection:
         raise BrokerUnavailable(f"cannot connect to RabbitMQ at {safe_url(url)}: {exc!r}") from exc
 
 
-
-def discard_channel(channel: BlockingChannel) -> None:
-    """Close `channel` if it is open, ignoring what a broken one may raise."""
+def close_quietly(it: BlockingConnection | BlockingChannel) -> None:
+    """Close a connection or a channel if it is open; a broken one may fail to close
+    in many ways."""
     try:
-        if channel.is_open:
-            channel.close()
-    except Exception:  # noqa: BLE001 - closing a broken channel may fail in many ways
-        logger.debug("error while closing a RabbitMQ channel", exc_info=True)
-
-
-def close_quietly(connection: BlockingConnection) -> None:
-    """Close `connection` if it is open; a broken one may fail to close in many ways."""
-    try:
-        if connection.is_open:
-            connection.close()
-    except Exception:  # noqa: BLE001 - closing a broken connection may fail in many ways
-        logger.debug("error while closing a RabbitMQ connection", exc_info=True)
+        if it.is_open:
+            it.close()
+    except Exception:  # noqa: BLE001 - closing a broken one may fail in many ways
+        logger.debug("error while closing a RabbitMQ %s", type(it).__name__, exc_info=True)

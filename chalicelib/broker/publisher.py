@@ -34,7 +34,6 @@ from chalicelib.broker.connection import (
     Unroutable,
     close_quietly,
     connect,
-    discard_channel,
     parameters,
     safe_url,
 )
@@ -208,7 +207,7 @@ class Broker:
                 ) from exc
             except pika.exceptions.NackError as exc:
                 self._channel = None  # it may go on nacking: a new one (NACK_RETRY_PAUSES_S)
-                discard_channel(channel)
+                close_quietly(channel)
                 raise Nacked(
                     f"RabbitMQ refused ({exchange!r}, {routing_key!r}): publish nacked"
                 ) from exc
