@@ -352,7 +352,8 @@ def test_create_then_check_and_pay_with_the_two_users(
     d = dataclasses.replace(app_deps, settings=settings, broker=api_broker)
     try:
         bridge_threads(d)
-        wait_until(lambda: _can_publish(api_broker), 30, "the worker declared the topology")
+        wait_until(lambda: _can_publish(api_broker, settings.rmq_url), 30,
+                   "the worker declared the topology")
         before = {g.id: g.stock for g in d.store.list_goods()}
         d.store.set_cart_line("alice", "g1", 2)
         unpaid = handlers.create_order(d, "alice")
@@ -368,12 +369,17 @@ def test_create_then_check_and_pay_with_the_two_users(
         api_broker.close()
 
 
-def _can_publish(api_broker: broker.Broker) -> bool:
+def _can_publish(api_broker: broker.Broker, url: str) -> bool:
+    """The worker has declared the whole topology: it consumes only after declaring
+    every queue and binding (the exchanges alone come first: a delay message
+    published then would be returned)."""
     try:
         api_broker.ping()
-    except broker.BrokerUnavailable:
+        with pika.BlockingConnection(pika.URLParameters(url)) as conn:
+            check = conn.channel().queue_declare(broker.QUEUE_CHECK, passive=True)
+            return check.method.consumer_count > 0
+    except (broker.BrokerUnavailable, pika.exceptions.AMQPError):
         return False
-    return True
 
 
 def _status(d: Deps, order_id: str) -> str:
