@@ -15,7 +15,7 @@ from urllib.parse import parse_qsl
 
 from chalice import AuthResponse, Chalice, ForbiddenError, Rate, Response, UnauthorizedError
 
-from chalicelib import admin, auth, deps, handlers, logs, metrics, refunds, seckill
+from chalicelib import admin, auth, deps, handlers, logs, metrics, reconcile, refunds, seckill
 from chalicelib.domain import (
     AlreadyHolding,
     Conflict,
@@ -331,6 +331,48 @@ def admin_attention() -> Any:
     return admin.attention(deps.get())
 
 
+@app.route("/admin/reconciliations", methods=["GET"], authorizer=jwt_auth)
+@api
+def admin_reconciliations() -> Any:
+    current_operator()
+    return reconcile.list_reports(deps.get())
+
+
+@app.route("/admin/reconciliations/{day}", methods=["POST"], authorizer=jwt_auth)
+@api
+def admin_run_reconciliation(day: str) -> Any:
+    operator = current_operator()
+    finished, body = reconcile.start(deps.get(), day, operator)
+    return Response(status_code=200 if finished else 202, body=body)
+
+
+@app.route("/admin/reconciliations/{day}", methods=["GET"], authorizer=jwt_auth)
+@api
+def admin_reconciliation(day: str) -> Any:
+    current_operator()
+    return reconcile.get_report(deps.get(), day)
+
+
+@app.route("/admin/reconciliations/{day}/differences/{difference_id}/resolve",
+           methods=["POST"], authorizer=jwt_auth)
+@api
+def admin_resolve_difference(day: str, difference_id: str) -> Any:
+    operator = current_operator()
+    return reconcile.resolve(deps.get(), day, difference_id, json_object().get("note"),
+                             operator)
+
+
+@app.route("/admin/reconciliations/{day}/differences.csv", methods=["GET"],
+           authorizer=jwt_auth)
+@api
+def admin_differences_csv(day: str) -> Any:
+    current_operator()
+    return Response(status_code=200, body=reconcile.differences_csv(deps.get(), day),
+                    headers={"Content-Type": "text/csv; charset=utf-8",
+                             "Content-Disposition":
+                                 f'attachment; filename="differences-{day[:10]}.csv"'})
+
+
 # --- Alipay -------------------------------------------------------------------
 
 
@@ -528,3 +570,12 @@ def sweeper(event: Any) -> dict[str, int]:
     except Unavailable:
         log.warning("attention metrics not emitted", exc_info=True)
     return result
+
+
+@app.schedule(Rate(10, unit=Rate.MINUTES))
+def reconciler(event: Any) -> dict[str, Any]:
+    """Each morning after Alipay's bills are ready (10:00 Asia/Shanghai): the days
+    not yet reconciled, up to yesterday, and those that failed; at any time, the days
+    an operator asked for (POST /admin/reconciliations/{day} on AWS only records
+    the request: a big day takes longer than API Gateway waits)."""
+    return reconcile.run_scheduled(deps.get())

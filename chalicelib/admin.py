@@ -84,7 +84,7 @@ def attention(deps: Deps) -> dict[str, Any]:
         "parked": parked,
         "refunds": [r.to_wire() for r in refunds],
         "paidButClosed": deps.store.paid_but_closed(),
-        "reconciliation": [],
-        "failedRuns": [],
+        "reconciliation": [d.to_wire() for d in deps.store.open_differences()],
+        "failedRuns": [d.isoformat() for d in deps.store.failed_days()],
         "deliveries": [],
     }

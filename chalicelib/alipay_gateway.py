@@ -45,12 +45,14 @@ import http.client
 import json
 import logging
 import os
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta, timezone, tzinfo
+from datetime import UTC, date, datetime, timedelta, timezone, tzinfo
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import alipay
@@ -97,6 +99,10 @@ __all__ = [
 SUCCESS_CODE = "10000"
 UNAVAILABLE_CODE = "20000"  # "Service Currently Unavailable": the outcome is unknown
 TRADE_NOT_EXIST = "ACQ.TRADE_NOT_EXIST"
+BILL_METHOD = "alipay.data.dataservice.bill.downloadurl.query"
+BILL_NOT_EXIST = "isp.bill_not_exist"  # no bill of that day: no trade (or not made yet)
+BILL_MAX_BYTES = 512 * 1024 * 1024  # a day of a big shop is tens of MB zipped
+BILL_CHUNK_BYTES = 64 * 1024
 TRADE_STATUS_ERROR = "ACQ.TRADE_STATUS_ERROR"
 SYSTEM_ERROR = "ACQ.SYSTEM_ERROR"  # Alipay: retry (refunds with the same out_request_no)
 # Sub codes that leave the outcome unknown, whatever the code beside them.
@@ -580,6 +586,42 @@ class AlipayGateway:
             raise AlipayUnavailable(f"{method}: refund_amount {amount!r} is no amount",
                                     code=SUCCESS_CODE)
         return RefundState.SUCCEEDED
+
+    def bill_url(self, day: date) -> str | None:
+        """The trade bill of `day` (Asia/Shanghai): where to download it (for 30 s).
+        None when Alipay has no bill of that day (isp.bill_not_exist)."""
+        try:
+            answer = self._call(BILL_METHOD, {"bill_type": "trade",
+                                              "bill_date": day.isoformat()})
+        except AlipayBusinessError as exc:
+            if exc.sub_code == BILL_NOT_EXIST:
+                return None
+            raise
+        url = answer.get("bill_download_url")
+        if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+            raise AlipayUnavailable(f"{BILL_METHOD}: the answer has no bill_download_url")
+        return url
+
+    def download_bill(self, url: str, out: IO[bytes]) -> int:
+        """The bill at `url`, copied to `out` as it comes (never whole in memory);
+        its size. AlipayUnavailable for anything but a whole 200 answer."""
+        if not url.startswith(("https://", "http://")):
+            raise AlipayUnavailable("bill download: not an http(s) URL")
+        size = 0
+        try:
+            with urllib.request.urlopen(url, timeout=self.timeout) as answer:  # noqa: S310
+                while chunk := answer.read(BILL_CHUNK_BYTES):
+                    size += len(chunk)
+                    if size > BILL_MAX_BYTES:
+                        raise AlipayUnavailable(f"bill download: more than "
+                                                f"{BILL_MAX_BYTES} bytes")
+                    out.write(chunk)
+        except urllib.error.HTTPError as exc:
+            raise AlipayUnavailable(f"bill download: HTTP {exc.code}") from exc
+        except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts, resets
+            raise AlipayUnavailable(f"bill download: {type(exc).__name__}: {exc}") from exc
+        logger.info("alipay bill downloaded", extra={"bytes": size})
+        return size
 
     def _call(self, method: str, biz: dict[str, str]) -> dict[str, Any]:
         out_trade_no = biz.get("out_trade_no")

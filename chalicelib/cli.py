@@ -10,6 +10,9 @@
                                them with rabbitmqctl
     declare                    declare the queues and exchanges as the worker's user
                                (the worker does it when it starts)
+    reconcile --date DAY       reconcile DAY (yyyy-MM-dd, Asia/Shanghai) against Alipay's
+                               bill now, and print its report; without --date, the
+                               reconciler's round (asked-for days, then due days)
 
 Settings come from the environment (chalicelib/config.py), as for the worker.
 Each command prints JSON lines on stdout, but broker-users, which prints shell
@@ -42,6 +45,8 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     how.add_argument("--definitions", action="store_true",
                      help="print RabbitMQ definitions (JSON) instead of commands")
     sub.add_parser("declare", help="declare the topology as the worker's user")
+    rec = sub.add_parser("reconcile", help="reconcile a day against Alipay's bill")
+    rec.add_argument("--date", help="yyyy-MM-dd (Asia/Shanghai); none: the scheduled round")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     from chalicelib import config, logs
@@ -53,6 +58,8 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
 
         out.write(json.dumps(handlers.sweep(deps.get())) + "\n")
         return 0
+    if args.command == "reconcile":
+        return _reconcile(args.date, out)
     from chalicelib import broker
 
     if args.command == "broker-users":
@@ -76,6 +83,25 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     else:
         out.write(json.dumps({"replayed": broker.replay_parked(url, name)}) + "\n")
     return 0
+
+
+def _reconcile(day_text: str | None, out: TextIO) -> int:
+    """The report as JSON (exit 0 when BALANCED, 1 otherwise: a script can tell)."""
+    from chalicelib import deps, reconcile
+    from chalicelib.domain import ShopError
+    from chalicelib.domain.reconciliation import ReportStatus, parse_day
+
+    d = deps.get()
+    try:
+        if day_text is None:
+            out.write(json.dumps(reconcile.run_scheduled(d), ensure_ascii=False) + "\n")
+            return 0
+        report = reconcile.run_day(d, parse_day(day_text), requested_by="cli")
+    except ShopError as exc:
+        sys.stderr.write(f"{exc}\n")
+        return 2
+    out.write(json.dumps(report.to_wire(), ensure_ascii=False, indent=2) + "\n")
+    return 0 if report.status == ReportStatus.BALANCED else 1
 
 
 def _broker_users(settings: Settings, apply: bool, definitions: bool, out: TextIO) -> int:

@@ -81,6 +81,7 @@ class Tables:
     seckill: str  # tickets and per-user-per-sale markers
     refunds: str  # refunds and operators' idempotency keys
     timeline: str  # each order's payment events
+    reconciliations: str = "shop-local-reconciliations"  # daily reports against the bill
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,15 @@ class Settings:
     seckill_table: str = "shop-local-seckill"
     refunds_table: str = "shop-local-refunds"
     timeline_table: str = "shop-local-timeline"
+    reconciliations_table: str = "shop-local-reconciliations"
+    # S3 bucket of the provider's raw daily bills (kept unchanged). Empty: the
+    # reconciliation keeps no copy and says so in its log (local tests only).
+    bills_bucket: str = ""
+    # Whether reconciliations run in-process: POST /admin/reconciliations/{day}
+    # inside the request and the worker's rounds (the local stack, which has no
+    # scheduled functions); else the reconciler function's rounds do them (AWS: a
+    # big day takes longer than API Gateway waits).
+    reconcile_inline: bool = True
     seckill_orders_per_second: float = 200.0  # the worker's drain rate of queue.order.seckill
     seckill_max_queue_depth: int = 10000  # deeper: POST /seckill/{id} answers 429
     seckill_cache_ms: int = 150  # how long the API reuses a sale and a queue depth it read
@@ -141,7 +151,8 @@ class Settings:
     def tables(self) -> Tables:
         return Tables(goods=self.goods_table, carts=self.carts_table, orders=self.orders_table,
                       sales=self.sales_table, seckill=self.seckill_table,
-                      refunds=self.refunds_table, timeline=self.timeline_table)
+                      refunds=self.refunds_table, timeline=self.timeline_table,
+                      reconciliations=self.reconciliations_table)
 
 
 LOCAL_STAGES = ("local", "test")  # one machine: make run, and the test suite
@@ -160,6 +171,9 @@ ROLE_NEEDS: dict[str, tuple[str, ...]] = {
     "authorizer": ("JWT_SECRET",),
     "notify": ("ALIPAY_APP_ID", "ALIPAY_SELLER_ID", "ALIPAY_PUBLIC_KEY", "RMQ_URL"),
     "sweeper": (*_PAYMENT, "RMQ_URL"),
+    # Reads the bill (the app's key signs the query) and keeps it; a late payment it
+    # finds is refunded through Alipay at once, so it publishes nothing.
+    "reconciler": (*_PAYMENT, "BILLS_BUCKET"),
     "worker": (*_PAYMENT, "RMQ_URL"),  # RMQ_WORKER_URL stands in for RMQ_URL
     "": (*_PAYMENT, "RMQ_URL"),  # the worker's container, the CLI: as the worker
 }
@@ -196,6 +210,7 @@ def check(settings: Settings) -> Settings:
         "RMQ_URL": (settings.rmq_url if settings.function_role not in ("worker", "")
                     else settings.worker_rmq_url),
         "JWT_SECRET": secret,
+        "BILLS_BUCKET": settings.bills_bucket,
     }
     missing = [n for n in ROLE_NEEDS[settings.function_role] if not values[n]]
     if missing:
@@ -244,6 +259,10 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         seckill_table=env.str("SECKILL_TABLE", f"{prefix}-seckill"),
         refunds_table=env.str("REFUNDS_TABLE", f"{prefix}-refunds"),
         timeline_table=env.str("TIMELINE_TABLE", f"{prefix}-timeline"),
+        reconciliations_table=env.str("RECONCILIATIONS_TABLE", f"{prefix}-reconciliations"),
+        bills_bucket=env.str("BILLS_BUCKET"),
+        reconcile_inline=env.str("RECONCILE_INLINE", "1" if stage in LOCAL_STAGES else "0")
+        not in ("0", "false", "no", ""),
         seckill_orders_per_second=env.float("SECKILL_ORDERS_PER_SECOND", 200.0),
         seckill_max_queue_depth=env.int("SECKILL_MAX_QUEUE_DEPTH", 10000),
         seckill_cache_ms=env.int("SECKILL_CACHE_MS", 150),

@@ -10,7 +10,7 @@ import logging
 
 from chalicelib import config, logs
 from chalicelib.context import Deps
-from chalicelib.ports import PaymentGateway
+from chalicelib.ports import BillArchive, PaymentGateway
 from chalicelib.store import Store
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,16 @@ def build(settings: config.Settings | None = None) -> Deps:
         store=store,
         broker=Broker(settings.rmq_url, settings.check_delay_seconds, settings.rmq_queue_type),
         gateway=_gateway(settings),
+        archive=_archive(settings),
     )
+
+
+def _archive(settings: config.Settings) -> BillArchive | None:
+    if settings.function_role not in ("", "reconciler", "api") or not settings.bills_bucket:
+        return None
+    from chalicelib.archive import archive_for
+
+    return archive_for(settings)
 
 
 def _gateway(settings: config.Settings) -> PaymentGateway | None:

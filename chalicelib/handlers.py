@@ -351,7 +351,7 @@ def recheck_closed(deps: Deps, order_id: str) -> OrderStatus | None:
     if order.status == CLOSED:
         trade = _query_trade(deps, order, recheck=True)
         if trade is not None and trade.paid:
-            _refund_late_payment(deps, order, trade.trade_no or "")
+            return_late_payment(deps, order, trade.trade_no or "")
             order = deps.store.get_order(order_id) or order
     deps.store.clear_recheck(order_id)
     return order.status
@@ -548,11 +548,11 @@ def _apply_payment(
             )
         return PAID
     if order.status == CLOSED:
-        return _refund_late_payment(deps, order, trade_no)
+        return return_late_payment(deps, order, trade_no)
     return order.status  # REFUNDED: the money went back already
 
 
-def _refund_late_payment(deps: Deps, order: Order, trade_no: str) -> OrderStatus:
+def return_late_payment(deps: Deps, order: Order, trade_no: str) -> OrderStatus:
     """Money for a CLOSED order: it goes back through the refund machinery (operator
     "system", request number REFUND_<orderId>, so a retry is the same refund). Until
     it has, the order is in front of a person (paid but closed)."""

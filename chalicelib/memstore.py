@@ -47,9 +47,9 @@ import binascii
 import functools
 import json
 import threading
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
-from datetime import datetime
+from datetime import date, datetime, timedelta
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from chalicelib.domain import (
@@ -82,6 +82,15 @@ from chalicelib.domain import (
     iso,
     parse_iso,
 )
+from chalicelib.domain.reconciliation import (
+    AlreadyResolved,
+    Difference,
+    Extra,
+    Report,
+    ReportStatus,
+    bill_day,
+)
+from chalicelib.ports import PaidRecord
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -130,6 +139,8 @@ class InMemoryStore:
         self._refunds: dict[str, dict[str, Any]] = {}  # the DynamoDB item's fields
         self._refund_keys: dict[str, str] = {}  # IDEM#<order>#<key> -> refund id
         self._timeline: dict[str, list[tuple[str, str, str]]] = {}  # (time, type, JSON)
+        # (DAY#<day>, REPORT | DIFF#<id> | EXTRA#<key>) -> the item's fields
+        self._recon: dict[tuple[str, str], dict[str, Any]] = {}
         self._failures = 0
         self._failing_ops: frozenset[str] | None = None
 
@@ -297,7 +308,8 @@ class InMemoryStore:
         if rec is None or rec["status"] != UNPAID or rec["total_fen"] != total_fen:
             return False
         rec.update(status=PAID, transaction_id=trade_no, pay_time=_iso(pay_time),
-                   notify_id=notify_id or "", update_time=_iso(now), unpaid=None)
+                   notify_id=notify_id or "", update_time=_iso(now), unpaid=None,
+                   pay_day=bill_day(pay_time).isoformat())
         return True
 
     @_operation
@@ -553,7 +565,7 @@ class InMemoryStore:
         stamp = _iso(now)
         if status == RefundStatus.SUCCEEDED:
             held.update(status=status, finish_time=stamp, open=False, failure_code=None,
-                        failure_message=None)
+                        failure_message=None, finish_day=bill_day(now).isoformat())
             refunded = order.refunded_fen + refund.amount_fen
             rec.update(refunded_fen=refunded)
             if refunded >= order.total_fen:
@@ -634,6 +646,167 @@ class InMemoryStore:
         return [TimelineEvent(order_id, parse_iso(t), EventType(kind), json.loads(detail))
                 for t, kind, detail in events[:max(limit, 0)]]
 
+    # --- reconciliation (the DynamoDB store: chalicelib/store/reconciliations.py) ----
+
+    def paid_on(self, day: date) -> Iterator[PaidRecord]:
+        """The orders whose pay_day is `day`, by id (the index's range key)."""
+        with self._lock:
+            self._fail_if_asked("paid_on")
+            wanted = day.isoformat()
+            found = sorted((r for r in self._orders.values() if r.get("pay_day") == wanted),
+                           key=lambda r: r["id"])
+            records = [PaidRecord(r["id"], r["transaction_id"], r["total_fen"],
+                                  OrderStatus(r["status"]), parse_iso(r["pay_time"]))
+                       for r in found]
+        yield from records
+
+    def refunds_succeeded_on(self, day: date) -> Iterator[Refund]:
+        with self._lock:
+            self._fail_if_asked("refunds_succeeded_on")
+            wanted = day.isoformat()
+            found = sorted((r for r in self._refunds.values()
+                            if r.get("finish_day") == wanted), key=lambda r: r["id"])
+            refunds = [_refund(r) for r in found]
+        yield from refunds
+
+    def _lease_held(self, day: date, now: datetime) -> bool:
+        item = self._recon.get((_day_pk(day), "REPORT"))
+        return bool(item and item["lease_until"] and item["lease_until"] > _iso(now))
+
+    @_operation
+    def start_reconciliation(self, report: Report, *, now: datetime,
+                             lease_seconds: int) -> bool:
+        if self._lease_held(report.day, now):
+            return False
+        self._recon[(_day_pk(report.day), "REPORT")] = {
+            "body": json.loads(json.dumps(report.to_item())), "report_list": "REPORT",
+            "attention": None, "lease_until": _iso(now + timedelta(seconds=lease_seconds))}
+        return True
+
+    @_operation
+    def request_reconciliation(self, day: date, *, by: str, now: datetime) -> bool:
+        if self._lease_held(day, now):
+            return False
+        key = (_day_pk(day), "REPORT")
+        item = self._recon.get(key)
+        if item is None:
+            body = Report(day, ReportStatus.RUNNING, "requested", now).to_item()
+            item = self._recon[key] = {"body": body, "report_list": "REPORT",
+                                       "attention": None, "lease_until": None}
+        item.update(attention="REQUESTED", requested_by=by)
+        return True
+
+    @_operation
+    def requested_days(self, limit: int = 50) -> list[date]:
+        return self._attention_days("REQUESTED", limit, newest_first=False)
+
+    def _attention_days(self, flag: str, limit: int, *, newest_first: bool) -> list[date]:
+        days = sorted({k[0] for k, v in self._recon.items()
+                       if k[1] == "REPORT" and v["attention"] == flag},
+                      reverse=newest_first)
+        return [date.fromisoformat(d.removeprefix("DAY#")) for d in days[:max(limit, 0)]]
+
+    @_operation
+    def finish_reconciliation(self, report: Report, differences: Sequence[Difference],
+                              extras: Sequence[Extra]) -> bool:
+        pk = _day_pk(report.day)
+        if not self._run_holds(report):
+            return False
+        earlier = {k[1]: v for k, v in self._recon.items()
+                   if k[0] == pk and k[1] != "REPORT"}
+        for sk in earlier:
+            del self._recon[(pk, sk)]
+        for d in differences:
+            before = earlier.get(f"DIFF#{d.id}")
+            kept = d.keeping_resolution_of(Difference.from_item(before["body"])
+                                           if before else None)
+            self._recon[(pk, f"DIFF#{d.id}")] = {
+                "body": json.loads(json.dumps(kept.to_item())), "report_list": None,
+                "attention": None if kept.resolved else "DIFFERENCE", "lease_until": None}
+        for x in extras:
+            self._recon[(pk, f"EXTRA#{x.key}")] = {
+                "body": x.to_item(), "report_list": None, "attention": None,
+                "lease_until": None}
+        self._put_report(report)
+        return True
+
+    @_operation
+    def fail_reconciliation(self, report: Report) -> bool:
+        if not self._run_holds(report):
+            return False
+        self._put_report(report)
+        return True
+
+    def _run_holds(self, report: Report) -> bool:
+        item = self._recon.get((_day_pk(report.day), "REPORT"))
+        return bool(item and item["body"]["runId"] == report.run_id)
+
+    def _put_report(self, report: Report) -> None:
+        failed = report.status == ReportStatus.FAILED
+        self._recon[(_day_pk(report.day), "REPORT")] = {
+            "body": json.loads(json.dumps(report.to_item())), "report_list": "REPORT",
+            "attention": "FAILED" if failed else None, "lease_until": None}
+
+    @_operation
+    def get_reconciliation(self, day: date, *, differences: bool = True) -> Report | None:
+        pk = _day_pk(day)
+        item = self._recon.get((pk, "REPORT"))
+        if item is None:
+            return None
+        report = _report(item)
+        if not differences:
+            return report
+        found = sorted((k[1], v) for k, v in self._recon.items()
+                       if k[0] == pk and k[1].startswith("DIFF#"))
+        return replace(report, differences=tuple(Difference.from_item(v["body"])
+                                                 for _, v in found))
+
+    @_operation
+    def list_reconciliations(self, limit: int = 100) -> list[Report]:
+        days = sorted((k[0] for k, v in self._recon.items()
+                       if k[1] == "REPORT" and v["report_list"]), reverse=True)
+        return [_report(self._recon[(d, "REPORT")]) for d in days[:max(limit, 0)]]
+
+    @_operation
+    def get_extra(self, day: date, key: str) -> Extra | None:
+        item = self._recon.get((_day_pk(day), f"EXTRA#{key}"))
+        return Extra.from_item(item["body"]) if item else None
+
+    @_operation
+    def resolve_difference(self, day: date, difference_id: str, *, note: str, by: str,
+                           now: datetime) -> Difference | None:
+        item = self._recon.get((_day_pk(day), f"DIFF#{difference_id}"))
+        if item is None:
+            return None
+        found = Difference.from_item(item["body"])
+        if found.resolved:
+            raise AlreadyResolved(f"difference {difference_id} was resolved by "
+                                  f"{found.resolved_by}")
+        done = replace(found, resolved=True, note=note, resolved_by=by,
+                       resolved_at=_ms(now))
+        item.update(body=json.loads(json.dumps(done.to_item())), attention=None)
+        return done
+
+    @_operation
+    def open_differences(self, limit: int = 200) -> list[Difference]:
+        found = sorted(((v["body"]["date"], k[1]), v) for k, v in self._recon.items()
+                       if v["attention"] == "DIFFERENCE")
+        return [Difference.from_item(v["body"]) for _, v in found[:max(limit, 0)]]
+
+    @_operation
+    def failed_days(self, limit: int = 100) -> list[date]:
+        return self._attention_days("FAILED", limit, newest_first=True)
+
+
+def _day_pk(day: date) -> str:
+    return f"DAY#{day.isoformat()}"
+
+
+def _report(item: Mapping[str, Any]) -> Report:
+    report = Report.from_item(item["body"])
+    by = item.get("requested_by")
+    return replace(report, requested_by=by) if by else report
+
 
 def _idempotency_id(order_id: str, key: str | None) -> str | None:
     """The DynamoDB store's marker of an idempotency key, per order."""
@@ -674,6 +847,7 @@ def _refund_record(r: Refund) -> dict[str, Any]:
         "failure_message": r.failure_message,
         "idempotency_key": r.idempotency_key,
         "open": r.status != RefundStatus.SUCCEEDED,
+        "finish_day": None,
     }
 
 
@@ -726,6 +900,7 @@ def _record(o: Order) -> dict[str, Any]:
         "link_expire_time": None,
         "recheck": None,
         "paid_but_closed": None,
+        "pay_day": None,
     }
 
 

@@ -44,6 +44,8 @@ METRICS = {
     "RefundsFailed": "refunds Alipay refused (FAILED): a person retries or settles them",
     "RefundsPendingTooLong": "refunds PENDING for over 10 minutes (Alipay's answer unknown)",
     "PaidButClosed": "closed orders whose money Alipay holds and that were not refunded yet",
+    "ReconciliationDifferences": "open differences between Alipay's bills and the shop's books",
+    "ReconciliationFailedDays": "days whose reconciliation failed (no bill, a bad bill)",
 }
 
 
@@ -73,7 +75,8 @@ def metrics_logger() -> logging.Logger:
 
 def attention_values(attention: Mapping[str, Any]) -> dict[str, int]:
     """The metrics' values from `admin.attention()`'s answer: the parked counts
-    summed, the refunds split by status, the paid-but-closed orders counted."""
+    summed, the refunds split by status, the paid-but-closed orders, the open
+    differences of the reconciliations and the days whose run failed counted."""
     parked = attention.get("parked") or {}
     refunds = attention.get("refunds") or []
     statuses = [str(r.get("status", "")) for r in refunds if isinstance(r, Mapping)]
@@ -82,6 +85,8 @@ def attention_values(attention: Mapping[str, Any]) -> dict[str, int]:
         "RefundsFailed": statuses.count("FAILED"),
         "RefundsPendingTooLong": statuses.count("PENDING"),
         "PaidButClosed": len(attention.get("paidButClosed") or []),
+        "ReconciliationDifferences": len(attention.get("reconciliation") or []),
+        "ReconciliationFailedDays": len(attention.get("failedRuns") or []),
     }
 
 

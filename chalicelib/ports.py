@@ -10,11 +10,11 @@ and error codes stay in its adapter, which translates at its edge.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 from chalicelib.domain import (
     CartLine,
@@ -28,6 +28,7 @@ from chalicelib.domain import (
     Ticket,
     TimelineEvent,
 )
+from chalicelib.domain.reconciliation import Difference, Extra, Report
 
 # --- payments -------------------------------------------------------------------
 
@@ -160,6 +161,27 @@ class PaymentGateway(Protocol):
         """Whether the refund `request_no` was made; PaymentUnavailable when unknown."""
         ...
 
+    def bill_url(self, day: date) -> str | None:
+        """Where the provider serves the trade bill of `day` (a day in its own time
+        zone; the URL works for a short while only). None: the provider says it has
+        no bill for that day (no trade). PaymentRefused: it refused (e.g. the day's
+        bill is not ready yet); PaymentUnavailable: no answer."""
+        ...
+
+    def download_bill(self, url: str, out: IO[bytes]) -> int:
+        """The file at `url` (from bill_url), written to `out` unchanged, as it comes;
+        the number of bytes. PaymentUnavailable: the download failed or timed out."""
+        ...
+
+
+class BillArchive(Protocol):
+    """Where the provider's raw bills are kept, unchanged, one per day and download."""
+
+    def keep(self, day: date, name: str, source: IO[bytes]) -> str:
+        """Stores `source` (read from where it is to its end) as the bill `name` of
+        `day`; answers the stored key. Unavailable when it could not be stored."""
+        ...
+
 
 # --- messages -------------------------------------------------------------------
 
@@ -273,7 +295,75 @@ class SalesPort(Protocol):
                       now: datetime) -> bool: ...
 
 
-class StorePort(CatalogPort, OrderPort, SalesPort, RefundPort, Protocol):
+@dataclass(frozen=True)
+class PaidRecord:
+    """A payment the shop recorded: an order marked PAID (it may have been refunded
+    since), as the reconciliation reads a day of them."""
+
+    order_id: str
+    trade_no: str
+    total_fen: int
+    status: OrderStatus
+    pay_time: datetime
+
+
+class ReconciliationPort(Protocol):
+    """The daily reports against the provider's bill (chalicelib/reconcile.py) and
+    the shop's records of a bill day they read."""
+
+    def paid_on(self, day: date) -> Iterator[PaidRecord]:
+        """The payments whose payment time falls on `day` (Asia/Shanghai), paged."""
+        ...
+
+    def refunds_succeeded_on(self, day: date) -> Iterator[Refund]:
+        """The refunds that succeeded on `day` (Asia/Shanghai), paged."""
+        ...
+
+    def start_reconciliation(self, report: Report, *, now: datetime,
+                             lease_seconds: int) -> bool:
+        """Writes the RUNNING report of a run, unless another run of the day holds an
+        unexpired lease (False). An operator's request of the day is taken with it."""
+        ...
+
+    def request_reconciliation(self, day: date, *, by: str, now: datetime) -> bool:
+        """Marks the day asked for by an operator, for the reconciler's next round;
+        False when a run of it holds a lease (it is running)."""
+        ...
+
+    def requested_days(self, limit: int = 50) -> list[date]: ...
+
+    def finish_reconciliation(self, report: Report, differences: Sequence[Difference],
+                              extras: Sequence[Extra]) -> bool:
+        """The run's result: the day's differences and extras become exactly these
+        (an earlier run's resolution kept for the same difference), then the report.
+        False (nothing of the report written) when the run lost its lease."""
+        ...
+
+    def fail_reconciliation(self, report: Report) -> bool:
+        """The FAILED report of a run (earlier differences left as they were); False
+        when the run lost its lease."""
+        ...
+
+    def get_reconciliation(self, day: date, *, differences: bool = True) -> Report | None: ...
+
+    def list_reconciliations(self, limit: int = 100) -> list[Report]:
+        """Newest day first; without differences."""
+        ...
+
+    def get_extra(self, day: date, key: str) -> Extra | None: ...
+
+    def resolve_difference(self, day: date, difference_id: str, *, note: str, by: str,
+                           now: datetime) -> Difference | None:
+        """Marks it resolved with the note, who and when. None: no such difference;
+        AlreadyResolved when it was."""
+        ...
+
+    def open_differences(self, limit: int = 200) -> list[Difference]: ...
+
+    def failed_days(self, limit: int = 100) -> list[date]: ...
+
+
+class StorePort(CatalogPort, OrderPort, SalesPort, RefundPort, ReconciliationPort, Protocol):
     """Everything the handlers keep: the DynamoDB store and the in-memory one."""
 
     def warm(self) -> None: ...

@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parked.add_argument("action", choices=["list", "replay"])
     parked.add_argument("queue", help="queue.order.check, queue.order.pay or queue.order.seckill "
                                       "(the .parked suffix is optional)")
+    rec = sub.add_parser("reconcile", help="reconcile a day against the sandbox's bill")
+    rec.add_argument("--date", help="yyyy-MM-dd (Asia/Shanghai); none: the scheduled round")
     bench = sub.add_parser("bench", help="benchmarks beside their ceilings (bench seckill: "
                                          "the flash sale's)")
     bench.add_argument("args", nargs=argparse.REMAINDER)
@@ -106,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         from chalicelib import cli
 
         return cli.main(["parked", args.action, args.queue])
+    if args.command == "reconcile":
+        from chalicelib import cli
+
+        return cli.main(["reconcile", *(["--date", args.date] if args.date else [])])
     return 2
 
 

@@ -26,10 +26,18 @@ A new stack needs none of this: a table is created with all its indexes.
 
 Each function has its own role and settings (`lambda_functions` in
 `.chalice/config.json`, `.chalice/policy-<stage>[-<function>].json`):
-`policy_problems` reads the built template and names any wildcard, any Scan the
-code does not make, any secret given to a function whose role does not use it,
-and a notify function without reserved concurrency; `main` refuses to finish on
-any of them (tests/integration/test_package.py runs it, and cfn-lint).
+`policy_problems` reads the built template and names any wildcard (but the own
+log group's streams and the reconciler's bills prefix, whose names are made at
+run time), any Scan the code does not make, any secret given to a function whose
+role does not use it, a notify function without reserved concurrency, a
+reconciler that may run twice at once, and a function told to reconcile inside
+itself (RECONCILE_INLINE: only the reconciler's role may write the day's results
+and the bills); `main` refuses to finish on any of them
+(tests/integration/test_package.py runs it, and cfn-lint).
+
+The raw bills go to the bucket `shop-pay-<stage>-bills-<account>-<region>`
+(`BillsBucket`: versioned, AES256, no public access, TLS only, kept when the
+stack goes); only the reconciler may put objects, under `bills/` only.
 
 Nothing here talks to AWS. Building the deployment zip downloads the Lambda
 (manylinux) wheels of requirements.txt from PyPI the first time; chalice keeps
@@ -122,8 +130,11 @@ def build(stage: str, out: Path, without_indexes: Iterable[str] = ()) -> Path:
 
 
 # Settings that only the roles that read them may be given (config.ROLE_NEEDS).
+# BILLS_BUCKET is no secret, but a function given it tries to write there, which
+# only the reconciler's role may.
 GUARDED_SETTINGS = ("JWT_SECRET", "ALIPAY_APP_PRIVATE_KEY", "RMQ_URL", "RMQ_WORKER_URL",
-                    "ALIPAY_PUBLIC_KEY", "ALIPAY_APP_ID", "ALIPAY_SELLER_ID", "ALIPAY_GATEWAY")
+                    "ALIPAY_PUBLIC_KEY", "ALIPAY_APP_ID", "ALIPAY_SELLER_ID", "ALIPAY_GATEWAY",
+                    "BILLS_BUCKET")
 # The only scans the code makes: list_goods and list_sales, both API routes
 # (chalicelib/store/catalog.py, sales.py). Table name suffix per role.
 ALLOWED_SCANS = {"api": {"goods", "sales"}}
@@ -148,6 +159,17 @@ def _own_logs(arn: str, function_name: str | None) -> bool:
     return bool(function_name) and re.fullmatch(
         r"arn:(aws|\$\{AWS::Partition\}):logs:\$\{AWS::Region\}:\$\{AWS::AccountId\}:"
         rf"log-group:/aws/lambda/{re.escape(str(function_name))}:\*", arn) is not None
+
+
+def _bills_objects(arn: str) -> bool:
+    """The objects under `bills/` of the stage's bills bucket: a bill's key is made
+    when it is kept (its day and time), so `bills/*` is the narrowest ARN."""
+    return re.fullmatch(r"arn:(aws|\$\{AWS::Partition\}):s3:::shop-pay-[a-z0-9-]+-bills-"
+                        r"\$\{AWS::AccountId\}-\$\{AWS::Region\}/bills/\*", arn) is not None
+
+
+def _truthy(value: Any) -> bool:
+    return str(value).strip().lower() not in ("", "0", "false", "no")  # as config.load
 
 
 def policy_problems(template: dict[str, Any]) -> list[str]:
@@ -176,6 +198,12 @@ def policy_problems(template: dict[str, Any]) -> list[str]:
                                 f"from SSM or Secrets Manager")
         if role == "notify" and not props.get("ReservedConcurrentExecutions"):
             problems.append(f"{fn_id} (notify) has no reserved concurrency")
+        if role == "reconciler" and props.get("ReservedConcurrentExecutions") != 1:
+            problems.append(f"{fn_id} (reconciler) may run twice at once: reserve "
+                            f"concurrency 1")
+        if _truthy(env.get("RECONCILE_INLINE", "")):
+            problems.append(f"{fn_id} ({role}) has RECONCILE_INLINE set: on AWS only the "
+                            f"reconciler function runs a day (the others may not write it)")
         ref = props.get("Role", {})
         role_id = ref.get("Fn::GetAtt", [None])[0] if isinstance(ref, dict) else None
         if role_id not in resources:
@@ -202,8 +230,10 @@ def _statement_problems(role: dict[str, Any], function_name: str | None,
             arns = [_text(r) for r in _listed(st.get("Resource", []))]
             problems += [f"wildcard action {a!r}" for a in actions if "*" in a]
             logs = all(a.startswith("logs:") for a in actions)
+            puts = all(a == "s3:PutObject" for a in actions)
             problems += [f"wildcard resource {r!r}" for r in arns
-                         if "*" in r and not (logs and _own_logs(r, function_name))]
+                         if "*" in r and not (logs and _own_logs(r, function_name))
+                         and not (puts and _bills_objects(r))]
             if "dynamodb:Scan" in actions:
                 for r in arns:
                     table = r.rsplit(":table/", 1)[-1].split("/")[0]

@@ -1,7 +1,9 @@
 """`make run`: the whole local stack on this machine, one child process per part.
 
-moto's DynamoDB server, the Alipay sandbox, the API (chalice local) and the
-bridge; RabbitMQ is the machine's own. Ctrl-C (or SIGTERM) stops every child.
+moto's DynamoDB server (also the local S3, where the bills bucket
+shop-local-bills is made), the Alipay sandbox (today's bill served too), the API
+(chalice local) and the bridge; RabbitMQ is the machine's own. Ctrl-C (or
+SIGTERM) stops every child.
 
 RabbitMQ users: unless RMQ_URL (or RMQ_URL_FILE) is set in the environment, the
 API connects as `shop-api` (it may only publish) and the bridge as `shop-worker`,
@@ -53,6 +55,9 @@ CATALOGUE = [
     ("puer-1999", "Pu'er cake, 1999 harvest", 99900, 1),
 ]
 
+# Where the local stack keeps the raw bills the reconciliation downloads (moto's S3).
+LOCAL_BILLS_BUCKET = "shop-local-bills"
+
 # The demo flash sale: sale id, goods id, name, price (fen), stock, hours open.
 DEMO_SALE = ("teapot-flash", "teapot", "Yixing clay teapot, flash sale", 990, 100, 24)
 
@@ -84,6 +89,13 @@ def local_environment() -> dict[str, str]:
     sandbox_port = os.environ.get("SANDBOX_PORT", "8001")
     dynamodb_port = os.environ.get("DYNAMODB_PORT", "8002")
     env["AWS_ENDPOINT_URL_DYNAMODB"] = f"http://127.0.0.1:{dynamodb_port}"
+    # moto's server serves S3 beside DynamoDB (its fault front passes S3 through
+    # untouched): the raw bills go to its bucket. The DynamoDB endpoint as it will
+    # be once the environment wins, so the compose file's (http://dynamodb:8002)
+    # serves both too.
+    env["AWS_ENDPOINT_URL_S3"] = os.environ.get("AWS_ENDPOINT_URL_DYNAMODB",
+                                                env["AWS_ENDPOINT_URL_DYNAMODB"])
+    env["BILLS_BUCKET"] = LOCAL_BILLS_BUCKET
     env["ALIPAY_GATEWAY"] = f"http://127.0.0.1:{sandbox_port}/gateway.do"
     env["ALIPAY_NOTIFY_URL"] = f"http://127.0.0.1:{api_port}/alipay/notify"
     env["ALIPAY_RETURN_URL"] = f"http://127.0.0.1:{api_port}/alipay/return"
@@ -209,14 +221,45 @@ def seed(force: bool = False) -> int:
     from chalicelib.domain import Goods
     from chalicelib.store import Store
 
-    store = Store.from_settings(config.get())
+    settings = config.get()
+    store = Store.from_settings(settings)
     store.create_tables()
+    create_bills_bucket(settings.bills_bucket, settings.aws_region)
     seed_sale(force)
     if store.list_goods() and not force:
         return 0
     for gid, name, price, stock in CATALOGUE:
         store.put_goods(Goods(gid, name, price, stock))
     return len(CATALOGUE)
+
+
+def create_bills_bucket(bucket: str, region: str) -> bool:
+    """The bills bucket on the local S3 (AWS_ENDPOINT_URL_S3), unless it is there or
+    none is named. True if made. Never against AWS: a deployed stage's bucket is
+    the template's (versioned, encrypted, private)."""
+    if not bucket:
+        return False
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3", "")
+    if not endpoint:
+        raise RuntimeError(f"BILLS_BUCKET {bucket} is made on the local S3 only, not on "
+                           "AWS: set AWS_ENDPOINT_URL_S3 to moto's server")
+    import boto3
+    from botocore.config import Config
+
+    s3 = boto3.session.Session().client(
+        "s3", region_name=region, endpoint_url=endpoint,
+        config=Config(s3={"addressing_style": "path"}, connect_timeout=3, read_timeout=30))
+    try:
+        s3.head_bucket(Bucket=bucket)
+        return False
+    except s3.exceptions.ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket"):
+            raise
+    kwargs: dict[str, Any] = {}
+    if region != "us-east-1":  # S3 wants the region named, except for its first one
+        kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
+    s3.create_bucket(Bucket=bucket, **kwargs)
+    return True
 
 
 class Stack:
@@ -316,10 +359,17 @@ def run() -> int:
             added = seed()
             _say("dynamodb", f"{env['AWS_ENDPOINT_URL_DYNAMODB']} (moto; "
                              f"{'seeded ' + str(added) + ' goods' if added else 'tables ready'})")
+            bills = (f"bills kept in s3://{env['BILLS_BUCKET']}" if env.get("BILLS_BUCKET")
+                     else "BILLS_BUCKET empty: no bill is kept")
+            _say("s3", f"{env['AWS_ENDPOINT_URL_S3']} (moto, the same server; {bills})")
             _say_faults("dynamodb", env, ("DYNAMODB_FAULT_RATE", "DYNAMODB_FAULTS",
                                           "DYNAMODB_SLOW_MS"))
+            # Today's bill too (Alipay serves past days only), so that a payment made
+            # on the local stack can be reconciled at once; the environment wins.
+            sandbox_env = {"SANDBOX_BILLS_TODAY": "1", **env}
             sandbox = stack.start("sandbox", [py, "-m", "local.alipay_sandbox", "--port",
-                                              str(sandbox_port), "--keys", str(KEYS_DIR)])
+                                              str(sandbox_port), "--keys", str(KEYS_DIR)],
+                                  sandbox_env)
             wait_for_port(sandbox_port, proc=sandbox)
             _say("alipay", f"{env['ALIPAY_GATEWAY']} (local sandbox, app_id "
                            f"{env['ALIPAY_APP_ID']}, seller_id {env['ALIPAY_SELLER_ID']})")

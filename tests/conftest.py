@@ -120,6 +120,9 @@ class FakeGateway:
         self.refunds: list[tuple[str, Decimal, str]] = []
         self.refund_error: Exception | None = None
         self.refund_states: dict[str, Any] = {}  # request_no -> RefundState (query_refund)
+        self.bills: dict[Any, bytes] = {}  # day -> the bill's zip (none: no trade that day)
+        self.bill_error: Exception | None = None  # raised by bill_url
+        self.download_error: Exception | None = None  # raised by download_bill
 
     def page_pay_url(self, order_id: str, amount: Decimal, subject: str, time_expire: Any) -> str:
         return f"https://fake.invalid/pay?out_trade_no={order_id}&total_amount={amount}"
@@ -168,6 +171,20 @@ class FakeGateway:
         total = sum(to_fen(a) for o, a, _r in self.refunds if o == order_id)
         return RefundOutcome(order_id=order_id, trade_no=f"T-{order_id}", refunded_fen=total,
                              moved=first)
+
+    def bill_url(self, day: Any) -> str | None:
+        if self.bill_error is not None:
+            raise self.bill_error
+        return f"https://fake.invalid/bill/{day.isoformat()}" if day in self.bills else None
+
+    def download_bill(self, url: str, out: Any) -> int:
+        from datetime import date
+
+        if self.download_error is not None:
+            raise self.download_error
+        data = self.bills[date.fromisoformat(url.rsplit("/", 1)[1])]
+        out.write(data)
+        return len(data)
 
     def query_refund(self, order_id: str, request_no: str) -> Any:
         from chalicelib.ports import RefundState

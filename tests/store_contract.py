@@ -63,6 +63,7 @@ from chalicelib.domain import (
     refund_id,
     refund_request_no,
 )
+from tests.reconciliation_contract import ReconciliationContract
 
 # Microseconds on purpose: the stores keep milliseconds.
 T0 = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
@@ -298,7 +299,7 @@ def refunded_late(store: Any, order_id: str, trade_no: str, now: datetime) -> No
                                trade_no=trade_no) is True
 
 
-class StoreContract:
+class StoreContract(ReconciliationContract):
     """The store's public methods and every condition they keep. Subclasses provide
     the `store` fixture."""
 

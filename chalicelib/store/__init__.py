@@ -12,7 +12,8 @@ cancel) resolve to exactly one winner:
                                          read order: PAID -> nothing to do
 
 The store is split along its seams: goods and carts (catalog.py), orders
-(orders.py), flash sales (sales.py), refunds and timelines (refunds.py), over
+(orders.py), flash sales (sales.py), refunds and timelines (refunds.py), the
+daily reconciliations (reconciliations.py), over
 the models of the tables it is given
 (models.py). `chalicelib/memstore.py` keeps the same rules in memory, for unit tests and
 development; tests/store_contract.py holds both to them.
@@ -24,11 +25,12 @@ from __future__ import annotations
 from chalicelib.config import Settings, Tables
 from chalicelib.store.catalog import CatalogStore
 from chalicelib.store.orders import OrderStore
+from chalicelib.store.reconciliations import ReconciliationStore
 from chalicelib.store.refunds import RefundStore
 from chalicelib.store.sales import SaleStore
 
 
-class Store(CatalogStore, OrderStore, SaleStore, RefundStore):
+class Store(CatalogStore, OrderStore, SaleStore, RefundStore, ReconciliationStore):
     """Goods, carts, orders and flash sales on DynamoDB. Plain data in, plain data out."""
 
     def __init__(self, tables: Tables, region: str = "us-east-1") -> None:

@@ -60,10 +60,11 @@ def dynamo() -> Iterator[None]:
         raise Unavailable("dynamodb is not answering") from exc
 
 
-def get_item(model: Any, key: str, *, consistent: bool = True) -> Any | None:
+def get_item(model: Any, key: str, *, consistent: bool = True,
+             range_key: str | None = None) -> Any | None:
     """The item, or None when there is none."""
     try:
-        return model.get(key, consistent_read=consistent)
+        return model.get(key, range_key, consistent_read=consistent)
     except DoesNotExist:
         return None
     except DYNAMO_ERRORS as exc:

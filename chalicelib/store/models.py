@@ -20,7 +20,12 @@ from pynamodb.attributes import (
     UnicodeAttribute,
     UnicodeSetAttribute,
 )
-from pynamodb.indexes import AllProjection, GlobalSecondaryIndex, KeysOnlyProjection
+from pynamodb.indexes import (
+    AllProjection,
+    GlobalSecondaryIndex,
+    IncludeProjection,
+    KeysOnlyProjection,
+)
 from pynamodb.models import Model
 
 from chalicelib.config import Tables
@@ -60,6 +65,7 @@ class Models:
     Refund: Any
     Timeline: Any
     UnpaidOrders: Any
+    Reconciliation: Any
 
     @property
     def all(self) -> tuple[type[Model], ...]:
@@ -69,7 +75,7 @@ class Models:
         a scan, cannot render its string set. (It builds its own client on first
         use: only create_order's rare pass over a full set reads through it.)"""
         return (self.Goods, self.CartLine, self.Order, self.Sale, self.Ticket,
-                self.SeckillMarker, self.Refund, self.Timeline)
+                self.SeckillMarker, self.Refund, self.Timeline, self.Reconciliation)
 
 
 @lru_cache(maxsize=8)
@@ -175,6 +181,18 @@ def models_for(tables: Tables, region: str) -> Models:
         paid_but_closed = UnicodeAttribute(hash_key=True)
         update_time = UnicodeAttribute(range_key=True)
 
+    class PaidByDayIndex(GlobalSecondaryIndex["OrderModel"]):
+        """Sparse: `pay_day` (the payment's day in Asia/Shanghai, the bill's day) is
+        set when an order becomes PAID; the reconciliation reads a day's payments."""
+
+        class Meta:
+            index_name = "paid-by-day"
+            projection = IncludeProjection(["status", "total_fen", "pay_time",
+                                            "transaction_id"])
+
+        pay_day = UnicodeAttribute(hash_key=True)
+        id = UnicodeAttribute(range_key=True)
+
     class OrderModel(Model):
         class Meta(meta):
             table_name = tables.orders
@@ -206,6 +224,7 @@ def models_for(tables: Tables, region: str) -> Models:
         link_expire_time = UnicodeAttribute(null=True)
         recheck = UnicodeAttribute(null=True)
         paid_but_closed = UnicodeAttribute(null=True)
+        pay_day = UnicodeAttribute(null=True)
 
         by_user = UserOrdersIndex()
         by_status = StatusIndex()
@@ -213,6 +232,7 @@ def models_for(tables: Tables, region: str) -> Models:
         recheck_due = RecheckIndex()
         attention = AttentionIndex()
         unpaid_due = UnpaidIndex()
+        paid_by_day = PaidByDayIndex()
 
 
     # flash sales (chalicelib/seckill.py)
@@ -301,6 +321,16 @@ def models_for(tables: Tables, region: str) -> Models:
         open_status = UnicodeAttribute(hash_key=True)
         create_time = UnicodeAttribute(range_key=True)
 
+    class SucceededByDayIndex(GlobalSecondaryIndex["RefundModel"]):
+        """Sparse: `finish_day` (Asia/Shanghai) is set when a refund SUCCEEDED."""
+
+        class Meta:
+            index_name = "succeeded-by-day"
+            projection = AllProjection()
+
+        finish_day = UnicodeAttribute(hash_key=True)
+        id = UnicodeAttribute(range_key=True)
+
     class RefundModel(Model):
         """A refund (`id` REFUND_...), or an operator's idempotency key
         (`id` IDEM#<order>#<key>, `refund_id` the refund it made) in the same table."""
@@ -321,9 +351,11 @@ def models_for(tables: Tables, region: str) -> Models:
         idempotency_key = UnicodeAttribute(null=True)
         open_status = UnicodeAttribute(null=True)
         refund_id = UnicodeAttribute(null=True)
+        finish_day = UnicodeAttribute(null=True)
 
         by_order = RefundsByOrderIndex()
         open_refunds = OpenRefundsIndex()
+        succeeded_by_day = SucceededByDayIndex()
 
     class TimelineModel(Model):
         """An order's events: `seq` is the event's time and a random tail, so a
@@ -337,10 +369,55 @@ def models_for(tables: Tables, region: str) -> Models:
         type = UnicodeAttribute()
         detail = UnicodeAttribute()  # JSON
 
+    # reconciliation (chalicelib/reconcile.py)
+
+    class ReportsIndex(GlobalSecondaryIndex["ReconciliationModel"]):
+        """The days' reports, newest first: `report_list` is set on report items only."""
+
+        class Meta:
+            index_name = "reports-by-day"
+            projection = AllProjection()
+
+        report_list = UnicodeAttribute(hash_key=True)
+        day = UnicodeAttribute(range_key=True)
+
+    class OpenReconciliationIndex(GlobalSecondaryIndex["ReconciliationModel"]):
+        """Sparse: `attention` is "DIFFERENCE" on an open difference, "FAILED" on a
+        failed day's report; removed when resolved or run again cleanly."""
+
+        class Meta:
+            index_name = "open-by-day"
+            projection = AllProjection()
+
+        attention = UnicodeAttribute(hash_key=True)
+        day = UnicodeAttribute(range_key=True)
+
+    class ReconciliationModel(Model):
+        """A day's items: `pk` DAY#<yyyy-MM-dd>; `sk` REPORT, DIFF#<id> (a difference)
+        or EXTRA#<trade or request no> (a bill row the day's own records lacked).
+        `body` is the item's JSON."""
+
+        class Meta(meta):
+            table_name = tables.reconciliations
+
+        pk = UnicodeAttribute(hash_key=True)
+        sk = UnicodeAttribute(range_key=True)
+        day = UnicodeAttribute()
+        body = UnicodeAttribute()
+        report_list = UnicodeAttribute(null=True)
+        attention = UnicodeAttribute(null=True)
+        run_id = UnicodeAttribute(null=True)  # the report's: the run that may write it
+        lease_until = UnicodeAttribute(null=True)  # the report's, while a run holds it
+        requested_by = UnicodeAttribute(null=True)  # the report's: who asked for a run
+
+        reports = ReportsIndex()
+        open_items = OpenReconciliationIndex()
+
     return Models(Goods=GoodsModel, CartLine=CartLineModel, Order=OrderModel,
                   OrderLine=OrderLineAttribute, Sale=SaleModel, Ticket=TicketModel,
                   SeckillMarker=SeckillMarkerModel, Refund=RefundModel,
-                  Timeline=TimelineModel, UnpaidOrders=UnpaidOrdersModel)
+                  Timeline=TimelineModel, UnpaidOrders=UnpaidOrdersModel,
+                  Reconciliation=ReconciliationModel)
 
 
 def order_from_model(m: Any) -> Order:

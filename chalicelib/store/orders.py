@@ -46,6 +46,7 @@ from chalicelib.domain import (
     Unavailable,
     iso,
 )
+from chalicelib.domain.reconciliation import bill_day
 from chalicelib.store.base import (
     StoreBase,
     conditional,
@@ -212,6 +213,7 @@ class OrderStore(StoreBase):
                     m.Order.status.set(PAID),
                     m.Order.transaction_id.set(trade_no),
                     m.Order.pay_time.set(iso(pay_time)),
+                    m.Order.pay_day.set(bill_day(pay_time).isoformat()),
                     m.Order.notify_id.set(notify_id or ""),
                     m.Order.update_time.set(iso(now)),
                     m.Order.unpaid.remove(),

@@ -45,6 +45,7 @@ from chalicelib.domain import (
     iso,
     parse_iso,
 )
+from chalicelib.domain.reconciliation import bill_day
 from chalicelib.store.base import (
     StoreBase,
     dynamo,
@@ -107,7 +108,8 @@ class RefundStore(StoreBase):
         refund_actions = [r.status.set(status.value), r.finish_time.set(iso(now))]
         if status == RefundStatus.SUCCEEDED:
             refund_actions += [r.open_status.remove(), r.failure_code.remove(),
-                               r.failure_message.remove()]
+                               r.failure_message.remove(),
+                               r.finish_day.set(bill_day(now).isoformat())]
         else:
             refund_actions += [r.open_status.set(OPEN_FLAG),
                                r.failure_code.set(failure_code or "UNKNOWN"),

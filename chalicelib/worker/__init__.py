@@ -22,10 +22,11 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from chalicelib import admin, broker, handlers, metrics, refunds, seckill
+from chalicelib import admin, broker, handlers, metrics, reconcile, refunds, seckill
 from chalicelib.config import Settings
 from chalicelib.context import Deps
 from chalicelib.domain import Unavailable, Unprocessable
@@ -105,7 +106,13 @@ def throttled(handle: Handle, bucket: TokenBucket) -> Handle:
     return paced
 
 
+RECONCILE_ROUND_SECONDS = 600.0  # as the deployed reconciler's schedule
+
+
 def sweep_forever(d: Deps, stop: threading.Event, interval: float) -> None:
+    """The sweeps; and where reconciliations run in-process (the local stack, which
+    has no scheduled functions), the reconciler's round every ten minutes."""
+    last_round: float | None = None
     while not stop.wait(interval):
         try:
             result = handlers.sweep(d)
@@ -114,6 +121,15 @@ def sweep_forever(d: Deps, stop: threading.Event, interval: float) -> None:
             metrics.emit_attention(admin.attention(d), stage=d.settings.stage)
         except Exception:  # noqa: BLE001 - the next round tries again
             log.exception("sweep failed")
+        if d.settings.reconcile_inline and d.gateway is not None and (
+                last_round is None or time.monotonic() - last_round >= RECONCILE_ROUND_SECONDS):
+            last_round = time.monotonic()
+            try:
+                ran = reconcile.run_scheduled(d)["ran"]
+                if ran:
+                    log.info("reconciliations: %s", ran)
+            except Exception:  # noqa: BLE001 - the next round tries again
+                log.exception("reconciliation round failed")
 
 
 def run(d: Deps, stop: threading.Event, *, prefetch: int | None = None,

@@ -16,12 +16,16 @@ Routes:
 - ``GET|PUT|DELETE /sandbox/faults``: the gateway's faults (slow, 5xx, unsigned or
   wrongly signed answers, slow notifies; see ``faults``).
 - ``GET /health``.
+- ``alipay.data.dataservice.bill.downloadurl.query`` on the gateway, ``GET
+  /downloadBillFile.resource?...&fileId=...`` (the bill, for 30 s) and ``POST|DELETE
+  /sandbox/bills/{yyyy-MM-dd}/edits`` (the test hook): see ``billing``.
 
 Settings (``make_server`` arguments, else the environment):
 ``SANDBOX_REFUND_NOTIFY`` (``1``, the default: a refund that moved money is
 notified to the trade's notify_url; ``0``: not) and ``SANDBOX_REFUND_RULE``
 (``alipay``, the default: partial refunds; ``sandbox``: Alipay's sandbox quirk,
-one refund per trade, of the whole amount).
+one refund per trade, of the whole amount); ``SANDBOX_BILLS_TODAY`` (``1``:
+today's bill may be fetched too; default ``0``, past days only, as Alipay).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from .billing import BILLS_TODAY_ENV, DOWNLOAD_PATH, EDITS_RE, BillDesk, parse_day
 from .constants import (
     API_METHODS,
     DEFAULT_NOTIFY_SCHEDULE,
@@ -141,6 +146,7 @@ class SandboxServer(ThreadingHTTPServer):
         refund_notify: bool = True,
         refund_rule: str = REFUND_RULE_ALIPAY,
         faults: GatewayFaults | None = None,
+        bills_today: bool = False,
     ) -> None:
         super().__init__(address, SandboxHandler)
         self.keys_dir = keys["app_private"].parent
@@ -155,6 +161,7 @@ class SandboxServer(ThreadingHTTPServer):
                                  first_delay=lambda: self.faults.faults.notify_delay_seconds)
         self.refund_notify = refund_notify
         self.book.on_refund(self._refunded)
+        self.bills = BillDesk(self.book.bill_records, seller_id, clock, serve_today=bills_today)
 
     @property
     def refund_rule(self) -> str:
@@ -255,6 +262,15 @@ class SandboxHandler(BaseHTTPRequestHandler):
             self._gateway(query)
         elif path == "/health":
             self._json(200, {"status": "ok"})
+        elif path == DOWNLOAD_PATH:
+            body = self.server.bills.download(query.get("fileId", ""))
+            if body is None:
+                self._html(404, error_page("Bill", "BILL_URL_EXPIRED",
+                                           "the download URL has expired (30 s) or is unknown"))
+            else:
+                self._send(200, body, "application/oct-stream",
+                           {"Content-Disposition": "attachment; filename="
+                            f"\"{query.get('downloadFileName', 'bill.csv.zip')}\""})
         elif path == "/sandbox/trades":
             self._json(200, {"items": self.server.book.snapshot_all()})
         elif path == FAULTS_PATH:
@@ -277,6 +293,9 @@ class SandboxHandler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         path, query = self._split()
+        if (edits_of := EDITS_RE.match(path)) is not None:
+            self._edit_bill(edits_of.group(1))
+            return
         try:
             form = self._read_form()
         except ValueError:
@@ -321,6 +340,14 @@ class SandboxHandler(BaseHTTPRequestHandler):
 
     def do_DELETE(self) -> None:
         path, _ = self._split()
+        if (edits_of := EDITS_RE.match(path)) is not None:
+            try:
+                self.server.bills.clear(parse_day(edits_of.group(1)))
+            except ValueError as exc:
+                self._json(400, {"error": "BAD_REQUEST", "detail": str(exc)})
+                return
+            self._json(200, {"day": edits_of.group(1), "edits": None})
+            return
         if path == FAULTS_PATH:
             self.server.faults.set(GatewayFaults())
             self._json(200, self.server.faults.report())
@@ -332,6 +359,16 @@ class SandboxHandler(BaseHTTPRequestHandler):
         self._set_fault(out_trade_no, None)
 
     # --- test hooks -------------------------------------------------------
+
+    def _edit_bill(self, day_text: str) -> None:
+        try:
+            day = parse_day(day_text)
+            edits = self.server.bills.edit(day, self._read_json())
+        except (ValueError, UnicodeDecodeError) as exc:
+            self._json(400, {"error": "BAD_REQUEST", "detail": str(exc)})
+            return
+        logger.info("bill edited", extra={"event": "bill_edited", "day": day_text})
+        self._json(200, {"day": day_text, "edits": edits})
 
     @staticmethod
     def _fault_target(path: str) -> str | None:
@@ -452,6 +489,8 @@ class SandboxHandler(BaseHTTPRequestHandler):
             "alipay.trade.close": book.close,
             "alipay.trade.refund": book.refund,
             "alipay.trade.fastpay.refund.query": book.refund_query,
+            "alipay.data.dataservice.bill.downloadurl.query":
+                lambda biz: self.server.bills.issue(biz, self.server.base_url),
         }[method]
         biz: dict[str, Any] = {}
         try:
@@ -611,6 +650,7 @@ def make_server(
     refund_notify: bool | None = None,
     refund_rule: str | None = None,
     faults: GatewayFaults | None = None,
+    bills_today: bool | None = None,
 ) -> SandboxServer:
     """A sandbox bound to ``host:port`` (0 picks a free port); call ``serve_forever``.
 
@@ -633,6 +673,9 @@ def make_server(
         refund_rule = parse_refund_rule(env) if env else REFUND_RULE_ALIPAY
     else:
         refund_rule = parse_refund_rule(refund_rule)
+    if bills_today is None:
+        env = os.environ.get(BILLS_TODAY_ENV)
+        bills_today = parse_flag(env, BILLS_TODAY_ENV) if env else False
     keys = ensure_keys(Path(keys_dir))
     server = SandboxServer(
         (host, port),
@@ -644,6 +687,7 @@ def make_server(
         refund_notify=refund_notify,
         refund_rule=refund_rule,
         faults=faults if faults is not None else GatewayFaults.from_env(),
+        bills_today=bills_today,
     )
     logger.info(
         "sandbox ready",

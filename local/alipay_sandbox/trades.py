@@ -46,10 +46,13 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from .bills import PAYMENT as PAYMENT_ROW
+from .bills import REFUND as REFUND_ROW
+from .bills import BillRecord
 from .constants import LOCAL_BUYER_ID
 from .signer import ALIPAY_TIME_FORMAT, SHANGHAI, alipay_time, alipay_time_ms, money
 
@@ -775,6 +778,22 @@ class TradeBook:
                 return None
             self._refresh(trade, now)
             return trade.to_json()
+
+    def bill_records(self, day: date) -> list[BillRecord]:
+        """The rows of ``day``'s trade bill (Asia/Shanghai): each payment on its
+        gmt_payment's day, each refund on its gmt_refund's day, in time order."""
+        with self._lock:
+            rows: list[BillRecord] = []
+            for t in self._trades.values():
+                if t.gmt_payment is not None and t.gmt_payment.astimezone(SHANGHAI).date() == day:
+                    rows.append(BillRecord(PAYMENT_ROW, t.trade_no, t.out_trade_no, t.subject,
+                                           t.total_amount, t.gmt_create, t.gmt_payment))
+                for r in t.refunds.values():
+                    if r.gmt_refund.astimezone(SHANGHAI).date() == day:
+                        rows.append(BillRecord(REFUND_ROW, t.trade_no, t.out_trade_no,
+                                               t.subject, r.refund_amount, t.gmt_create,
+                                               r.gmt_refund, out_request_no=r.out_request_no))
+        return sorted(rows, key=lambda row: row.finished)
 
     def snapshot_all(self) -> list[dict[str, Any]]:
         now = self._clock()

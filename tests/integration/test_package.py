@@ -1,11 +1,12 @@
 """`make package STAGE=prod`, checked offline: the SAM template chalice writes with
 .chalice/resources.json merged in holds the tables (keys and indexes as the
-pynamodb models declare them), the functions, the sweeper's schedule, the notify
-function URL, a least-privilege role per function (its own log group; per table,
-the actions that function's code makes; no `*`), each function's own settings
-and no other's (no secret in the template, only references to SSM and Secrets
-Manager), the alarms that page a person on the attention list's metrics, and a
-template cfn-lint passes.
+pynamodb models declare them), the functions, the sweeper's and the
+reconciler's schedules, the notify function URL, a least-privilege role per
+function (its own log group; per table, the actions that function's code makes;
+no `*` but the bills' prefix), each function's own settings and no other's (no
+secret in the template, only references to SSM and Secrets Manager), the bills
+bucket (private, only the reconciler writes bills), the alarms that page a person
+on the attention list's metrics, and a template cfn-lint passes.
 
 The build is the real one (local.package, as the Makefile runs it). The first
 build on a machine downloads the Lambda wheels from PyPI; chalice caches them in
@@ -25,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from chalicelib import config, metrics
+from chalicelib import config, metrics, reconcile
 from local import package
 from tests.conftest import MODELS
 
@@ -39,13 +40,17 @@ FUNCTIONS = {  # logical id -> handler
     "APIHandler": "app.app",
     "JwtAuth": "app.jwt_auth",
     "Sweeper": "app.sweeper",
+    "Reconciler": "app.reconciler",
     "AlipayNotifyUrl": "app.alipay_notify_url",
 }
 ROLES = {"APIHandler": "api", "JwtAuth": "authorizer", "Sweeper": "sweeper",
-         "AlipayNotifyUrl": "notify"}
+         "Reconciler": "reconciler", "AlipayNotifyUrl": "notify"}
 FUNCTION_NAMES = {"APIHandler": f"shop-pay-{STAGE}", "JwtAuth": f"shop-pay-{STAGE}-jwt_auth",
                   "Sweeper": f"shop-pay-{STAGE}-sweeper",
+                  "Reconciler": f"shop-pay-{STAGE}-reconciler",
                   "AlipayNotifyUrl": f"shop-pay-{STAGE}-alipay_notify_url"}
+# The stage's bills bucket: one name per account and region (S3's names are global).
+BILLS_BUCKET = f"shop-pay-{STAGE}-bills-${{AWS::AccountId}}-${{AWS::Region}}"
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +78,16 @@ def test_functions_and_the_sweepers_schedule(built: Any) -> None:
         assert fn["Properties"]["CodeUri"] == "./deployment.zip"
     events = functions["Sweeper"]["Properties"]["Events"]
     assert [e["Properties"]["Schedule"] for e in events.values()] == ["rate(5 minutes)"]
+    # The reconciler: a round every ten minutes; a big day's bill (200,000 rows,
+    # downloaded, kept, matched through SQLite) gets Lambda's longest run.
+    reconciler = functions["Reconciler"]["Properties"]
+    assert [e["Properties"]["Schedule"] for e in reconciler["Events"].values()] == [
+        "rate(10 minutes)"]
+    assert (reconciler["Timeout"], reconciler["MemorySize"]) == (900, 512)
+    # A run that dies with its function leaves its day's lease to run out, never a
+    # live run's lease expiring under it.
+    assert reconciler["Timeout"] < reconcile.LEASE_SECONDS
+    assert functions["APIHandler"]["Properties"]["Timeout"] == 30
     assert "RestAPI" in template["Resources"]
     assert (out / "deployment.zip").stat().st_size > 1_000_000
 
@@ -203,6 +218,8 @@ def test_policy_is_least_privilege(built: Any) -> None:
         assert logs["Action"] == ["logs:CreateLogStream", "logs:PutLogEvents"], fn
         own = re.escape(f"log-group:{group['Properties']['LogGroupName']}") + r":\*"
         assert re.fullmatch(arn % ("logs", own), _arn(logs["Resource"])), fn
+        # The bills' statement: test_only_the_reconciler_writes_bills.
+        tables = [st for st in tables if st.get("Sid") != "KeepBills"]
         for st in tables:
             assert all(a.startswith("dynamodb:") for a in _listed(st["Action"])), fn
             assert all(re.fullmatch(arn % ("dynamodb", rf"table/shop-{STAGE}-[\w./-]+"), _arn(r))
@@ -225,7 +242,16 @@ TABLE_ACTIONS = {
     "seckill": {"GetItem", "PutItem", "UpdateItem", "DeleteItem"},  # tickets, claims
     "refunds": {"GetItem", "PutItem", "UpdateItem"},
     "timeline": {"Query", "PutItem"},
+    # reports and their differences (GET), resolve (UpdateItem), an operator's request
+    # of a day (UpdateItem, or PutItem of its first report); the two indexes list
+    # the days and the open differences. Never a run's own writes (below).
+    "reconciliations": {"GetItem", "PutItem", "UpdateItem", "Query"},
 }
+# What only a run of a day reads: the day's payments and refunds. The API never
+# runs a day on AWS (RECONCILE_INLINE is the local stack's; local.package refuses
+# it in a deployed function), so neither these nor a run's BatchWriteItem and
+# DeleteItem on reconciliations, nor the bills bucket, are the API's.
+RUN_ONLY_INDEXES = {"orders/index/paid-by-day", "refunds/index/succeeded-by-day"}
 ROLE_ACTIONS: dict[str, dict[str, set[str]]] = {
     "APIHandler": TABLE_ACTIONS,  # and Query on every index (below)
     "JwtAuth": {},  # verifies a token: no table
@@ -242,6 +268,24 @@ ROLE_ACTIONS: dict[str, dict[str, set[str]]] = {
         "timeline": {"PutItem"},
         "orders/index/unpaid-by-check-time": {"Query"}, "orders/index/recheck-by-time": {"Query"},
         "orders/index/paid-but-closed": {"Query"}, "refunds/index/open-by-time": {"Query"},
+        # admin.attention's open differences and failed days, for the metrics
+        "reconciliations/index/open-by-day": {"Query"},
+    },
+    # reconcile.run_scheduled: the days asked for and the failed ones (open-by-day),
+    # a day's reports (get, put with a lease, query), its differences and extras
+    # (batch_write, delete of stale ones), the day's payments and refunds (the two
+    # by-day indexes), the orders and refunds a row names (GetItem); a payment for
+    # a closed order goes back as the sweeper's do (mark_paid_but_closed,
+    # reserve_refund/settle_refund, the timeline). Not reports-by-day: only the
+    # API lists the days.
+    "Reconciler": {
+        "orders": {"GetItem", "UpdateItem"},
+        "refunds": {"GetItem", "PutItem", "UpdateItem"},
+        "timeline": {"PutItem"},
+        "reconciliations": {"GetItem", "PutItem", "UpdateItem", "DeleteItem",
+                            "BatchWriteItem", "Query"},
+        "orders/index/paid-by-day": {"Query"}, "refunds/index/succeeded-by-day": {"Query"},
+        "reconciliations/index/open-by-day": {"Query"},
     },
 }
 # The actions a reader sees in the store's source, per table: each must be in the
@@ -307,7 +351,9 @@ def test_policy_grants_each_table_only_what_the_store_calls(built: Any) -> None:
                f"{i['IndexName']}"
                for t in resources(template, "AWS::DynamoDB::Table").values()
                for i in t["Properties"].get("GlobalSecondaryIndexes", [])}
-    wants = {**ROLE_ACTIONS, "APIHandler": {**TABLE_ACTIONS, **{i: {"Query"} for i in indexes}}}
+    wants = {**ROLE_ACTIONS, "APIHandler": {**TABLE_ACTIONS, **{
+        i: {"Query"} for i in indexes - RUN_ONLY_INDEXES}}}
+    assert RUN_ONLY_INDEXES <= indexes
     assert set(TABLE_ACTIONS) == set(_model_tables())
     assert set(wants) == set(FUNCTIONS)
     for fn, want in wants.items():
@@ -316,13 +362,18 @@ def test_policy_grants_each_table_only_what_the_store_calls(built: Any) -> None:
         got = {r.removeprefix(f"shop-{STAGE}-"): a for r, a in grants.items()}
         assert got == want, fn
     # Cross-checked against the source: what it visibly calls is granted (to the API,
-    # which serves every route), and of those kinds of calls nothing is granted to
-    # any function that the store never makes.
+    # which serves every route, but a day's run, which only the reconciler makes), and
+    # of those kinds of calls nothing is granted to any function that the store never
+    # makes.
     calls = _store_calls()
     assert {("Scan", "goods"), ("Query", "orders/index/unpaid-by-check-time"),
             ("DeleteItem", "carts"), ("DescribeTable", "orders")} <= calls  # the parser works
     granted = {(a, r) for r, acts in wants["APIHandler"].items() for a in acts}
-    assert calls - granted == set(), "the store calls what the policy does not grant"
+    assert calls - granted == {("Query", i) for i in RUN_ONLY_INDEXES} | {
+        ("BatchWriteItem", "reconciliations"), ("DeleteItem", "reconciliations")}, (
+        "the store calls what the policy does not grant")
+    reconciler = {(a, r) for r, acts in wants["Reconciler"].items() for a in acts}
+    assert calls - granted <= reconciler
     for fn, want in wants.items():
         assert {(a, r) for r, acts in want.items() for a in acts
                 if a in SEEN_IN_SOURCE} - calls == set(), (fn, "grants what the store never calls")
@@ -331,7 +382,7 @@ def test_policy_grants_each_table_only_what_the_store_calls(built: Any) -> None:
         "APIHandler"}
 
 
-POLICY_FILES = ("", "-authorizer", "-notify", "-sweeper")
+POLICY_FILES = ("", "-authorizer", "-notify", "-sweeper", "-reconciler")
 
 
 def test_the_stages_policies_differ_only_in_the_stage() -> None:
@@ -371,9 +422,13 @@ def test_the_notify_function_has_reserved_concurrency(built: Any) -> None:
     template, _, _ = built
     props = template["Resources"]["AlipayNotifyUrl"]["Properties"]
     assert props["ReservedConcurrentExecutions"] == 10
+    # The reconciler, one at a time: a round that outlives ten minutes is not joined
+    # by the next (a day's lease would turn it away anyway, after its own queries).
+    assert template["Resources"]["Reconciler"]["Properties"][
+        "ReservedConcurrentExecutions"] == 1
     others = [k for k, v in resources(template, "AWS::Serverless::Function").items()
               if "ReservedConcurrentExecutions" in v["Properties"]]
-    assert others == ["AlipayNotifyUrl"]
+    assert sorted(others) == ["AlipayNotifyUrl", "Reconciler"]
 
 
 def test_each_attention_metric_has_an_alarm_that_notifies_the_topic(built: Any) -> None:
@@ -427,7 +482,16 @@ def test_indexes_can_be_left_out_for_a_table_that_exists_already() -> None:
         k["AttributeName"] for i in props["GlobalSecondaryIndexes"] for k in i["KeySchema"]}
     assert {a["AttributeName"] for a in props["AttributeDefinitions"]} == used
     assert "transaction_id" not in used and "status" in used
-    refunds = package.merge_template(STAGE, ["by-order", "open-by-time"])["Resources"]
+    # The reconciliation's two indexes on tables that exist: one each, in one step.
+    step = package.merge_template(STAGE, ["paid-by-day", "succeeded-by-day"])["Resources"]
+    for table, attribute in (("OrdersTable", "pay_day"), ("RefundsTable", "finish_day")):
+        props = step[table]["Properties"]
+        assert attribute not in {a["AttributeName"] for a in props["AttributeDefinitions"]}
+        assert len(props["GlobalSecondaryIndexes"]) == len(
+            package.merge_template(STAGE)["Resources"][table]["Properties"][
+                "GlobalSecondaryIndexes"]) - 1
+    refunds = package.merge_template(STAGE, ["by-order", "open-by-time", "succeeded-by-day"]
+                                     )["Resources"]
     assert "GlobalSecondaryIndexes" not in refunds["RefundsTable"]["Properties"]
     assert refunds["RefundsTable"]["Properties"]["AttributeDefinitions"] == [
         {"AttributeName": "id", "AttributeType": "S"}]
@@ -441,7 +505,7 @@ def test_settings_come_from_ssm_and_secrets_manager(built: Any) -> None:
     starts with them: the notify function with Alipay's public key, ids and the
     publish-only broker user; the authorizer with the JWT secret only."""
     template, _, _ = built
-    guarded = (*SECRET_SETTINGS, *SSM_SETTINGS, "RMQ_WORKER_URL")
+    guarded = (*SECRET_SETTINGS, *SSM_SETTINGS, "RMQ_WORKER_URL", "BILLS_BUCKET")
     for fn, role in ROLES.items():
         env = function_env(template, fn)
         assert env["FUNCTION_ROLE"] == role
@@ -458,6 +522,9 @@ def test_settings_come_from_ssm_and_secrets_manager(built: Any) -> None:
         resolved = {k: v if not isinstance(v, str) or "{{resolve:" not in v else
                     (SECRET if k == "JWT_SECRET" else "resolved")
                     for k, v in env.items()}
+        if "BILLS_BUCKET" in env:  # the template's own bucket, named when it is made
+            assert env["BILLS_BUCKET"] == {"Ref": "BillsBucket"}, fn
+            resolved["BILLS_BUCKET"] = "shop-pay-prod-bills-123456789012-us-east-1"
         resolved = {k: v for k, v in resolved.items() if isinstance(v, str)}
         config.check(config.load({**resolved, "AWS_LAMBDA_FUNCTION_NAME": FUNCTION_NAMES[fn]}))
     assert set(config.ROLE_NEEDS["notify"]) == {
@@ -466,6 +533,63 @@ def test_settings_come_from_ssm_and_secrets_manager(built: Any) -> None:
 
 
 SECRET = "x" * 48  # what Secrets Manager would hand the authorizer
+
+
+def test_the_bills_bucket_is_private_and_only_the_reconciler_writes_bills(built: Any) -> None:
+    """The raw bills are the evidence behind every difference: kept (versioned, never
+    deleted with the stack), encrypted, unreachable from the internet and over
+    plain HTTP, and written by the reconciler alone, under bills/ alone.
+
+    Not the API, though RECONCILE_INLINE=1 would have it run a day: the public
+    edge should not be able to plant a bill, and on AWS a big day outlives API
+    Gateway's 29 s anyway. `make package` refuses RECONCILE_INLINE in a deployed
+    function, so no function runs a day without this grant."""
+    template, _, _ = built
+    (bucket_id, bucket), = resources(template, "AWS::S3::Bucket").items()
+    props = bucket["Properties"]
+    assert bucket["DeletionPolicy"] == bucket["UpdateReplacePolicy"] == "Retain"
+    assert props["BucketName"] == {"Fn::Sub": BILLS_BUCKET}
+    assert props["VersioningConfiguration"] == {"Status": "Enabled"}
+    (sse,) = props["BucketEncryption"]["ServerSideEncryptionConfiguration"]
+    assert sse["ServerSideEncryptionByDefault"] == {"SSEAlgorithm": "AES256"}
+    assert props["PublicAccessBlockConfiguration"] == {
+        "BlockPublicAcls": True, "BlockPublicPolicy": True, "IgnorePublicAcls": True,
+        "RestrictPublicBuckets": True}
+    assert props["OwnershipControls"] == {"Rules": [{"ObjectOwnership": "BucketOwnerEnforced"}]}
+    (policy,) = resources(template, "AWS::S3::BucketPolicy").values()
+    assert policy["Properties"]["Bucket"] == {"Ref": bucket_id}
+    (deny,) = policy["Properties"]["PolicyDocument"]["Statement"]
+    assert (deny["Effect"], deny["Principal"], deny["Action"]) == ("Deny", "*", "s3:*")
+    assert deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    assert deny["Resource"] == [{"Fn::GetAtt": [bucket_id, "Arn"]},
+                                {"Fn::Sub": f"${{{bucket_id}.Arn}}/*"}]
+    # Who may touch S3 at all: the reconciler, PutObject under bills/ of this bucket.
+    s3 = {}
+    for fn in FUNCTIONS:
+        (role_policy,) = role_of(template, fn)["Properties"]["Policies"]
+        for st in _listed(role_policy["PolicyDocument"]["Statement"]):
+            if any(a.startswith("s3:") for a in _listed(st["Action"])) or any(
+                    ":s3:" in _arn(r) for r in _listed(st["Resource"])):
+                s3.setdefault(fn, []).append(st)
+    assert list(s3) == ["Reconciler"]
+    (put,) = s3["Reconciler"]
+    assert (put["Effect"], put["Action"]) == ("Allow", ["s3:PutObject"])
+    assert put["Resource"] == {"Fn::Sub": f"arn:${{AWS::Partition}}:s3:::{BILLS_BUCKET}/bills/*"}
+    # ... and it is told that bucket; no other function is given one.
+    assert function_env(template, "Reconciler")["BILLS_BUCKET"] == {"Ref": bucket_id}
+    assert [fn for fn in FUNCTIONS if "BILLS_BUCKET" in function_env(template, fn)] == [
+        "Reconciler"]
+    assert template["Outputs"]["BillsBucketName"]["Value"] == {"Ref": bucket_id}
+    # No deployed function runs a day inside itself (the default off the local stages).
+    for fn in FUNCTIONS:
+        env = function_env(template, fn)
+        assert config.load({k: v for k, v in env.items() if isinstance(v, str)}
+                           ).reconcile_inline is False, fn
+    planted = copy.deepcopy(template)
+    function_env(planted, "APIHandler")["RECONCILE_INLINE"] = "1"
+    assert package.policy_problems(planted) == [
+        "APIHandler (api) has RECONCILE_INLINE set: on AWS only the reconciler function "
+        "runs a day (the others may not write it)"]
 
 
 def test_no_secret_in_the_template_or_the_zip(built: Any) -> None:

@@ -8,18 +8,20 @@ import io
 import json
 import logging
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from chalicelib import admin, metrics
 from chalicelib.domain import Refund, RefundStatus
+from chalicelib.domain.reconciliation import Difference, DifferenceKind, EntryKind
 from chalicelib.logs import JsonFormatter
 from chalicelib.metrics import RawLineHandler, emit_attention
 
 NOW = datetime(2026, 12, 1, 8, 0, 0, 123000, tzinfo=UTC)
-NAMES = ["ParkedMessages", "RefundsFailed", "RefundsPendingTooLong", "PaidButClosed"]
+NAMES = ["ParkedMessages", "RefundsFailed", "RefundsPendingTooLong", "PaidButClosed",
+         "ReconciliationDifferences", "ReconciliationFailedDays"]
 
 
 def refund(n: int, status: str) -> dict[str, Any]:
@@ -34,7 +36,8 @@ ATTENTION = {
     "refunds": [refund(1, "FAILED"), refund(2, "PENDING"), refund(3, "FAILED"),
                 refund(4, "FAILED")],
     "paidButClosed": ["ORDER_7", "ORDER_8"],
-    "reconciliation": [], "failedRuns": [], "deliveries": [],
+    "reconciliation": [{"id": "a"}, {"id": "b"}, {"id": "c"}], "failedRuns": ["2026-12-01"],
+    "deliveries": [],
 }
 
 
@@ -80,7 +83,8 @@ def test_one_emf_line_with_every_metric_computed(captured: Any) -> None:
     log, stream = captured
     values = emit_attention(ATTENTION, log=log, stage="prod", now=NOW)
     assert values == {"ParkedMessages": 5, "RefundsFailed": 3, "RefundsPendingTooLong": 1,
-                      "PaidButClosed": 2}
+                      "PaidButClosed": 2, "ReconciliationDifferences": 3,
+                      "ReconciliationFailedDays": 1}
     record = one_line(stream.getvalue())
     assert_valid_emf(record)
     assert [m["Name"] for m in record["_aws"]["CloudWatchMetrics"][0]["Metrics"]] == NAMES
@@ -179,6 +183,14 @@ def test_the_attention_lists_refunds_split_as_the_metrics_count_them() -> None:
         def paid_but_closed(self) -> list[str]:
             return ["ORDER_9"]
 
+        def open_differences(self) -> list[Difference]:
+            return [Difference(f"{n:020x}", date(2026, 12, 1), DifferenceKind.ALIPAY_ONLY,
+                               EntryKind.PAYMENT, None, f"T{n}", None, {}, None)
+                    for n in range(3)]
+
+        def failed_days(self) -> list[date]:
+            return [date(2026, 11, 30)]
+
     class Broker:
         def parked_counts(self) -> dict[str, int]:
             return {"queue.order.pay.parked": 4}
@@ -187,7 +199,8 @@ def test_the_attention_lists_refunds_split_as_the_metrics_count_them() -> None:
                           "broker": Broker()})()
     values = metrics.attention_values(admin.attention(deps))  # type: ignore[arg-type]
     assert values == {"ParkedMessages": 4, "RefundsFailed": 2, "RefundsPendingTooLong": 1,
-                      "PaidButClosed": 1}
+                      "PaidButClosed": 1, "ReconciliationDifferences": 3,
+                      "ReconciliationFailedDays": 1}
 
 
 def test_properties_never_replace_the_directive_the_dimension_or_a_value() -> None:
