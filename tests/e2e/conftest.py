@@ -71,7 +71,9 @@ def stack(vhost: str) -> Iterator[dict[str, str]]:
                "JWT_SECRET", "SALES_TABLE", "SECKILL_TABLE")}
     env.update({k: str(v) for k, v in ports.items()})
     env.update({"RMQ_URL": vhost, "STAGE": "local", "JWT_SECRET": LOCAL_JWT_SECRET,
-                "PYTHONUNBUFFERED": "1"})
+                "PYTHONUNBUFFERED": "1",
+                # The walks reconcile today: Alipay (and so the sandbox) serves past days only.
+                "SANDBOX_BILLS_TODAY": "1"})
     proc = subprocess.Popen([sys.executable, "-m", "local", "run"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)

@@ -5,26 +5,34 @@ order by its Alipay trade number, refunds part of it, is told plainly when askin
 for more than is left, refunds the rest, and sees the order REFUNDED; the
 sandbox's trade shows the whole amount refunded. A second walk: a refund Alipay
 refuses shows FAILED and in the attention list, and its Retry makes it SUCCEEDED.
+A third: the operator reconciles today against the sandbox's bill, resolves the
+difference a trade unknown to the shop makes, and exports the day's CSV.
 
 The stack is started by the fixtures in conftest.py (`python -m local run` on free
 ports, a fresh RabbitMQ vhost). A screenshot of each step goes to
-tests/e2e/screenshots/ (operator-01-... and operator-retry-01-...; ignored by git).
+tests/e2e/screenshots/ (operator-01-..., operator-retry-01-... and
+operator-recon-01-...; ignored by git).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import secrets
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from chalicelib import auth
+from chalicelib import auth, reconcile
 from chalicelib.config import LOCAL_JWT_SECRET
+from chalicelib.domain.reconciliation import bill_day
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.browser
@@ -302,5 +310,141 @@ def test_a_failed_refund_is_retried_from_the_attention_list(stack: dict[str, str
     trade = _ok(_http("GET", f"{sandbox}/sandbox/trades/{order_id}"), 200)
     assert trade["refunded_amount"] == "5.00", trade
     assert [r["out_request_no"] for r in trade["refunds"]] == [refund_id], trade
+    assert errors == [], errors
+    context.close()
+
+
+def test_an_operator_reconciles_a_day_in_the_browser(stack: dict[str, str],
+                                                     browser: Any) -> None:
+    """Today's bill (the sandbox serves it: SANDBOX_BILLS_TODAY=1) holds a payment of
+    the shop's and, through the sandbox's bill-edits hook, a 9.90 trade the shop never
+    heard of. On the operator page the operator runs today's reconciliation: the day
+    is DIFFERENCES, the shop's payment matched, the unknown trade is ALIPAY_ONLY and
+    in the attention list; resolved with a note it shows resolved, the exported CSV
+    says so, and GET /admin/attention no longer lists it."""
+    from playwright.sync_api import expect
+
+    api, sandbox = stack["api"], stack["sandbox"]
+    SHOTS.mkdir(exist_ok=True)
+    for old in SHOTS.glob("operator-recon-*.png"):
+        old.unlink()
+    # The bill's day is a day in Asia/Shanghai, as Alipay cuts its bills.
+    today = bill_day(datetime.now(UTC)).isoformat()
+    order_id, trade = _paid_order(api, sandbox)
+    stranger = f"EXT_{uuid.uuid4().hex[:12]}"  # not an order id of the shop's
+    stranger_trade = f"{today.replace('-', '')}2200{secrets.randbelow(10**16):016d}"
+    note = f"a test payment made in Alipay's console, refunded there ({uuid.uuid4().hex[:6]})"
+    _ok(_http("POST", f"{sandbox}/sandbox/bills/{today}/edits", body={"add": [
+        {"trade_no": stranger_trade, "out_trade_no": stranger, "type": "交易",
+         "amount": "9.90"}]}), 200, 201, 204)
+
+    operator = f"erin-{uuid.uuid4().hex[:4]}"
+    token = auth.issue(LOCAL_JWT_SECRET, operator, 3600, role=auth.OPERATOR)
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, locale="en-US",
+                                  accept_downloads=True)
+    page = context.new_page()
+    # A run reads the whole bill inside the request (the local stage): more than a click.
+    page.set_default_timeout(STEP_TIMEOUT_MS * 2)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+
+    def shot(name: str) -> None:
+        page.screenshot(path=str(SHOTS / f"operator-recon-{name}.png"), full_page=True)
+
+    # 1. Sign in; the Reconciliation section offers today (Asia/Shanghai) to run.
+    page.goto(api + "/admin")
+    page.fill("#token", token)
+    page.click("#login")
+    expect(page.locator("#who")).to_have_text(f"signed in as {operator} (operator)")
+    expect(page.locator("#recon-date")).to_have_value(today)
+
+    # 2. Run today: the report answers in the request (or the page follows a 202).
+    page.fill("#recon-date", today)
+    page.click("#recon-run")
+    expect(page.locator("#recon-result")).to_have_text(f"{today}: DIFFERENCES")
+    day_row = page.locator(f"#recon-list tr[data-date='{today}']")
+    expect(day_row.locator(".status")).to_have_text("DIFFERENCES")
+    expect(page.locator("#recon-report-date")).to_have_text(today)
+    expect(page.locator("#recon-report-status")).to_have_text("DIFFERENCES")
+    expect(page.locator("#recon-report-reason")).to_be_hidden()
+    report = _ok(_http("GET", f"{api}/admin/reconciliations/{today}", token=token), 200)
+    assert report["status"] == "DIFFERENCES" and report["requestedBy"] == operator, report
+    for key, side in (("alipay", "alipay"), ("shop", "shop")):  # the page shows both sides
+        row = page.locator(f"#recon-sides-table tr[data-side='{side}']")
+        expect(row.locator(".payments")).to_have_text(str(report[key]["payments"]))
+        expect(row.locator(".payments-total")).to_have_text(f"¥{report[key]['paymentsTotal']}")
+        expect(row.locator(".refunds")).to_have_text(str(report[key]["refunds"]))
+        expect(row.locator(".refunds-total")).to_have_text(f"¥{report[key]['refundsTotal']}")
+    # The shop's own payment is in the bill: it matched (no difference, nothing carried).
+    assert report["alipay"]["payments"] >= 2, report
+    assert all(d["orderId"] != order_id for d in report["differences"]), report
+    assert all(c["orderId"] != order_id for c in report["carried"]), report
+    assert trade["trade_no"] not in page.inner_text("#recon-differences")
+
+    # 3. The unknown trade: ALIPAY_ONLY, the bill's 9.90 and no amount of the shop's,
+    #    open, and in the attention list with a link to its day.
+    found = [d for d in report["differences"] if d["tradeNo"] == stranger_trade]
+    assert len(found) == 1, report["differences"]
+    difference = found[0]
+    assert difference["kind"] == "ALIPAY_ONLY" and difference["shop"] is None, difference
+    assert difference["alipay"]["订单金额（元）"] == "9.90", difference
+    row = page.locator(f"#recon-difference-list tr[data-difference-id='{difference['id']}']")
+    expect(row).to_have_attribute("data-kind", "ALIPAY_ONLY")
+    expect(row).to_have_attribute("data-resolved", "false")
+    expect(row.locator(".kind")).to_have_text("ALIPAY_ONLY")
+    expect(row.locator(".order")).to_have_text(stranger)
+    expect(row.locator(".trade")).to_contain_text(stranger_trade)
+    expect(row.locator(".alipay-amount")).to_have_text("¥9.90")
+    expect(row.locator(".shop-amount")).to_have_text("—")
+    listed = page.locator(f"#attention-differences li[data-difference-id='{difference['id']}']")
+    expect(listed).to_contain_text("ALIPAY_ONLY")
+    expect(listed.locator("a.open-day")).to_have_attribute("href", f"#reconciliation={today}")
+    shot("01-differences")
+
+    # 4. Resolve it with a note (the page's own field, not a prompt): resolved, by whom.
+    row.locator("button.resolve").click()
+    expect(page.locator("#resolve-id")).to_have_text(difference["id"])
+    page.fill("#resolve-note", note)
+    page.click("#resolve-submit")
+    expect(row).to_have_attribute("data-resolved", "true")
+    expect(row.locator(".badge")).to_have_text("RESOLVED")
+    expect(row.locator(".resolved-by")).to_have_text(operator)
+    expect(row.locator(".note")).to_have_text(note)
+    expect(row.locator("button.resolve")).to_have_count(0)
+    expect(page.locator("#resolve-form")).to_be_hidden()
+    expect(page.locator("#message")).to_contain_text(
+        f"Difference {difference['id']} resolved by {operator}.")
+    expect(listed).to_have_count(0)
+    shot("02-resolved")
+
+    # 5. Open the day from the list of days: the same report, the difference resolved.
+    day_row.locator("a.open-day").click()
+    expect(page.locator("#recon-report-date")).to_have_text(today)
+    expect(row).to_have_attribute("data-resolved", "true")
+
+    # 6. Export the CSV (fetched with the token, handed over as a download).
+    with page.expect_download() as download:
+        page.click("#recon-export")
+    assert download.value.suggested_filename == f"differences-{today}.csv"
+    text = Path(download.value.path()).read_bytes().decode("utf-8")
+    lines = list(csv.reader(io.StringIO(text, newline="")))
+    assert tuple(lines[0]) == reconcile.CSV_COLUMNS, lines[0]
+    rows = [dict(zip(lines[0], line, strict=True)) for line in lines[1:]]
+    assert len(rows) == len(report["differences"]), rows
+    mine = [r for r in rows if r["tradeNo"] == stranger_trade]
+    assert len(mine) == 1, rows
+    assert mine[0] | {"resolvedAt": ""} == {
+        "id": difference["id"], "date": today, "kind": "ALIPAY_ONLY", "entry": "PAYMENT",
+        "orderId": stranger, "tradeNo": stranger_trade, "refundId": "",
+        "alipayAmount": "9.90", "shopAmount": "", "resolved": "yes", "note": note,
+        "resolvedBy": operator, "resolvedAt": ""}, mine
+    assert mine[0]["resolvedAt"].startswith(today[:4]), mine
+    shot("03-exported")
+
+    # 7. The API's attention list no longer carries it.
+    attention = _ok(_http("GET", f"{api}/admin/attention", token=token), 200)
+    assert difference["id"] not in {d["id"] for d in attention["reconciliation"]}, attention
+    assert today not in attention["failedRuns"], attention
+
     assert errors == [], errors
     context.close()
