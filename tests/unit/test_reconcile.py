@@ -9,6 +9,7 @@ import csv
 import dataclasses
 import io
 import json
+import time as time_module
 from datetime import UTC, date, datetime, time, timedelta
 from typing import IO, Any
 
@@ -431,3 +432,37 @@ def test_no_bill_before_the_bills_hour_is_not_taken_for_an_empty_day(d: Any) -> 
     assert report["status"] == "FAILED" and "no bill" in report["reason"]
     d.clock.now = at(D + timedelta(days=1), 10, 0)
     assert run(d, D)["status"] == "BALANCED"
+
+
+def test_the_local_workers_sweeps_run_the_reconcilers_round(d: Any) -> None:
+    import threading
+
+    from chalicelib import worker
+
+    stop = threading.Event()
+    runner = threading.Thread(target=worker.sweep_forever, args=(d, stop, 0.01))
+    runner.start()
+    try:
+        deadline = time_module.monotonic() + 5
+        while len(d.store.list_reconciliations()) < reconcile.LOOKBACK_DAYS:
+            assert time_module.monotonic() < deadline, "no round ran"
+            time_module.sleep(0.01)
+    finally:
+        stop.set()
+        runner.join(5)
+    assert {r.status for r in d.store.list_reconciliations()} == {ReportStatus.BALANCED}
+
+
+def test_without_inline_runs_the_worker_leaves_the_rounds_to_the_reconciler(d: Any) -> None:
+    import threading
+
+    from chalicelib import worker
+
+    d.settings = dataclasses.replace(d.settings, reconcile_inline=False)
+    stop = threading.Event()
+    runner = threading.Thread(target=worker.sweep_forever, args=(d, stop, 0.01))
+    runner.start()
+    time_module.sleep(0.2)
+    stop.set()
+    runner.join(5)
+    assert d.store.list_reconciliations() == []
