@@ -1,4 +1,5 @@
-"""chalicelib/archive.py on moto's S3 (in-process, `mock_aws`): a bill is kept
+"""chalicelib/archive.py on moto's S3 (the session's moto server, as `make run`
+serves it: `mock_aws` would reset that server's tables when it stops): a bill is kept
 byte for byte, encrypted, as a zip, under a key of its day; a day downloaded
 twice keeps both files; S3 failing is Unavailable, with the reason."""
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import date
@@ -14,27 +16,27 @@ from typing import Any
 
 import boto3
 import pytest
-from moto import mock_aws
 
 from chalicelib import archive
 from chalicelib.archive import S3BillArchive, archive_for
 from chalicelib.domain import Unavailable
 from tests.conftest import SETTINGS
 
-BUCKET = "shop-test-bills"
+BUCKET = f"shop-test-bills-{uuid.uuid4().hex[:8]}"
 DAY = date(2026, 12, 1)
 NAME = "20261201_trade.zip"
 
 
 @pytest.fixture
-def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    # mock_aws answers AWS's own addresses only: no local endpoint may divert the calls.
-    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
-        monkeypatch.delenv(name, raising=False)
-    with mock_aws():
-        client = boto3.client("s3", region_name="us-east-1")
+def s3(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_server)
+    client = boto3.client("s3", region_name="us-east-1", endpoint_url=moto_server)
+    existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+    if BUCKET not in existing:
         client.create_bucket(Bucket=BUCKET)
-        yield client
+    for kept in client.list_objects_v2(Bucket=BUCKET).get("Contents", []):  # a test's own
+        client.delete_object(Bucket=BUCKET, Key=kept["Key"])
+    yield client
 
 
 def test_a_bill_is_kept_unchanged_under_its_day(s3: Any) -> None:
