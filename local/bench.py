@@ -6,7 +6,8 @@ project's path, in the same run, with the same sizes, and prints both with
 their ratio. Absolute times drift on shared machines; the ratios are the result.
 
 Stages (by name or number): 1 drain, 2 notify, 3 create, 4 timeout, 5 e2e,
-6 cold, 7 shave. Default: all. The bench starts what it needs and removes it
+6 cold, 7 shave, 8 reconcile (local/bench_reconcile.py). Default: all.
+The bench starts what it needs and removes it
 afterwards: moto's DynamoDB server (`python -m local dynamodb`, the one `make run`
 uses, on a free port, in its own process so that it does not share a GIL with
 the code under test), a fresh RabbitMQ vhost per stage (rabbitmqctl), the
@@ -44,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("drain", "notify", "create", "timeout", "e2e", "cold", "shave")
+STAGES = ("drain", "notify", "create", "timeout", "e2e", "cold", "shave", "reconcile")
 CHECK_DELAY_S = 5  # the delay queue's TTL in every stage (stage 4's "5 s delay")
 RMQ_HOST = "127.0.0.1"
 RMQ_PORT = 5672
@@ -58,6 +59,7 @@ FULL = {
     "e2e_seconds": 12.0, "e2e_rate": 50.0,
     "cold_reps": 7,
     "shave_n": 5_000, "shave_rate": 60.0,
+    "reconcile_n": (20_000, 200_000),
 }
 QUICK = {
     "drain_n": 300, "scale_n": 150, "scale_workers": (1, 2),
@@ -67,6 +69,7 @@ QUICK = {
     "e2e_seconds": 2.0, "e2e_rate": 50.0,
     "cold_reps": 2,
     "shave_n": 200, "shave_rate": 50.0,
+    "reconcile_n": (2_000, 20_000),
 }
 
 _T0 = time.perf_counter()
@@ -1183,11 +1186,21 @@ def stage_shave(world: World) -> StageResult:
     return res
 
 
+# --- stage 8: the day's reconciliation (local/bench_reconcile.py) -------------------------
+
+
+def stage_reconcile(world: World) -> StageResult:
+    from local.bench_reconcile import stage_reconcile as run  # imports this module back
+
+    return run(world)
+
+
 # --- main ---------------------------------------------------------------------------------
 
 RUNNERS: dict[str, Callable[[World], StageResult]] = {
     "drain": stage_drain, "notify": stage_notify, "create": stage_create,
     "timeout": stage_timeout, "e2e": stage_e2e, "cold": stage_cold, "shave": stage_shave,
+    "reconcile": stage_reconcile,
 }
 
 
@@ -1196,9 +1209,10 @@ def _stage_names(given: Sequence[str]) -> list[str]:
         return list(STAGES)
     names = []
     for item in given:
-        name = STAGES[int(item) - 1] if item.isdigit() and 1 <= int(item) <= 7 else item
+        name = STAGES[int(item) - 1] if item.isdigit() and 1 <= int(item) <= len(STAGES) else item
         if name not in STAGES:
-            raise SystemExit(f"unknown stage {item!r}: one of {', '.join(STAGES)} or 1-7")
+            raise SystemExit(f"unknown stage {item!r}: one of {', '.join(STAGES)} or "
+                             f"1-{len(STAGES)}")
         names.append(name)
     return sorted(set(names), key=STAGES.index)
 
@@ -1206,7 +1220,8 @@ def _stage_names(given: Sequence[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m local bench", description=__doc__.split(
         "\n")[0])
-    parser.add_argument("stages", nargs="*", help=f"{', '.join(STAGES)} or 1-7 (default: all)")
+    parser.add_argument("stages", nargs="*",
+                        help=f"{', '.join(STAGES)} or 1-{len(STAGES)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     parser.add_argument("--out", default="bench-results.json", help="the JSON result file")
     parser.add_argument("--shave-rate", type=float, help="stage 7: the bridge's cap, msg/s")
