@@ -260,6 +260,14 @@ def parse_alipay_time(value: str) -> datetime:
     return local.replace(tzinfo=SHANGHAI).astimezone(UTC)
 
 
+def _content_length(text: str | None) -> int | None:
+    """The Content-Length header as a count; None when absent or not a count."""
+    value = (text or "").strip()
+    if not (value.isascii() and value.isdigit()):
+        return None
+    return int(value)
+
+
 def _alipay_time_or_none(text: str | None) -> datetime | None:
     """Alipay's clock as aware UTC; None when absent or malformed. Milliseconds
     (``2015-04-28 15:45:57.320``, as in ``gmt_refund``) are kept."""
@@ -610,12 +618,23 @@ class AlipayGateway:
         size = 0
         try:
             with urllib.request.urlopen(url, timeout=self.timeout) as answer:  # noqa: S310
+                # urlopen raises only for 4xx/5xx: a 204 or a 206 is no whole bill either.
+                if answer.status != 200:
+                    raise AlipayUnavailable(f"bill download: HTTP {answer.status}")
+                expected = _content_length(answer.headers.get("Content-Length"))
+                if expected is not None and expected > BILL_MAX_BYTES:
+                    raise AlipayUnavailable(f"bill download: {expected} bytes announced, "
+                                            f"more than {BILL_MAX_BYTES}")
                 while chunk := answer.read(BILL_CHUNK_BYTES):
                     size += len(chunk)
                     if size > BILL_MAX_BYTES:
                         raise AlipayUnavailable(f"bill download: more than "
                                                 f"{BILL_MAX_BYTES} bytes")
                     out.write(chunk)
+                # read(n) answers b"" when the connection drops early instead of raising
+                # IncompleteRead: a cut bill would pass for a whole one.
+                if expected is not None and size != expected:
+                    raise AlipayUnavailable(f"bill download: {size} of {expected} bytes")
         except urllib.error.HTTPError as exc:
             raise AlipayUnavailable(f"bill download: HTTP {exc.code}") from exc
         except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts, resets

@@ -1,5 +1,5 @@
 """``python -m local.alipay_sandbox [--host 127.0.0.1] [--port 8001] [--keys local/.keys]
-[--refund-notify 1|0] [--refund-rule alipay|sandbox] [--fault-rate R]
+[--refund-notify 1|0] [--refund-rule alipay|sandbox] [--bills-today 1|0] [--fault-rate R]
 [--faults slow,5xx,unsigned,badsign] [--slow-seconds S] [--notify-delay S]``
 (the faults: see ``local.alipay_sandbox.faults``)
 
@@ -20,6 +20,7 @@ from types import FrameType
 
 from . import faults as gateway_faults
 from . import logs
+from .billing import BILLS_TODAY_ENV
 from .constants import DEFAULT_KEYS_DIR, DEFAULT_PORT, LOCAL_APP_ID, LOCAL_SELLER_ID
 from .server import (
     NOTIFY_SCHEDULE_ENV,
@@ -67,6 +68,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"sandbox: one full refund per trade (default: ${REFUND_RULE_ENV}, else alipay)",
     )
     parser.add_argument(
+        "--bills-today",
+        choices=("1", "0"),
+        default=None,
+        help=f"1: today's bill may be fetched too (default: ${BILLS_TODAY_ENV}, else 0: "
+        "past days only, as Alipay)",
+    )
+    parser.add_argument(
         "--fault-rate", default=os.environ.get(gateway_faults.RATE_ENV),
         help=f"fraction of API calls that get a fault (default: ${gateway_faults.RATE_ENV}, "
         "else 0)",
@@ -104,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             seller_id=args.seller_id,
             refund_notify=parse_flag(args.refund_notify) if args.refund_notify else None,
             refund_rule=parse_refund_rule(args.refund_rule) if args.refund_rule else None,
+            bills_today=(parse_flag(args.bills_today, BILLS_TODAY_ENV) if args.bills_today
+                         else None),
             faults=gateway_faults.GatewayFaults.parse(
                 args.fault_rate, args.faults, args.slow_seconds, args.notify_delay,
                 os.environ.get(gateway_faults.SEED_ENV),
@@ -129,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         f"seller_id={server.seller_id} keys={server.keys_dir.resolve()} "
         f"notify_schedule={','.join(f'{d:g}' for d in server.notifier.schedule)} "
         f"refund_notify={int(server.refund_notify)} refund_rule={server.refund_rule} "
+        f"bills_today={int(server.bills.serve_today)} "
         f"faults={server.faults.report()}\n"
     )
     sys.stdout.flush()

@@ -6,11 +6,17 @@ one row per payment on its gmt_payment's day, one per refund on its gmt_refund's
 day (``TradeBook.bill_records``), then the day's edits. It is made when its URL is
 issued and served unchanged from then on, for 30 seconds, as Alipay's URLs live.
 
-Alipay's answers: a bill only for past days (today's and later days' bills do not
-exist yet: ``isv.invalid-arguments``, unless ``SANDBOX_BILLS_TODAY=1`` lets
-today's be fetched, for tests and demos); ``isp.bill_not_exist`` for a day with
-no row; ``isv.invalid-arguments`` for a bill_type other than ``trade`` or a
-bill_date that is not yyyy-MM-dd.
+Alipay's answers (all code 40004 "Business Failed"): a bill only for past days
+(a day's bill is made the next morning, T+1: today's and later days' are refused
+as bad arguments, ``isv.invalid_arguments`` 入参不合法, as Alipay is seen to answer
+them, unless ``SANDBOX_BILLS_TODAY=1`` lets today's be fetched, for tests and
+demos); ``isp.bill_not_exist`` for a day with no row (whatever its ``corrupt``:
+no file, nothing to corrupt); ``isv.invalid_arguments`` too for a bill_type other
+than ``trade`` or a bill_date that is not yyyy-MM-dd (Alipay's monthly bills,
+yyyy-MM, are not made here).
+
+The zip behind a URL is made when the URL is issued: edits made afterwards show
+in the next URL's file only, as a bill already downloaded does not change.
 
 Edits (``POST /sandbox/bills/{day}/edits``, JSON) accumulate per day until
 ``DELETE`` on the same path: ``add`` rows (a trade the shop never heard of, a
@@ -38,18 +44,25 @@ URL_LIFETIME = timedelta(seconds=30)
 DOWNLOAD_PATH = "/downloadBillFile.resource"
 EDITS_RE = re.compile(r"^/sandbox/bills/(\d{4}-\d{2}-\d{2})/edits$")
 BILLS_TODAY_ENV = "SANDBOX_BILLS_TODAY"
+# The sub codes Alipay's gateway is seen to answer for this method (answers developers
+# published: an underscore here, not the hyphen of the gateway's common codes).
+INVALID_ARGUMENTS = "isv.invalid_arguments"
+BILL_NOT_EXIST = "isp.bill_not_exist"
 _AMOUNT_RE = re.compile(r"^\d{1,10}\.\d{2}$")
+# yyyy-MM-dd only: date.fromisoformat alone would also take "2026-W48-1" or "20261201".
+_DAY_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 _TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 _MAX_ADDED = 10_000
 
 
 def invalid_arguments(detail: str) -> ApiError:
-    return ApiError("40004", "Business Failed", "isv.invalid-arguments", detail)
+    # Alipay's words are only 入参不合法; the sandbox adds why, for whoever reads the logs.
+    return ApiError("40004", "Business Failed", INVALID_ARGUMENTS, f"入参不合法: {detail}")
 
 
 def bill_not_exist() -> ApiError:
-    return ApiError("40004", "Business Failed", "isp.bill_not_exist", "账单不存在")
+    return ApiError("40004", "Business Failed", BILL_NOT_EXIST, "账单不存在")
 
 
 @dataclass
@@ -175,8 +188,7 @@ class BillDesk:
             raise invalid_arguments("bill_type 仅支持 trade")
         text = biz.get("bill_date")
         try:
-            day = date.fromisoformat(text) if isinstance(text, str) and len(text) == 10 \
-                else None
+            day = parse_day(text) if isinstance(text, str) else None
         except ValueError:
             day = None
         if day is None:
@@ -186,7 +198,7 @@ class BillDesk:
         if day > today or (day == today and not self.serve_today):
             raise invalid_arguments("不支持下载当日及以后的账单 (T+1)")
         records, corrupt = self._day(day)
-        if not records and corrupt is None:
+        if not records:
             raise bill_not_exist()
         body = bill_bytes(records, day=day, seller_id=self._seller_id, corrupt=corrupt,
                           exported_at=now)
@@ -226,10 +238,14 @@ class BillDesk:
 
 
 def parse_day(text: str) -> date:
+    """``"2026-12-01"`` -> that day; ValueError for anything but a real yyyy-MM-dd."""
     try:
+        if not _DAY_RE.fullmatch(text):
+            raise ValueError(text)
         return date.fromisoformat(text)
     except ValueError as exc:
-        raise ValueError(f"{text} is not a day") from exc
+        raise ValueError(f"{text} is not a day (yyyy-MM-dd)") from exc
 
 
-__all__ = ["BILLS_TODAY_ENV", "DOWNLOAD_PATH", "EDITS_RE", "BillDesk", "parse_day"]
+__all__ = ["BILLS_TODAY_ENV", "BILL_NOT_EXIST", "DOWNLOAD_PATH", "EDITS_RE", "INVALID_ARGUMENTS",
+           "URL_LIFETIME", "BillDesk", "parse_day"]
