@@ -29,6 +29,7 @@ with JSON `{"rate": 0.1, "kinds": ["throttle"], "slow_ms": 800}` changes them
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import random
@@ -48,6 +49,12 @@ from moto.moto_server.werkzeug_app import (
 )
 from werkzeug.serving import BaseWSGIServer, make_server
 
+# DynamoDB operations that change nothing: any other request (and any S3 request)
+# ends the sorted results the paged queries below reuse.
+_READ_OPERATIONS = frozenset({"GetItem", "BatchGetItem", "Query", "Scan", "DescribeTable",
+                              "ListTables", "DescribeTimeToLive", "ListTagsOfResource",
+                              "DescribeContinuousBackups"})
+
 
 class _OneAtATime:
     def __init__(self, app: Callable[..., Iterable[bytes]]) -> None:
@@ -56,7 +63,104 @@ class _OneAtATime:
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         with self._lock:
+            operation = str(environ.get("HTTP_X_AMZ_TARGET", "")).rsplit(".", 1)[-1]
+            if operation not in _READ_OPERATIONS:
+                _PAGES.forget()
             return list(self._app(environ, start_response))
+
+
+class _SortedPages:
+    """The sorted results of the index queries being paged through, kept from one
+    page to the next while nothing is written (requests are applied one at a time,
+    and every write forgets them)."""
+
+    def __init__(self) -> None:
+        self.sorted: dict[tuple[Any, ...], tuple[list[Any], dict[tuple[str, str], int]]] = {}
+
+    def forget(self) -> None:
+        self.sorted.clear()
+
+
+_PAGES = _SortedPages()
+
+
+def _key_json(value: Any) -> str:
+    return json.dumps(value.to_json() if hasattr(value, "to_json") else value, sort_keys=True)
+
+
+def _paged_query(original: Callable[..., Any]) -> Callable[..., Any]:
+    """moto's Table.query, an index's page costing time in proportion to the page.
+
+    For every page moto collects and sorts all the index's items of the hash key and
+    then walks past the pages before (so reading a day of 200,000 orders took past
+    10 s a page), which DynamoDB's never does. Here the first page's sort is kept
+    and each later page is given to moto's own query as just its window of that
+    sorted list, so moto still decides the page, its size and its last key. Only
+    plain queries take this path (an index, its hash key only, forward, no legacy
+    QueryFilter);
+    anything else, and any page whose start key is not in the kept list, is moto's.
+    """
+    from moto.dynamodb.models.table import RESULT_SIZE_LIMIT
+
+    signature = inspect.signature(original)
+
+    def query(self: Any, *args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(self, *args, **kwargs)
+        a = bound.arguments
+        # A FilterExpression is applied by moto to the page it chose, after the
+        # choosing: it does not change the window.
+        plain = (a.get("index_name") and a.get("range_comparison") is None
+                 and not a.get("range_key_conditions") and not a.get("filter_kwargs")
+                 and a.get("scan_index_forward", True) and a.get("hash_key_conditions"))
+        if not plain:
+            return original(self, *args, **kwargs)
+        key = (id(self), self.name, a["index_name"],
+               tuple((name, _key_json(value)) for name, value in a["hash_key_conditions"]))
+        kept = _PAGES.sorted.get(key)
+        start = a.get("exclusive_start_key")
+        if kept is None:
+            captured: list[Any] = []
+            sort = self.sorted_items
+
+            def capture(hash_attrs: Any, range_attrs: Any, items: list[Any]) -> list[Any]:
+                result = sort(hash_attrs, range_attrs, items)
+                captured[:] = list(result)
+                return result
+
+            self.sorted_items = capture
+            try:
+                answer = original(self, *args, **kwargs)
+            finally:
+                del self.sorted_items
+            positions = {(_key_json(item.hash_key), _key_json(item.range_key)): n
+                         for n, item in enumerate(captured)}
+            _PAGES.sorted[key] = (captured, positions)
+            return answer
+        items, positions = kept
+        if start:
+            first = positions.get((_key_json(start.get(self.hash_key_attr)),
+                                   _key_json(start.get(self.range_key_attr))
+                                   if self.range_key_attr else _key_json(None)))
+            if first is None:
+                return original(self, *args, **kwargs)
+        else:
+            first = -1
+        limit = a.get("limit")
+        end, size = first + 1, 0
+        while end < len(items):  # up to the item that ends the page, which moto sees
+            size += items[end].size()
+            end += 1
+            if size > RESULT_SIZE_LIMIT or (limit and end - first - 1 > limit):
+                break
+        window = items[max(first, 0):end]
+        self.all_items = lambda: list(window)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            del self.all_items
+
+    query._paged = True  # type: ignore[attr-defined]
+    return query
 
 
 class _TableCopier:
@@ -133,6 +237,10 @@ def _transact_write_items(original: Callable[..., None]) -> Callable[..., None]:
 
 def _cheap_transactions() -> None:
     from moto.dynamodb import models
+    from moto.dynamodb.models.table import Table
+
+    if not getattr(Table.query, "_paged", False):
+        Table.query = _paged_query(Table.query)  # type: ignore[method-assign]
 
     backend = models.DynamoDBBackend
     if not getattr(backend.transact_write_items, "_touched_items_only", False):
