@@ -65,7 +65,8 @@ def auth_routes(order_id: str) -> list[tuple[str, str, bytes | None]]:
     from app import app
 
     fill = {"goods_id": "r-tea", "order_id": order_id, "sale_id": "any-sale",
-            "ticket_id": "any-ticket", "refund_id": f"REFUND_{order_id}_1"}
+            "ticket_id": "any-ticket", "refund_id": f"REFUND_{order_id}_1",
+            "day": "2026-12-01", "difference_id": "0" * 20}
     found = []
     for path, methods in sorted(app.routes.items()):
         for method, entry in sorted(methods.items()):
