@@ -75,7 +75,8 @@ class _SortedPages:
     and every write forgets them)."""
 
     def __init__(self) -> None:
-        self.sorted: dict[tuple[Any, ...], tuple[list[Any], dict[tuple[str, str], int]]] = {}
+        # key -> [the sorted items, their positions by table key (made on a later page)]
+        self.sorted: dict[tuple[Any, ...], list[Any]] = {}
 
     def forget(self) -> None:
         self.sorted.clear()
@@ -132,12 +133,14 @@ def _paged_query(original: Callable[..., Any]) -> Callable[..., Any]:
                 answer = original(self, *args, **kwargs)
             finally:
                 del self.sorted_items
-            positions = {(_key_json(item.hash_key), _key_json(item.range_key)): n
-                         for n, item in enumerate(captured)}
-            _PAGES.sorted[key] = (captured, positions)
+            _PAGES.sorted[key] = [captured, None]
             return answer
         items, positions = kept
         if start:
+            if positions is None:  # most queries are one page: no positions for them
+                positions = kept[1] = {
+                    (_key_json(item.hash_key), _key_json(item.range_key)): n
+                    for n, item in enumerate(items)}
             first = positions.get((_key_json(start.get(self.hash_key_attr)),
                                    _key_json(start.get(self.range_key_attr))
                                    if self.range_key_attr else _key_json(None)))

@@ -22,7 +22,6 @@ import logging
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -110,9 +109,6 @@ RECONCILE_ROUND_SECONDS = 600.0  # as the deployed reconciler's schedule
 
 
 def sweep_forever(d: Deps, stop: threading.Event, interval: float) -> None:
-    """The sweeps; and where reconciliations run in-process (the local stack, which
-    has no scheduled functions), the reconciler's round every ten minutes."""
-    last_round: float | None = None
     while not stop.wait(interval):
         try:
             result = handlers.sweep(d)
@@ -121,15 +117,29 @@ def sweep_forever(d: Deps, stop: threading.Event, interval: float) -> None:
             metrics.emit_attention(admin.attention(d), stage=d.settings.stage)
         except Exception:  # noqa: BLE001 - the next round tries again
             log.exception("sweep failed")
-        if d.settings.reconcile_inline and d.gateway is not None and (
-                last_round is None or time.monotonic() - last_round >= RECONCILE_ROUND_SECONDS):
-            last_round = time.monotonic()
-            try:
-                ran = reconcile.run_scheduled(d)["ran"]
-                if ran:
-                    log.info("reconciliations: %s", ran)
-            except Exception:  # noqa: BLE001 - the next round tries again
-                log.exception("reconciliation round failed")
+
+
+RECONCILE_FIRST_ROUND_SECONDS = 60.0  # after the worker started, busy with its queues
+
+
+def reconcile_forever(d: Deps, stop: threading.Event,
+                      interval: float = RECONCILE_ROUND_SECONDS,
+                      first_delay: float = RECONCILE_FIRST_ROUND_SECONDS) -> None:
+    """The reconciler's round where reconciliations run in-process (the local stack,
+    which has no scheduled functions): a minute after the start, then every
+    `interval`. A thread of its own: a round waits on Alipay, and the sweeps must
+    not wait behind it."""
+    if stop.wait(first_delay):
+        return
+    while True:
+        try:
+            ran = reconcile.run_scheduled(d)["ran"]
+            if ran:
+                log.info("reconciliations: %s", ran)
+        except Exception:  # noqa: BLE001 - the next round tries again
+            log.exception("reconciliation round failed")
+        if stop.wait(interval):
+            return
 
 
 def run(d: Deps, stop: threading.Event, *, prefetch: int | None = None,
@@ -182,6 +192,9 @@ def run(d: Deps, stop: threading.Event, *, prefetch: int | None = None,
     sweeper = threading.Thread(target=sweep_forever, args=(d, stop, interval),
                                name="sweeper", daemon=True)
     sweeper.start()
+    if settings.reconcile_inline and d.gateway is not None:
+        threading.Thread(target=reconcile_forever, args=(d, stop), name="reconciler",
+                         daemon=True).start()
     paced = {queue: throttled(every[queue], TokenBucket(rate)) for queue, rate in limits.items()}
     drains = [threading.Thread(target=work, args=({queue: handle},), name=f"drain {queue}",
                                daemon=True) for queue, handle in paced.items()]

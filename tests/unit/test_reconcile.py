@@ -434,13 +434,13 @@ def test_no_bill_before_the_bills_hour_is_not_taken_for_an_empty_day(d: Any) -> 
     assert run(d, D)["status"] == "BALANCED"
 
 
-def test_the_local_workers_sweeps_run_the_reconcilers_round(d: Any) -> None:
+def test_the_local_workers_round_runs_the_due_days(d: Any) -> None:
     import threading
 
     from chalicelib import worker
 
     stop = threading.Event()
-    runner = threading.Thread(target=worker.sweep_forever, args=(d, stop, 0.01))
+    runner = threading.Thread(target=worker.reconcile_forever, args=(d, stop, 60.0, 0.0))
     runner.start()
     try:
         deadline = time_module.monotonic() + 5
@@ -450,19 +450,32 @@ def test_the_local_workers_sweeps_run_the_reconcilers_round(d: Any) -> None:
     finally:
         stop.set()
         runner.join(5)
+    assert not runner.is_alive()  # it stops when asked, not after its interval
+    waiting = threading.Event()
+    late = threading.Thread(target=worker.reconcile_forever, args=(d, waiting, 60.0, 30.0))
+    late.start()
+    waiting.set()  # asked to stop before its first round: it never ran one
+    late.join(5)
+    assert not late.is_alive()
     assert {r.status for r in d.store.list_reconciliations()} == {ReportStatus.BALANCED}
 
 
-def test_without_inline_runs_the_worker_leaves_the_rounds_to_the_reconciler(d: Any) -> None:
+def test_a_round_that_fails_is_logged_and_the_next_one_comes(d: Any,
+                                                             caplog: Any) -> None:
     import threading
 
     from chalicelib import worker
 
-    d.settings = dataclasses.replace(d.settings, reconcile_inline=False)
+    d.store.fail_next(1, only={"requested_days"})
     stop = threading.Event()
-    runner = threading.Thread(target=worker.sweep_forever, args=(d, stop, 0.01))
+    runner = threading.Thread(target=worker.reconcile_forever, args=(d, stop, 0.05, 0.0))
     runner.start()
-    time_module.sleep(0.2)
-    stop.set()
-    runner.join(5)
-    assert d.store.list_reconciliations() == []
+    try:
+        deadline = time_module.monotonic() + 5
+        while len(d.store.list_reconciliations()) < reconcile.LOOKBACK_DAYS:
+            assert time_module.monotonic() < deadline, "no second round"
+            time_module.sleep(0.01)
+    finally:
+        stop.set()
+        runner.join(5)
+    assert "reconciliation round failed" in caplog.text
