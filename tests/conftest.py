@@ -195,6 +195,20 @@ class FakeGateway:
         return RefundState.SUCCEEDED if made else RefundState.NOT_MADE
 
 
+class DictArchive:
+    """The bills archive port in a dict; it closes what it is given, as boto3's
+    upload_fileobj does (a caller must not reuse that handle)."""
+
+    def __init__(self) -> None:
+        self.kept: dict[str, bytes] = {}
+
+    def keep(self, day: Any, name: str, source: Any) -> str:
+        key = f"bills/trade/{day}/{len(self.kept)}-{name}"
+        self.kept[key] = source.read()
+        source.close()
+        return key
+
+
 _SHANGHAI = timezone(timedelta(hours=8))
 _FAKE_KEY = b"fake-gateway-key"  # stands in for Alipay's RSA2 key pair
 

@@ -16,7 +16,7 @@ import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 
@@ -27,7 +27,7 @@ from chalicelib.domain import CLOSED, PAID, REFUNDED, RefundStatus
 from chalicelib.domain.reconciliation import SHANGHAI, bill_day
 from local.alipay_sandbox import SandboxServer, make_server
 from local.alipay_sandbox.keys import ensure_keys
-from tests.conftest import Clock, FakePublisher, alipay_pay_msg, check_due
+from tests.conftest import Clock, DictArchive, FakePublisher, alipay_pay_msg, check_due
 from tests.integration.test_alipay_sandbox import (
     SCHEDULE,
     Merchant,
@@ -38,17 +38,6 @@ from tests.integration.test_alipay_sandbox import (
     trade,
 )
 from tests.integration.test_sandbox_refunds import serving
-
-
-class DictArchive:
-    def __init__(self) -> None:
-        self.kept: dict[str, bytes] = {}
-
-    def keep(self, day: date, name: str, source: IO[bytes]) -> str:
-        key = f"bills/trade/{day}/{len(self.kept)}-{name}"
-        self.kept[key] = source.read()
-        source.close()  # as boto3's upload_fileobj does
-        return key
 
 
 @pytest.fixture(scope="module")

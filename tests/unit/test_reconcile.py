@@ -11,7 +11,7 @@ import io
 import json
 import time as time_module
 from datetime import UTC, date, datetime, time, timedelta
-from typing import IO, Any
+from typing import Any
 
 import pytest
 
@@ -20,24 +20,13 @@ from chalicelib.domain import CLOSED, REFUNDED, RefundStatus
 from chalicelib.domain.reconciliation import SHANGHAI, ReportStatus
 from chalicelib.ports import PaymentRefused, PaymentUnavailable, Trade, TradeState
 from local.alipay_sandbox.bills import PAYMENT, REFUND, BillRecord, bill_bytes
-from tests.conftest import body, check_due, fake_notify, operator_bearer
+from tests.conftest import DictArchive, body, check_due, fake_notify, operator_bearer
 
 D = date(2026, 12, 1)
 
 
 def at(day: date, hour: int = 12, minute: int = 0, second: int = 0) -> datetime:
     return datetime.combine(day, time(hour, minute, second), SHANGHAI).astimezone(UTC)
-
-
-class DictArchive:
-    def __init__(self) -> None:
-        self.kept: dict[str, bytes] = {}
-
-    def keep(self, day: date, name: str, source: IO[bytes]) -> str:
-        key = f"bills/trade/{day}/{len(self.kept)}-{name}"
-        self.kept[key] = source.read()
-        source.close()  # as boto3's upload_fileobj does
-        return key
 
 
 @pytest.fixture
@@ -434,6 +423,18 @@ def test_no_bill_before_the_bills_hour_is_not_taken_for_an_empty_day(d: Any) -> 
     assert run(d, D)["status"] == "BALANCED"
 
 
+def _until_every_due_day_ran(d: Any, stop: Any, runner: Any) -> None:
+    """Waits until a round reported every due day (5 s at most), then stops the thread."""
+    try:
+        deadline = time_module.monotonic() + 5
+        while len(d.store.list_reconciliations()) < reconcile.LOOKBACK_DAYS:
+            assert time_module.monotonic() < deadline, "no round reported every due day"
+            time_module.sleep(0.01)
+    finally:
+        stop.set()
+        runner.join(5)
+
+
 def test_the_local_workers_round_runs_the_due_days(d: Any) -> None:
     import threading
 
@@ -442,14 +443,7 @@ def test_the_local_workers_round_runs_the_due_days(d: Any) -> None:
     stop = threading.Event()
     runner = threading.Thread(target=worker.reconcile_forever, args=(d, stop, 60.0, 0.0))
     runner.start()
-    try:
-        deadline = time_module.monotonic() + 5
-        while len(d.store.list_reconciliations()) < reconcile.LOOKBACK_DAYS:
-            assert time_module.monotonic() < deadline, "no round ran"
-            time_module.sleep(0.01)
-    finally:
-        stop.set()
-        runner.join(5)
+    _until_every_due_day_ran(d, stop, runner)
     assert not runner.is_alive()  # it stops when asked, not after its interval
     waiting = threading.Event()
     late = threading.Thread(target=worker.reconcile_forever, args=(d, waiting, 60.0, 30.0))
@@ -470,12 +464,5 @@ def test_a_round_that_fails_is_logged_and_the_next_one_comes(d: Any,
     stop = threading.Event()
     runner = threading.Thread(target=worker.reconcile_forever, args=(d, stop, 0.05, 0.0))
     runner.start()
-    try:
-        deadline = time_module.monotonic() + 5
-        while len(d.store.list_reconciliations()) < reconcile.LOOKBACK_DAYS:
-            assert time_module.monotonic() < deadline, "no second round"
-            time_module.sleep(0.01)
-    finally:
-        stop.set()
-        runner.join(5)
+    _until_every_due_day_ran(d, stop, runner)
     assert "reconciliation round failed" in caplog.text
