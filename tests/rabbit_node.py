@@ -32,9 +32,31 @@ SCRIPTS = Path("/usr/lib/rabbitmq/bin")
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port below the kernel's ephemeral range.
+
+    A node keeps its ports across a kill and a restart. A port the kernel handed
+    out (bind to 0) is an ephemeral one, and while the node is down any outgoing
+    connection on this busy machine may take it as its source port; the restart
+    then fails on eaddrinuse. Ports below the range are never handed out that way.
+    """
+    low = _ephemeral_low()
+    rng = secrets.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port below {low}")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def available() -> str | None:
@@ -103,14 +125,17 @@ class PrivateRabbit:
         """Start the node (again) and wait until it serves AMQP; returns the seconds it took."""
         began = time.monotonic()
         pid_file = self.base / "pid"
-        pid_file.unlink(missing_ok=True)
-        with open(self.base / "server.out", "ab") as out:
-            self._proc = subprocess.Popen(
-                [str(SCRIPTS / "rabbitmq-server")], env=self.env, stdout=out,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                cwd=self.base)
+        self._launch()
         deadline = began + timeout
         while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                # the node gave up (a port still held, epmd slow after a kill):
+                # the tail of server.out says why; try again while there is time
+                log.warning("private RabbitMQ %s exited with %s while starting: %s", self.name,
+                            self._proc.returncode, self._tail())
+                time.sleep(2)
+                self._launch()
+                continue
             done = subprocess.run([str(SCRIPTS / "rabbitmqctl"), "-q", "-n", self.name,
                                    "await_startup", "--timeout", "10"], env=self.env,
                                   capture_output=True, timeout=30, check=False)
@@ -119,7 +144,25 @@ class PrivateRabbit:
                 return time.monotonic() - began
             time.sleep(0.3)
         raise TimeoutError(f"private RabbitMQ {self.name} did not start in {timeout:.0f} s: "
-                           f"see {self.base / 'server.out'}")
+                           f"{self.base / 'server.out'} ends with: {self._tail()}")
+
+    def _launch(self) -> None:
+        (self.base / "pid").unlink(missing_ok=True)
+        with open(self.base / "server.out", "ab") as out:
+            self._proc = subprocess.Popen(
+                [str(SCRIPTS / "rabbitmq-server")], env=self.env, stdout=out,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                cwd=self.base)
+
+    def _tail(self, lines: int = 15) -> str:
+        """The last lines the node wrote, for an error message CI keeps."""
+        text = ""
+        for f in (self.base / "server.out", *sorted((self.base / "log").glob("*.log"))):
+            try:
+                text += "".join(f.read_text(errors="replace").splitlines(keepends=True)[-lines:])
+            except OSError:
+                pass
+        return text.strip()[-3000:] or "(nothing)"
 
     def _reap(self) -> None:
         """Collect the started script (it exec's into beam.smp, or waits for it)."""
