@@ -15,7 +15,19 @@ from urllib.parse import parse_qsl
 
 from chalice import AuthResponse, Chalice, ForbiddenError, Rate, Response, UnauthorizedError
 
-from chalicelib import admin, auth, deps, handlers, logs, metrics, reconcile, refunds, seckill
+from chalicelib import (
+    admin,
+    auth,
+    deps,
+    events,
+    handlers,
+    logs,
+    metrics,
+    reconcile,
+    refunds,
+    seckill,
+    webhooks,
+)
 from chalicelib.domain import (
     AlreadyHolding,
     Conflict,
@@ -373,6 +385,50 @@ def admin_differences_csv(day: str) -> Any:
                                  f'attachment; filename="differences-{day[:10]}.csv"'})
 
 
+@app.route("/admin/webhooks", methods=["POST"], authorizer=jwt_auth)
+@api
+def admin_subscribe() -> Any:
+    operator = current_operator()
+    return Response(status_code=201, body=webhooks.subscribe(deps.get(), json_object(),
+                                                            by=operator))
+
+
+@app.route("/admin/webhooks", methods=["GET"], authorizer=jwt_auth)
+@api
+def admin_subscriptions() -> Any:
+    current_operator()
+    return webhooks.list_subscriptions(deps.get())
+
+
+@app.route("/admin/webhooks/{sub_id}", methods=["DELETE"], authorizer=jwt_auth)
+@api
+def admin_unsubscribe(sub_id: str) -> Any:
+    operator = current_operator()
+    webhooks.unsubscribe(deps.get(), sub_id, by=operator)
+    return Response(status_code=204, body="")
+
+
+@app.route("/admin/webhooks/{sub_id}/deliveries", methods=["GET"], authorizer=jwt_auth)
+@api
+def admin_subscription_deliveries(sub_id: str) -> Any:
+    current_operator()
+    return webhooks.deliveries_of_subscription(deps.get(), sub_id)
+
+
+@app.route("/admin/orders/{order_id}/deliveries", methods=["GET"], authorizer=jwt_auth)
+@api
+def admin_order_deliveries(order_id: str) -> Any:
+    current_operator()
+    return webhooks.deliveries_of_order(deps.get(), order_id)
+
+
+@app.route("/admin/deliveries/{delivery_id}/resend", methods=["POST"], authorizer=jwt_auth)
+@api
+def admin_resend_delivery(delivery_id: str) -> Any:
+    operator = current_operator()
+    return Response(status_code=202, body=webhooks.resend(deps.get(), delivery_id, by=operator))
+
+
 # --- Alipay -------------------------------------------------------------------
 
 
@@ -570,6 +626,19 @@ def sweeper(event: Any) -> dict[str, int]:
     except Unavailable:
         log.warning("attention metrics not emitted", exc_info=True)
     return result
+
+
+# The outbox table's stream. Its ARN is known only once the stack exists:
+# .chalice/resources.json merges the table's StreamArn over this stand-in.
+OUTBOX_STREAM_ARN = "@OUTBOX_STREAM_ARN@"
+
+
+@app.on_dynamodb_record(stream_arn=OUTBOX_STREAM_ARN, batch_size=100, starting_position="LATEST")
+def relay_events(event: Any) -> dict[str, int]:
+    """Each new order event to RabbitMQ at once (chalicelib/events.py). A batch that
+    fails is given again by the stream; the worker's sweep is the backstop."""
+    published = events.relay_stream_records(deps.get(), event.to_dict().get("Records", []))
+    return {"published": published}
 
 
 @app.schedule(Rate(10, unit=Rate.MINUTES))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from chalicelib import domain
+from chalicelib import domain, events, webhooks
 from chalicelib.context import Deps, find_order
 from chalicelib.domain import Invalid, Order, RefundStatus, Unavailable
 
@@ -86,5 +86,6 @@ def attention(deps: Deps) -> dict[str, Any]:
         "paidButClosed": deps.store.paid_but_closed(),
         "reconciliation": [d.to_wire() for d in deps.store.open_differences()],
         "failedRuns": [d.isoformat() for d in deps.store.failed_days()],
-        "deliveries": [],
+        "deliveries": webhooks.failed(deps),
+        "parkedEvents": events.parked(deps),
     }

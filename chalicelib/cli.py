@@ -10,13 +10,17 @@
                                them with rabbitmqctl
     declare                    declare the queues and exchanges as the worker's user
                                (the worker does it when it starts)
+    events tail [--key K] [--json]
+                               print order events as they pass on exchange.order.events
+                               (a line each, or the events' JSON), until Ctrl-C
     reconcile --date DAY       reconcile DAY (yyyy-MM-dd, Asia/Shanghai) against Alipay's
                                bill now, and print its report; without --date, the
                                reconciler's round (asked-for days, then due days)
 
 Settings come from the environment (chalicelib/config.py), as for the worker.
 Each command prints JSON lines on stdout, but broker-users, which prints shell
-lines that hold the users' passwords.
+lines that hold the users' passwords, and events tail, which prints a line a
+person reads (or JSON lines with --json).
 """
 
 from __future__ import annotations
@@ -45,6 +49,11 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     how.add_argument("--definitions", action="store_true",
                      help="print RabbitMQ definitions (JSON) instead of commands")
     sub.add_parser("declare", help="declare the topology as the worker's user")
+    events = sub.add_parser("events", help="order events as they pass")
+    events.add_argument("action", choices=["tail"])
+    events.add_argument("--key", action="append", default=None,
+                        help="a binding key (order.paid, order.#; repeatable); default order.#")
+    events.add_argument("--json", action="store_true", help="each event's JSON, a line each")
     rec = sub.add_parser("reconcile", help="reconcile a day against Alipay's bill")
     rec.add_argument("--date", help="yyyy-MM-dd (Asia/Shanghai); none: the scheduled round")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -64,6 +73,8 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
 
     if args.command == "broker-users":
         return _broker_users(settings, args.apply, args.definitions, out)
+    if args.command == "events":
+        return _tail(settings.worker_rmq_url, args.key, args.json, out)
     if args.command == "declare":
         try:
             broker.declare_at(settings.worker_rmq_url, settings.check_delay_seconds,
@@ -82,6 +93,40 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
             out.write(json.dumps(msg, default=str, ensure_ascii=False) + "\n")
     else:
         out.write(json.dumps({"replayed": broker.replay_parked(url, name)}) + "\n")
+    return 0
+
+
+def event_line(event: dict[str, object]) -> str:
+    """An event as a person scans a terminal: time, type, order, then what changed."""
+    data = event.get("data") if isinstance(event.get("data"), dict) else {}
+    assert isinstance(data, dict)
+    said = [f"{k}={data[k]}" for k in ("username", "totalMoney", "refundedMoney",
+                                        "transactionId", "refundId", "amount")
+            if data.get(k) not in (None, "")]
+    return " ".join([str(event.get("occurredAt")), f"{event.get('type')!s:<23}",
+                     str(event.get("orderId")), *said, str(event.get("eventId"))])
+
+
+def _tail(url: str, keys: list[str] | None, raw: bool, out: TextIO) -> int:
+    import signal
+    import threading
+
+    from chalicelib import broker
+    from chalicelib.broker.tail import tail_events
+
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def show(event: dict[str, object]) -> None:
+        out.write((json.dumps(event, ensure_ascii=False) if raw else event_line(event)) + "\n")
+        out.flush()
+
+    try:
+        tail_events(url, show, stop=stop, keys=keys or ["order.#"])
+    except broker.BrokerUnavailable as exc:
+        sys.stderr.write(f"{exc}\n")
+        return 1
     return 0
 
 

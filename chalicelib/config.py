@@ -20,6 +20,8 @@ from pathlib import Path
 LOCAL_JWT_SECRET = "local-dev-secret-0123456789abcdef"
 LOCAL_RMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 DEFAULT_RETRY_DELAYS_MS = (1000, 5000, 30000)  # a failed message waits these, then parks
+# 10 s, 1 min, 5 min, 30 min, 2 h, 6 h, 15 h: the last attempt about a day after the first
+DEFAULT_WEBHOOK_RETRY_SECONDS = (10, 60, 300, 1800, 7200, 21600, 54000)
 
 
 class _Env:
@@ -82,6 +84,8 @@ class Tables:
     refunds: str  # refunds and operators' idempotency keys
     timeline: str  # each order's payment events
     reconciliations: str = "shop-local-reconciliations"  # daily reports against the bill
+    outbox: str = "shop-local-outbox"  # order events, written with their change
+    webhooks: str = "shop-local-webhooks"  # webhook subscriptions and deliveries
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,18 @@ class Settings:
     refunds_table: str = "shop-local-refunds"
     timeline_table: str = "shop-local-timeline"
     reconciliations_table: str = "shop-local-reconciliations"
+    outbox_table: str = "shop-local-outbox"
+    webhooks_table: str = "shop-local-webhooks"
+    # An event not published this long after its change is published by the
+    # backstop sweep (the stream's relay does it within a second or two).
+    outbox_sweep_after_seconds: float = 60.0
+    # How often the worker relays events (the local stack: its stream stand-in) and
+    # sweeps for unsent ones.
+    relay_interval_seconds: float = 1.0
+    # A webhook delivery's waits between attempts (about a day in all), then FAILED.
+    webhook_retry_seconds: tuple[int, ...] = DEFAULT_WEBHOOK_RETRY_SECONDS
+    webhook_timeout_seconds: float = 5.0  # one attempt, all of it
+    webhook_workers: int = 4  # consumers of queue.order.webhook.deliver
     # S3 bucket of the provider's raw daily bills (kept unchanged). Empty: the
     # reconciliation keeps no copy and says so in its log (local tests only).
     bills_bucket: str = ""
@@ -152,7 +168,8 @@ class Settings:
         return Tables(goods=self.goods_table, carts=self.carts_table, orders=self.orders_table,
                       sales=self.sales_table, seckill=self.seckill_table,
                       refunds=self.refunds_table, timeline=self.timeline_table,
-                      reconciliations=self.reconciliations_table)
+                      reconciliations=self.reconciliations_table,
+                      outbox=self.outbox_table, webhooks=self.webhooks_table)
 
 
 LOCAL_STAGES = ("local", "test")  # one machine: make run, and the test suite
@@ -174,6 +191,8 @@ ROLE_NEEDS: dict[str, tuple[str, ...]] = {
     # Reads the bill (the app's key signs the query) and keeps it; a late payment it
     # finds is refunded through Alipay at once, so it publishes nothing.
     "reconciler": (*_PAYMENT, "BILLS_BUCKET"),
+    # The outbox stream's function: publishes order events, pays and closes nothing.
+    "relay": ("RMQ_URL",),
     "worker": (*_PAYMENT, "RMQ_URL"),  # RMQ_WORKER_URL stands in for RMQ_URL
     "": (*_PAYMENT, "RMQ_URL"),  # the worker's container, the CLI: as the worker
 }
@@ -260,6 +279,15 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         refunds_table=env.str("REFUNDS_TABLE", f"{prefix}-refunds"),
         timeline_table=env.str("TIMELINE_TABLE", f"{prefix}-timeline"),
         reconciliations_table=env.str("RECONCILIATIONS_TABLE", f"{prefix}-reconciliations"),
+        outbox_table=env.str("OUTBOX_TABLE", f"{prefix}-outbox"),
+        webhooks_table=env.str("WEBHOOKS_TABLE", f"{prefix}-webhooks"),
+        # The local stack has no stream function: its worker's sweep is the relay.
+        outbox_sweep_after_seconds=max(0.0, env.float(
+            "OUTBOX_SWEEP_AFTER_SECONDS", 0.0 if stage in LOCAL_STAGES else 60.0)),
+        relay_interval_seconds=max(0.05, env.float("RELAY_INTERVAL_SECONDS", 1.0)),
+        webhook_retry_seconds=env.ints("WEBHOOK_RETRY_SECONDS", DEFAULT_WEBHOOK_RETRY_SECONDS),
+        webhook_timeout_seconds=max(0.1, env.float("WEBHOOK_TIMEOUT_SECONDS", 5.0)),
+        webhook_workers=max(1, env.int("WEBHOOK_WORKERS", 4)),
         bills_bucket=env.str("BILLS_BUCKET"),
         reconcile_inline=env.str("RECONCILE_INLINE", "1" if stage in LOCAL_STAGES else "0")
         not in ("0", "false", "no", ""),

@@ -17,7 +17,7 @@ from typing import Any
 from chalicelib import domain
 from chalicelib.config import Settings
 from chalicelib.domain import EventType, NotFound, Order, TimelineEvent, Unavailable
-from chalicelib.ports import BillArchive, PaymentGateway, Publisher, StorePort
+from chalicelib.ports import BillArchive, PaymentGateway, Publisher, StorePort, WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ class Deps:
     clock: Callable[[], datetime] = utcnow
     sleep: Callable[[float], None] = time.sleep  # a handler's short wait (tests: no wait)
     archive: BillArchive | None = None  # where the provider's raw bills are kept
+    webhooks: WebhookSender | None = None  # the subscribers' HTTP (webhook deliveries)
 
 
 def find_order(deps: Deps, order_id: Any) -> Order:

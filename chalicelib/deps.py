@@ -10,7 +10,7 @@ import logging
 
 from chalicelib import config, logs
 from chalicelib.context import Deps
-from chalicelib.ports import BillArchive, PaymentGateway
+from chalicelib.ports import BillArchive, PaymentGateway, WebhookSender
 from chalicelib.store import Store
 
 log = logging.getLogger(__name__)
@@ -27,10 +27,21 @@ def build(settings: config.Settings | None = None) -> Deps:
     return Deps(
         settings=settings,
         store=store,
-        broker=Broker(settings.rmq_url, settings.check_delay_seconds, settings.rmq_queue_type),
+        broker=Broker(settings.rmq_url, settings.check_delay_seconds, settings.rmq_queue_type,
+                      webhook_waits_s=settings.webhook_retry_seconds),
         gateway=_gateway(settings),
         archive=_archive(settings),
+        webhooks=_webhooks(settings),
     )
+
+
+def _webhooks(settings: config.Settings) -> WebhookSender | None:
+    """The subscribers' HTTP: the worker delivers, the API checks URLs it saves."""
+    if settings.function_role not in ("", "api"):
+        return None
+    from chalicelib.webhook_http import HttpSender
+
+    return HttpSender(local=settings.stage in config.LOCAL_STAGES)
 
 
 def _archive(settings: config.Settings) -> BillArchive | None:

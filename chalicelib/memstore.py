@@ -79,9 +79,11 @@ from chalicelib.domain import (
     TimelineEvent,
     TooManyUnpaidOrders,
     Unavailable,
+    events,
     iso,
     parse_iso,
 )
+from chalicelib.domain.events import OrderEvent
 from chalicelib.domain.reconciliation import (
     AlreadyResolved,
     Difference,
@@ -90,6 +92,7 @@ from chalicelib.domain.reconciliation import (
     ReportStatus,
     bill_day,
 )
+from chalicelib.domain.webhooks import Attempt, Delivery, DeliveryStatus, Subscription
 from chalicelib.ports import PaidRecord
 
 _P = ParamSpec("_P")
@@ -141,6 +144,9 @@ class InMemoryStore:
         self._timeline: dict[str, list[tuple[str, str, str]]] = {}  # (time, type, JSON)
         # (DAY#<day>, REPORT | DIFF#<id> | EXTRA#<key>) -> the item's fields
         self._recon: dict[tuple[str, str], dict[str, Any]] = {}
+        # order id -> seq -> the outbox item's fields (event, unsent, parked, ...)
+        self._outbox: dict[str, dict[str, dict[str, Any]]] = {}
+        self._webhooks: dict[str, dict[str, Any]] = {}  # id -> a subscription's or delivery's
         self._failures = 0
         self._failing_ops: frozenset[str] | None = None
 
@@ -244,7 +250,8 @@ class InMemoryStore:
         is not counted."""
         cart = dict(cart or {})
         capped = [("seckill", "UNPAID#" + order.username)] if max_unpaid is not None else []
-        _transaction([("orders", order.id)] + capped
+        created = events.created(order, order.create_time)
+        _transaction([("orders", order.id), ("outbox", order.id, created.seq)] + capped
                      + [("goods", line.goods_id) for line in order.lines]
                      + [("carts", order.username, gid) for gid in cart])
         held = self._carts.get(order.username, {})
@@ -268,6 +275,7 @@ class InMemoryStore:
                 raise OutOfStock(line.goods_id)
         # every condition holds: write
         self._orders[order.id] = _record(order)
+        self._put_events([created])
         if max_unpaid is not None:
             self._unpaid_ids[order.username].add(order.id)
         for line in order.lines:
@@ -307,6 +315,7 @@ class InMemoryStore:
         rec = self._orders.get(order_id)
         if rec is None or rec["status"] != UNPAID or rec["total_fen"] != total_fen:
             return False
+        self._put_events([events.paid(order_id, trade_no=trade_no, now=now)])
         rec.update(status=PAID, transaction_id=trade_no, pay_time=_iso(pay_time),
                    notify_id=notify_id or "", update_time=_iso(now), unpaid=None,
                    pay_day=bill_day(pay_time).isoformat())
@@ -327,6 +336,7 @@ class InMemoryStore:
         rec = self._orders.get(order.id)
         if rec is None or rec["status"] != UNPAID:
             return False
+        self._put_events([events.closed(order, now)])
         stamp = _iso(now)
         rec.update(status=CLOSED, close_time=stamp, end_time=stamp, update_time=stamp,
                    unpaid=None)
@@ -492,6 +502,7 @@ class InMemoryStore:
         if order.id in self._orders:
             raise Conflict(f"order {order.id} exists already")
         self._orders[order.id] = _record(order)
+        self._put_events([events.created(order, order.create_time)])
         self._bought[key] = order.id
         self._sales[sale.id] = replace(sale, stock=sale.stock - num)
         self._tickets[ticket.id] = replace(held, status=TICKET_ORDERED, order_id=order.id,
@@ -564,6 +575,9 @@ class InMemoryStore:
             return False
         stamp = _iso(now)
         if status == RefundStatus.SUCCEEDED:
+            self._put_events(events.refund_settled(
+                order, refund_id=refund.id, amount_fen=refund.amount_fen, now=now,
+                trade_no=trade_no))
             held.update(status=status, finish_time=stamp, open=False, failure_code=None,
                         failure_message=None, finish_day=bill_day(now).isoformat())
             refunded = order.refunded_fen + refund.amount_fen
@@ -796,6 +810,146 @@ class InMemoryStore:
     @_operation
     def failed_days(self, limit: int = 100) -> list[date]:
         return self._attention_days("FAILED", limit, newest_first=True)
+
+
+    # --- the outbox (chalicelib/store/outbox.py) -----------------------------------
+
+    def _put_events(self, made: Sequence[OrderEvent]) -> None:
+        """In the caller's operation: its change and these are written together."""
+        for event in made:
+            kept = replace(event, occurred_at=_ms(event.occurred_at),
+                           data=json.loads(json.dumps(event.data, sort_keys=True)))
+            self._outbox.setdefault(event.order_id, {})[event.seq] = {
+                "event": kept, "unsent": True, "parked": False, "failures": 0, "reason": ""}
+
+    def _order_events(self, order_id: str) -> list[dict[str, Any]]:
+        held = self._outbox.get(order_id, {})
+        return [held[seq] for seq in sorted(held)]
+
+    @_operation
+    def events_of(self, order_id: str) -> list[OrderEvent]:
+        return [x["event"] for x in self._order_events(order_id)]
+
+    @_operation
+    def unsent_events(self, order_id: str) -> list[OrderEvent]:
+        return [x["event"] for x in self._order_events(order_id) if x["unsent"]]
+
+    @_operation
+    def unsent_orders(self, before: datetime, limit: int = 500) -> list[str]:
+        cutoff = _iso(before)
+        found = sorted((_iso(x["event"].occurred_at), x["event"].order_id)
+                       for held in self._outbox.values() for x in held.values()
+                       if x["unsent"] and _iso(x["event"].occurred_at) <= cutoff)
+        seen: dict[str, None] = {}
+        for _, order_id in found[:max(limit, 0)]:
+            seen.setdefault(order_id, None)
+        return list(seen)
+
+    @_operation
+    def mark_event_sent(self, event: OrderEvent, *, now: datetime) -> None:
+        item = self._outbox.get(event.order_id, {}).get(event.seq)
+        if item is not None and item["unsent"]:
+            item["unsent"] = False
+
+    @_operation
+    def event_failed(self, event: OrderEvent, *, reason: str, park_after: int) -> bool:
+        item = self._outbox.get(event.order_id, {}).get(event.seq)
+        if item is None or not item["unsent"]:
+            return False
+        item["failures"] += 1
+        item["reason"] = reason[:500]
+        if item["failures"] >= park_after:
+            item.update(unsent=False, parked=True)
+            return True
+        return False
+
+    @_operation
+    def parked_events(self, limit: int = 100) -> list[tuple[OrderEvent, str]]:
+        found = sorted(((_iso(x["event"].occurred_at), x["event"].seq), x)
+                       for held in self._outbox.values() for x in held.values() if x["parked"])
+        return [(x["event"], x["reason"]) for _, x in found[:max(limit, 0)]]
+
+    # --- webhooks (chalicelib/store/webhooks.py) -----------------------------------
+
+    @_operation
+    def save_subscription(self, sub: Subscription) -> None:
+        if sub.id in self._webhooks:
+            raise Unavailable(f"subscription {sub.id} exists already")
+        self._webhooks[sub.id] = {"sub": replace(sub, create_time=_ms(sub.create_time)),
+                                  "live": True}
+
+    @_operation
+    def get_subscription(self, sub_id: str) -> Subscription | None:
+        item = self._webhooks.get(sub_id)
+        return item["sub"] if item is not None and item.get("live") else None
+
+    @_operation
+    def list_subscriptions(self, limit: int = 200) -> list[Subscription]:
+        live = sorted(((_iso(x["sub"].create_time), k), x["sub"])
+                      for k, x in self._webhooks.items() if x.get("live"))
+        return [sub for _, sub in live[:max(limit, 0)]]
+
+    @_operation
+    def delete_subscription(self, sub_id: str, *, now: datetime) -> bool:
+        item = self._webhooks.get(sub_id)
+        if item is None or not item.get("live"):
+            return False
+        item.update(live=False, sub=replace(item["sub"], secret=""))
+        return True
+
+    @_operation
+    def create_delivery(self, d: Delivery) -> bool:
+        if d.id in self._webhooks:
+            return False
+        self._webhooks[d.id] = {"delivery": replace(d, create_time=_ms(d.create_time))}
+        return True
+
+    @_operation
+    def get_delivery(self, delivery_id: str) -> Delivery | None:
+        item = self._webhooks.get(delivery_id)
+        return item.get("delivery") if item is not None else None
+
+    @_operation
+    def record_attempt(self, d: Delivery, attempt: Attempt, status: DeliveryStatus) -> bool:
+        item = self._webhooks.get(d.id)
+        if item is None or "delivery" not in item:
+            return False
+        if len(item["delivery"].attempts) != len(d.attempts):
+            return False
+        item["delivery"] = d.attempted(replace(attempt, time=_ms(attempt.time)), status)
+        return True
+
+    @_operation
+    def reopen_delivery(self, delivery_id: str) -> Delivery | None:
+        item = self._webhooks.get(delivery_id)
+        if item is None or "delivery" not in item:
+            return None
+        item["delivery"] = replace(item["delivery"], status=DeliveryStatus.PENDING)
+        return item["delivery"]
+
+    def _deliveries(self, keep: Callable[[Delivery], bool], *, newest_first: bool,
+                    limit: int) -> list[Delivery]:
+        found = sorted(((_iso(x["delivery"].create_time), k), x["delivery"])
+                       for k, x in self._webhooks.items()
+                       if "delivery" in x and keep(x["delivery"]))
+        if newest_first:
+            found.reverse()
+        return [x for _, x in found[:max(limit, 0)]]
+
+    @_operation
+    def deliveries_of_subscription(self, sub_id: str, limit: int = 100) -> list[Delivery]:
+        return self._deliveries(lambda x: x.subscription_id == sub_id, newest_first=True,
+                                limit=limit)
+
+    @_operation
+    def deliveries_of_order(self, order_id: str, limit: int = 100) -> list[Delivery]:
+        return self._deliveries(lambda x: x.order_id == order_id, newest_first=False,
+                                limit=limit)
+
+    @_operation
+    def failed_deliveries(self, limit: int = 100) -> list[Delivery]:
+        return self._deliveries(lambda x: x.status == DeliveryStatus.FAILED,
+                                newest_first=False, limit=limit)
 
 
 def _day_pk(day: date) -> str:

@@ -46,6 +46,8 @@ METRICS = {
     "PaidButClosed": "closed orders whose money Alipay holds and that were not refunded yet",
     "ReconciliationDifferences": "open differences between Alipay's bills and the shop's books",
     "ReconciliationFailedDays": "days whose reconciliation failed (no bill, a bad bill)",
+    "WebhookDeliveriesFailed": "webhook deliveries given up after a day of retries",
+    "EventsParked": "order events that could not be published (parked)",
 }
 
 
@@ -76,7 +78,8 @@ def metrics_logger() -> logging.Logger:
 def attention_values(attention: Mapping[str, Any]) -> dict[str, int]:
     """The metrics' values from `admin.attention()`'s answer: the parked counts
     summed, the refunds split by status, the paid-but-closed orders, the open
-    differences of the reconciliations and the days whose run failed counted."""
+    differences of the reconciliations, the days whose run failed, the webhook
+    deliveries given up and the order events that could not be published counted."""
     parked = attention.get("parked") or {}
     refunds = attention.get("refunds") or []
     statuses = [str(r.get("status", "")) for r in refunds if isinstance(r, Mapping)]
@@ -87,6 +90,8 @@ def attention_values(attention: Mapping[str, Any]) -> dict[str, int]:
         "PaidButClosed": len(attention.get("paidButClosed") or []),
         "ReconciliationDifferences": len(attention.get("reconciliation") or []),
         "ReconciliationFailedDays": len(attention.get("failedRuns") or []),
+        "WebhookDeliveriesFailed": len(attention.get("deliveries") or []),
+        "EventsParked": len(attention.get("parkedEvents") or []),
     }
 
 

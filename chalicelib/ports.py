@@ -28,7 +28,9 @@ from chalicelib.domain import (
     Ticket,
     TimelineEvent,
 )
+from chalicelib.domain.events import OrderEvent
 from chalicelib.domain.reconciliation import Difference, Extra, Report
+from chalicelib.domain.webhooks import Attempt, Delivery, DeliveryStatus, Subscription
 
 # --- payments -------------------------------------------------------------------
 
@@ -183,6 +185,39 @@ class BillArchive(Protocol):
         ...
 
 
+class WebhookAnswer(Protocol):
+    """What a subscriber answered to one POST (chalicelib/webhook_http.py's Answer)."""
+
+    @property
+    def status(self) -> int | None: ...  # None: no answer (timeout, refused)
+
+    @property
+    def ms(self) -> int: ...
+
+    @property
+    def body(self) -> str: ...  # its first characters, or why there was no answer
+
+    @property
+    def error(self) -> str | None: ...
+
+    @property
+    def ok(self) -> bool: ...
+
+
+class WebhookSender(Protocol):
+    """The subscribers' side of webhooks: whether a URL may be called, and a POST."""
+
+    def check_url(self, url: str) -> str:
+        """The URL as it will be called; ValueError says why it may not be."""
+        ...
+
+    def post(self, url: str, body: bytes, headers: Mapping[str, str], *,
+             timeout: float) -> WebhookAnswer:
+        """One attempt, bounded by `timeout` in all; never raises for what the
+        subscriber or the network does."""
+        ...
+
+
 # --- messages -------------------------------------------------------------------
 
 
@@ -194,6 +229,14 @@ class Publisher(Protocol):
     def publish_seckill(self, msg: Mapping[str, Any]) -> None: ...
 
     def publish_refund(self, refund_id: str) -> None: ...
+
+    def publish_event(self, event: Mapping[str, Any]) -> None:
+        """An order event (its wire form) to the events exchange, confirmed."""
+        ...
+
+    def publish_delivery(self, delivery_id: str, wait_seconds: int | None = None) -> None:
+        """A webhook delivery to attempt now, or after one of the configured waits."""
+        ...
 
     def queue_depth(self, queue: str) -> int: ...
 
@@ -363,7 +406,49 @@ class ReconciliationPort(Protocol):
     def failed_days(self, limit: int = 100) -> list[date]: ...
 
 
-class StorePort(CatalogPort, OrderPort, SalesPort, RefundPort, ReconciliationPort, Protocol):
+class OutboxPort(Protocol):
+    """Order events, written by the order and refund writes in their transactions
+    (chalicelib/store/outbox.py); read and marked by the relay."""
+
+    def events_of(self, order_id: str) -> list[OrderEvent]: ...
+
+    def unsent_events(self, order_id: str) -> list[OrderEvent]: ...
+
+    def unsent_orders(self, before: datetime, limit: int = 500) -> list[str]: ...
+
+    def mark_event_sent(self, event: OrderEvent, *, now: datetime) -> None: ...
+
+    def event_failed(self, event: OrderEvent, *, reason: str, park_after: int) -> bool: ...
+
+    def parked_events(self, limit: int = 100) -> list[tuple[OrderEvent, str]]: ...
+
+
+class WebhookPort(Protocol):
+    def save_subscription(self, sub: Subscription) -> None: ...
+
+    def get_subscription(self, sub_id: str) -> Subscription | None: ...
+
+    def list_subscriptions(self, limit: int = 200) -> list[Subscription]: ...
+
+    def delete_subscription(self, sub_id: str, *, now: datetime) -> bool: ...
+
+    def create_delivery(self, d: Delivery) -> bool: ...
+
+    def get_delivery(self, delivery_id: str) -> Delivery | None: ...
+
+    def record_attempt(self, d: Delivery, attempt: Attempt, status: DeliveryStatus) -> bool: ...
+
+    def reopen_delivery(self, delivery_id: str) -> Delivery | None: ...
+
+    def deliveries_of_subscription(self, sub_id: str, limit: int = 100) -> list[Delivery]: ...
+
+    def deliveries_of_order(self, order_id: str, limit: int = 100) -> list[Delivery]: ...
+
+    def failed_deliveries(self, limit: int = 100) -> list[Delivery]: ...
+
+
+class StorePort(CatalogPort, OrderPort, SalesPort, RefundPort, ReconciliationPort, OutboxPort,
+                WebhookPort, Protocol):
     """Everything the handlers keep: the DynamoDB store and the in-memory one."""
 
     def warm(self) -> None: ...

@@ -40,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     parked.add_argument("action", choices=["list", "replay"])
     parked.add_argument("queue", help="queue.order.check, queue.order.pay or queue.order.seckill "
                                       "(the .parked suffix is optional)")
+    events = sub.add_parser("events", help="order events as they pass (events tail)")
+    events.add_argument("action", choices=["tail"])
+    events.add_argument("--key", action="append", default=None,
+                        help="a binding key (order.paid, order.#; repeatable)")
+    events.add_argument("--json", action="store_true", help="each event's JSON, a line each")
     rec = sub.add_parser("reconcile", help="reconcile a day against the sandbox's bill")
     rec.add_argument("--date", help="yyyy-MM-dd (Asia/Shanghai); none: the scheduled round")
     bench = sub.add_parser("bench", help="benchmarks beside their ceilings (bench seckill: "
@@ -108,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         from chalicelib import cli
 
         return cli.main(["parked", args.action, args.queue])
+    if args.command == "events":
+        from chalicelib import cli
+
+        keys = [a for k in args.key or [] for a in ("--key", k)]
+        return cli.main(["events", args.action, *keys, *(["--json"] if args.json else [])])
     if args.command == "reconcile":
         from chalicelib import cli
 

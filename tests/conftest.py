@@ -10,6 +10,7 @@ import os
 import socket
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
@@ -66,6 +67,8 @@ class FakePublisher:
         self.pays: list[dict[str, Any]] = []
         self.seckills: list[dict[str, Any]] = []
         self.refunds: list[str] = []
+        self.events: list[dict[str, Any]] = []  # order events, as published
+        self.deliveries: list[tuple[str, int | None]] = []  # (delivery id, wait)
         self.depths: dict[str, int] = {}  # what queue_depth answers (0 when not set)
         self.depth_reads = 0
         self.down = False
@@ -89,6 +92,16 @@ class FakePublisher:
         if self.down:
             raise Unavailable("broker down (fake)")
         self.refunds.append(refund_id)
+
+    def publish_event(self, event: Any) -> None:
+        if self.down:
+            raise Unavailable("broker down (fake)")
+        self.events.append(dict(event))
+
+    def publish_delivery(self, delivery_id: str, wait_seconds: int | None = None) -> None:
+        if self.down:
+            raise Unavailable("broker down (fake)")
+        self.deliveries.append((delivery_id, wait_seconds))
 
     def queue_depth(self, queue: str) -> int:
         if self.down:
@@ -193,6 +206,39 @@ class FakeGateway:
             return self.refund_states[request_no]
         made = any(req == request_no for _o, _a, req in self.refunds)
         return RefundState.SUCCEEDED if made else RefundState.NOT_MADE
+
+
+@dataclass(frozen=True)
+class FakeAnswer:
+    """What a subscriber answered, as chalicelib/webhook_http.py's Answer."""
+
+    status: int | None
+    ms: int = 3
+    body: str = "ok"
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300 and self.error is None
+
+
+class FakeSender:
+    """The webhook port without HTTP: records each POST and answers from `answers`
+    in turn (200 when none is left). A URL in `refused` is not one it calls."""
+
+    def __init__(self) -> None:
+        self.posts: list[tuple[str, bytes, dict[str, str], float]] = []
+        self.answers: list[FakeAnswer] = []
+        self.refused: set[str] = set()
+
+    def check_url(self, url: str) -> str:
+        if url in self.refused or not url.startswith(("http://", "https://")):
+            raise ValueError("not an address webhooks may call")
+        return url
+
+    def post(self, url: str, body: bytes, headers: Any, *, timeout: float) -> FakeAnswer:
+        self.posts.append((url, body, dict(headers), timeout))
+        return self.answers.pop(0) if self.answers else FakeAnswer(200)
 
 
 class DictArchive:
@@ -314,7 +360,7 @@ class Clock:
 @pytest.fixture
 def app_deps(tables: Store) -> Iterator[Deps]:
     d = Deps(settings=config.load(), store=tables, broker=FakePublisher(), clock=Clock(),
-             gateway=FakeGateway())
+             gateway=FakeGateway(), webhooks=FakeSender())
     deps.use(d)
     yield d
     deps.use(None)

@@ -63,6 +63,7 @@ from chalicelib.domain import (
     refund_id,
     refund_request_no,
 )
+from tests.outbox_contract import OutboxContract
 from tests.reconciliation_contract import ReconciliationContract
 
 # Microseconds on purpose: the stores keep milliseconds.
@@ -299,7 +300,7 @@ def refunded_late(store: Any, order_id: str, trade_no: str, now: datetime) -> No
                                trade_no=trade_no) is True
 
 
-class StoreContract(ReconciliationContract):
+class StoreContract(ReconciliationContract, OutboxContract):
     """The store's public methods and every condition they keep. Subclasses provide
     the `store` fixture."""
 

@@ -14,9 +14,13 @@ the first call that needs it and kept for the next ones.
     connection.py  connection parameters, safe_url, the errors
     messages.py    JSON bodies, properties, our headers
 
-For each consumed queue Q (check, pay, seckill) there are retry queues
-`Q.retry.<ms>ms` (a failed message waits there instead of at the head of Q, so
-it never blocks the messages behind it; one TTL per queue, so they expire in
+Order events go to the topic exchange exchange.order.events (routing key = the
+type); queue.order.webhook takes them all for the webhooks, whose deliveries
+wait between attempts in queue.order.webhook.deliver.wait.<s>s.
+
+For each consumed queue Q (check, pay, seckill, refund, webhook, webhook.deliver)
+there are retry queues `Q.retry.<ms>ms` (a failed message waits there instead
+of at the head of Q, so it never blocks the messages behind it; one TTL per queue, so they expire in
 order) and `Q.parked`, where a message goes after `max_attempts`, or at once
 when it is not a JSON object or the handler raised `Park`. A person looks at it
 with `list_parked` and moves it back with `replay_parked`.
@@ -39,9 +43,11 @@ from chalicelib.broker.topology import (
     CONSUMED_QUEUES,
     DEFAULT_RETRY_DELAYS_MS,
     EXCHANGE_DELAY,
+    EXCHANGE_EVENTS,
     EXCHANGE_PAY,
     EXCHANGE_REFUND,
     EXCHANGE_SECKILL,
+    EXCHANGE_WEBHOOK,
     QUEUE_CHECK,
     QUEUE_CHECK_PARKED,
     QUEUE_DELAY,
@@ -51,12 +57,15 @@ from chalicelib.broker.topology import (
     QUEUE_REFUND_PARKED,
     QUEUE_SECKILL,
     QUEUE_SECKILL_PARKED,
+    QUEUE_WEBHOOK,
+    QUEUE_WEBHOOK_DELIVER,
     TopologyMismatch,
     TopologyMissing,
     declare_at,
     declare_topology,
     parked_queue_name,
     retry_queue_name,
+    webhook_wait_queue,
 )
 
 # Not in __all__, but kept as before: tests/reliability reads broker.PARKED_SUFFIX.
@@ -66,9 +75,11 @@ __all__ = [
     "CONSUMED_QUEUES",
     "DEFAULT_RETRY_DELAYS_MS",
     "EXCHANGE_DELAY",
+    "EXCHANGE_EVENTS",
     "EXCHANGE_PAY",
     "EXCHANGE_REFUND",
     "EXCHANGE_SECKILL",
+    "EXCHANGE_WEBHOOK",
     "QUEUE_CHECK",
     "QUEUE_CHECK_PARKED",
     "QUEUE_DELAY",
@@ -78,6 +89,8 @@ __all__ = [
     "QUEUE_REFUND_PARKED",
     "QUEUE_SECKILL",
     "QUEUE_SECKILL_PARKED",
+    "QUEUE_WEBHOOK",
+    "QUEUE_WEBHOOK_DELIVER",
     "Broker",
     "BrokerUnavailable",
     "Park",
@@ -92,4 +105,5 @@ __all__ = [
     "retry_queue_name",
     "run_consumer",
     "safe_url",
+    "webhook_wait_queue",
 ]

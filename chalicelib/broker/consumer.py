@@ -24,6 +24,7 @@ from chalicelib.broker.dispatcher import Dispatcher, Session
 from chalicelib.broker.topology import (
     CONSUMED_QUEUES,
     DEFAULT_RETRY_DELAYS_MS,
+    DEFAULT_WEBHOOK_RETRY_SECONDS,
     declare_topology,
     validate_topology_args,
 )
@@ -41,6 +42,7 @@ def run_consumer(
     prefetch: int = 10,
     max_attempts: int = 5,
     retry_delays_ms: Sequence[int] = DEFAULT_RETRY_DELAYS_MS,
+    webhook_waits_s: Sequence[int] = DEFAULT_WEBHOOK_RETRY_SECONDS,
     check_delay_seconds: int,
     queue_type: str = "classic",
     stop: threading.Event,
@@ -87,7 +89,8 @@ def run_consumer(
                 connection = open_connection(params)  # each address in turn
                 channel = connection.channel()
                 declare_topology(
-                    channel, check_delay_ms, queue_type, retry_delays_ms=retry_delays_ms
+                    channel, check_delay_ms, queue_type, retry_delays_ms=retry_delays_ms,
+                    webhook_waits_s=webhook_waits_s,
                 )
                 channel.confirm_delivery()
                 channel.basic_qos(prefetch_count=prefetch)

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import pika
@@ -41,20 +41,25 @@ from chalicelib.broker.messages import JSON, PERSISTENT, encode
 from chalicelib.broker.topology import (
     CONSUMED_QUEUES,
     EXCHANGE_DELAY,
+    EXCHANGE_EVENTS,
     EXCHANGE_PAY,
     EXCHANGE_REFUND,
     EXCHANGE_SECKILL,
+    EXCHANGE_WEBHOOK,
     EXCHANGES,
     QUEUE_DELAY,
     QUEUE_PAY,
     QUEUE_REFUND,
     QUEUE_SECKILL,
+    QUEUE_WEBHOOK_DELIVER,
     TopologyMismatch,
     TopologyMissing,
     declare_topology,
     parked_queue_name,
     validate_topology_args,
+    webhook_wait_queue,
 )
+from chalicelib.config import DEFAULT_WEBHOOK_RETRY_SECONDS
 
 logger = logging.getLogger(__name__)
 
@@ -76,14 +81,17 @@ class Broker:
         queue_type: str = "classic",
         *,
         declare: bool = True,
+        webhook_waits_s: Sequence[int] = DEFAULT_WEBHOOK_RETRY_SECONDS,
     ) -> None:
         """`declare=False`: never declare, only check that the exchanges exist (the
-        API's publish-only user); True: declare, unless the user may not."""
+        API's publish-only user); True: declare, unless the user may not.
+        `webhook_waits_s`: a failed webhook delivery's waits (its wait queues)."""
         validate_topology_args(int(check_delay_seconds) * 1000, queue_type, (1,))
         self._url = url
         self._declare = declare
         self._check_delay_ms = int(check_delay_seconds) * 1000
         self._queue_type = queue_type
+        self._webhook_waits_s = tuple(int(w) for w in webhook_waits_s)
         self._params: list[pika.URLParameters] | None = None  # every address, in turn
         self._connection: BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
@@ -129,7 +137,8 @@ class Broker:
         channel = connection.channel()
         if self._declare:
             try:
-                declare_topology(channel, self._check_delay_ms, self._queue_type)
+                declare_topology(channel, self._check_delay_ms, self._queue_type,
+                                 webhook_waits_s=self._webhook_waits_s)
                 return channel
             except pika.exceptions.ChannelClosedByBroker as exc:
                 if exc.reply_code != 403:
@@ -177,7 +186,8 @@ class Broker:
 
     # -- public API --
 
-    def publish(self, exchange: str, routing_key: str, body: Mapping[str, Any]) -> None:
+    def publish(self, exchange: str, routing_key: str, body: Mapping[str, Any], *,
+                message_id: str | None = None) -> None:
         """Publish `body` as persistent JSON, mandatory, and wait for the broker's confirm.
 
         Raises `Unroutable` when no queue took it, `BrokerUnavailable` when it
@@ -192,7 +202,7 @@ class Broker:
             content_type=JSON,
             content_encoding="utf-8",
             delivery_mode=PERSISTENT,
-            message_id=uuid.uuid4().hex,
+            message_id=message_id or uuid.uuid4().hex,
             timestamp=int(time.time()),
         )
 
@@ -236,6 +246,18 @@ class Broker:
     def publish_refund(self, refund_id: str) -> None:
         """A refund whose outcome is not known: the worker settles it by asking."""
         self.publish(EXCHANGE_REFUND, QUEUE_REFUND, {"refundId": refund_id})
+
+    def publish_event(self, event: Mapping[str, Any]) -> None:
+        """An order event to exchange.order.events, routing key = its type, message id
+        = its eventId (a consumer dedupes on either)."""
+        self.publish(EXCHANGE_EVENTS, str(event["type"]), event,
+                     message_id=str(event["eventId"]))
+
+    def publish_delivery(self, delivery_id: str, wait_seconds: int | None = None) -> None:
+        """A webhook delivery to attempt: now, or after `wait_seconds` (one of the
+        waits the topology was declared with)."""
+        key = QUEUE_WEBHOOK_DELIVER if wait_seconds is None else webhook_wait_queue(wait_seconds)
+        self.publish(EXCHANGE_WEBHOOK, key, {"deliveryId": delivery_id})
 
     def ping(self) -> None:
         """A round trip to the broker; raises `BrokerUnavailable` when it cannot be made."""

@@ -11,6 +11,12 @@ error that says which queue, what differs and the way out.
     exchange.order.delay --queue.order.check--> queue.order.check
     exchange.order.pay   --queue.order.pay----> queue.order.pay
     exchange.order.seckill --queue.order.seckill--> queue.order.seckill
+    exchange.order.events (topic) --order.#--> queue.order.webhook
+        (order events, routing key = the type; other consumers bind their own)
+    exchange.order.webhook --queue.order.webhook.deliver--> queue.order.webhook.deliver
+    exchange.order.webhook --<wait queue>--> queue.order.webhook.deliver.wait.<s>s
+        (TTL <s> s, dead-letters back to queue.order.webhook.deliver: a failed
+         delivery's wait before its next attempt)
 
 plus, for each consumed queue Q: `Q.retry.<ms>ms` per retry delay (TTL <ms>,
 dead-letters back to Q through the default exchange) and `Q.parked`.
@@ -35,7 +41,7 @@ from chalicelib.broker.connection import (
     parameters,
     safe_url,
 )
-from chalicelib.config import DEFAULT_RETRY_DELAYS_MS
+from chalicelib.config import DEFAULT_RETRY_DELAYS_MS, DEFAULT_WEBHOOK_RETRY_SECONDS
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +56,15 @@ QUEUE_SECKILL = "queue.order.seckill"
 EXCHANGE_REFUND = "exchange.order.refund"
 QUEUE_REFUND = "queue.order.refund"
 
+# Order events (chalicelib/events.py): a topic exchange, routing key = the type.
+EXCHANGE_EVENTS = "exchange.order.events"
+EVENTS_BINDING = "order.#"
+# Webhooks (chalicelib/webhooks.py): events fanned out into one delivery per
+# subscription, then each delivery attempted, waiting between attempts.
+QUEUE_WEBHOOK = "queue.order.webhook"
+EXCHANGE_WEBHOOK = "exchange.order.webhook"
+QUEUE_WEBHOOK_DELIVER = "queue.order.webhook.deliver"
+
 PARKED_SUFFIX = ".parked"
 QUEUE_CHECK_PARKED = QUEUE_CHECK + PARKED_SUFFIX
 QUEUE_PAY_PARKED = QUEUE_PAY + PARKED_SUFFIX
@@ -57,12 +72,20 @@ QUEUE_SECKILL_PARKED = QUEUE_SECKILL + PARKED_SUFFIX
 QUEUE_REFUND_PARKED = QUEUE_REFUND + PARKED_SUFFIX
 
 #: The queues a consumer may read; each has retry queues and a parked queue.
-CONSUMED_QUEUES: tuple[str, ...] = (QUEUE_CHECK, QUEUE_PAY, QUEUE_SECKILL, QUEUE_REFUND)
+CONSUMED_QUEUES: tuple[str, ...] = (QUEUE_CHECK, QUEUE_PAY, QUEUE_SECKILL, QUEUE_REFUND,
+                                    QUEUE_WEBHOOK, QUEUE_WEBHOOK_DELIVER)
 
 QUEUE_TYPES = ("classic", "quorum")
 
 #: Every exchange of the contract: the API publishes to these and nothing else.
-EXCHANGES: tuple[str, ...] = (EXCHANGE_DELAY, EXCHANGE_PAY, EXCHANGE_SECKILL, EXCHANGE_REFUND)
+EXCHANGES: tuple[str, ...] = (EXCHANGE_DELAY, EXCHANGE_PAY, EXCHANGE_SECKILL, EXCHANGE_REFUND,
+                              EXCHANGE_EVENTS, EXCHANGE_WEBHOOK)
+EXCHANGE_TYPES = {EXCHANGE_EVENTS: "topic"}  # the others are direct
+
+
+def webhook_wait_queue(seconds: int) -> str:
+    """Where a delivery waits `seconds` before its next attempt."""
+    return f"{QUEUE_WEBHOOK_DELIVER}.wait.{int(seconds)}s"
 
 
 @dataclass(frozen=True)
@@ -137,7 +160,8 @@ def _queue_args(queue_type: str, **arguments: Any) -> dict[str, Any]:
 
 
 def _topology(
-    check_delay_ms: int, queue_type: str, retry_delays_ms: Sequence[int]
+    check_delay_ms: int, queue_type: str, retry_delays_ms: Sequence[int],
+    webhook_waits_s: Sequence[int] = DEFAULT_WEBHOOK_RETRY_SECONDS,
 ) -> tuple[list[str], list[tuple[str, dict[str, Any]]], list[tuple[str, str, str]]]:
     exchanges = list(EXCHANGES)
     queues: list[tuple[str, dict[str, Any]]] = [
@@ -156,7 +180,14 @@ def _topology(
         (QUEUE_PAY, _queue_args(queue_type)),
         (QUEUE_SECKILL, _queue_args(queue_type)),
         (QUEUE_REFUND, _queue_args(queue_type)),
+        (QUEUE_WEBHOOK, _queue_args(queue_type)),
+        (QUEUE_WEBHOOK_DELIVER, _queue_args(queue_type)),
     ]
+    for wait in sorted(set(webhook_waits_s)):
+        queues.append((webhook_wait_queue(wait), _queue_args(
+            queue_type, **{"x-message-ttl": int(wait) * 1000,
+                           "x-dead-letter-exchange": "",
+                           "x-dead-letter-routing-key": QUEUE_WEBHOOK_DELIVER})))
     for queue in CONSUMED_QUEUES:
         queues.append((parked_queue_name(queue), _queue_args(queue_type)))
         for delay in sorted(set(retry_delays_ms)):
@@ -179,7 +210,11 @@ def _topology(
         (QUEUE_PAY, EXCHANGE_PAY, QUEUE_PAY),
         (QUEUE_SECKILL, EXCHANGE_SECKILL, QUEUE_SECKILL),
         (QUEUE_REFUND, EXCHANGE_REFUND, QUEUE_REFUND),
+        (QUEUE_WEBHOOK, EXCHANGE_EVENTS, EVENTS_BINDING),
+        (QUEUE_WEBHOOK_DELIVER, EXCHANGE_WEBHOOK, QUEUE_WEBHOOK_DELIVER),
     ]
+    bindings += [(webhook_wait_queue(w), EXCHANGE_WEBHOOK, webhook_wait_queue(w))
+                 for w in sorted(set(webhook_waits_s))]
     return exchanges, queues, bindings
 
 
@@ -201,6 +236,7 @@ def declare_topology(
     queue_type: str = "classic",
     *,
     retry_delays_ms: Sequence[int] = DEFAULT_RETRY_DELAYS_MS,
+    webhook_waits_s: Sequence[int] = DEFAULT_WEBHOOK_RETRY_SECONDS,
 ) -> None:
     """Declare the contract's exchanges, queues and bindings, idempotently.
 
@@ -210,14 +246,16 @@ def declare_topology(
     `channel` (406), so the caller must open a new one.
     """
     validate_topology_args(check_delay_ms, queue_type, retry_delays_ms)
-    exchanges, queues, bindings = _topology(check_delay_ms, queue_type, retry_delays_ms)
+    exchanges, queues, bindings = _topology(check_delay_ms, queue_type, retry_delays_ms,
+                                            webhook_waits_s)
     for exchange in exchanges:
+        kind = EXCHANGE_TYPES.get(exchange, "direct")
         _declare(
             channel,
             "exchange",
             exchange,
             check_delay_ms,
-            lambda e=exchange: channel.exchange_declare(e, exchange_type="direct", durable=True),
+            lambda e=exchange, k=kind: channel.exchange_declare(e, exchange_type=k, durable=True),
         )
     for queue, arguments in queues:
         _declare(
@@ -238,6 +276,7 @@ def declare_at(
     queue_type: str = "classic",
     *,
     retry_delays_ms: Sequence[int] = DEFAULT_RETRY_DELAYS_MS,
+    webhook_waits_s: Sequence[int] = DEFAULT_WEBHOOK_RETRY_SECONDS,
 ) -> None:
     """Declare the topology over a connection of its own (the worker's user), e.g.
     before the API first publishes on a new broker; the worker does it when it starts."""
@@ -246,7 +285,8 @@ def declare_at(
     connection = connect(url, parameters(url))
     try:
         declare_topology(
-            connection.channel(), check_delay_ms, queue_type, retry_delays_ms=retry_delays_ms
+            connection.channel(), check_delay_ms, queue_type, retry_delays_ms=retry_delays_ms,
+            webhook_waits_s=webhook_waits_s,
         )
     except pika.exceptions.ChannelClosedByBroker as exc:
         raise BrokerUnavailable(

@@ -83,7 +83,7 @@ def conditional() -> Iterator[Condition]:
     outcome = Condition()
     try:
         yield outcome
-    except UpdateError as exc:
+    except (UpdateError, PutError) as exc:
         if exc.cause_response_code != "ConditionalCheckFailedException":
             raise Unavailable("dynamodb is not answering") from exc
         outcome.held = False

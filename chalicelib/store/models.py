@@ -66,6 +66,8 @@ class Models:
     Timeline: Any
     UnpaidOrders: Any
     Reconciliation: Any
+    Outbox: Any
+    Webhook: Any
 
     @property
     def all(self) -> tuple[type[Model], ...]:
@@ -75,7 +77,8 @@ class Models:
         a scan, cannot render its string set. (It builds its own client on first
         use: only create_order's rare pass over a full set reads through it.)"""
         return (self.Goods, self.CartLine, self.Order, self.Sale, self.Ticket,
-                self.SeckillMarker, self.Refund, self.Timeline, self.Reconciliation)
+                self.SeckillMarker, self.Refund, self.Timeline, self.Reconciliation,
+                self.Outbox, self.Webhook)
 
 
 @lru_cache(maxsize=8)
@@ -413,11 +416,114 @@ def models_for(tables: Tables, region: str) -> Models:
         reports = ReportsIndex()
         open_items = OpenReconciliationIndex()
 
+    # order events (chalicelib/events.py) and webhooks (chalicelib/webhooks.py)
+
+    class UnsentIndex(GlobalSecondaryIndex["OutboxModel"]):
+        """Sparse: `unsent` is set while an event is not published yet, for the
+        backstop sweep (no scan)."""
+
+        class Meta:
+            index_name = "unsent"
+            projection = KeysOnlyProjection()
+
+        unsent = UnicodeAttribute(hash_key=True)
+        occurred_at = UnicodeAttribute(range_key=True)
+
+    class ParkedEventsIndex(GlobalSecondaryIndex["OutboxModel"]):
+        """Sparse: `parked` is set on an event that could not be published."""
+
+        class Meta:
+            index_name = "parked"
+            projection = AllProjection()
+
+        parked = UnicodeAttribute(hash_key=True)
+        occurred_at = UnicodeAttribute(range_key=True)
+
+    class OutboxModel(Model):
+        """An order's events, written in the transaction of their change; `seq`
+        orders them. Its stream (NEW_IMAGE) feeds the relay."""
+
+        class Meta(meta):
+            table_name = tables.outbox
+
+        order_id = UnicodeAttribute(hash_key=True)
+        seq = UnicodeAttribute(range_key=True)
+        event_id = UnicodeAttribute()
+        type = UnicodeAttribute()
+        occurred_at = UnicodeAttribute()
+        data = UnicodeAttribute()  # JSON: the change's own fields
+        unsent = UnicodeAttribute(null=True)
+        parked = UnicodeAttribute(null=True)
+        failures = NumberAttribute(null=True)
+        reason = UnicodeAttribute(null=True)  # why it was parked
+        sent_time = UnicodeAttribute(null=True)
+
+        unsent_events = UnsentIndex()
+        parked_events = ParkedEventsIndex()
+
+    class SubscriptionsIndex(GlobalSecondaryIndex["WebhookModel"]):
+        class Meta:
+            index_name = "subscriptions"
+            projection = AllProjection()
+
+        sub_list = UnicodeAttribute(hash_key=True)
+        create_time = UnicodeAttribute(range_key=True)
+
+    class DeliveriesBySubscriptionIndex(GlobalSecondaryIndex["WebhookModel"]):
+        class Meta:
+            index_name = "deliveries-by-subscription"
+            projection = AllProjection()
+
+        subscription_id = UnicodeAttribute(hash_key=True)
+        create_time = UnicodeAttribute(range_key=True)
+
+    class DeliveriesByOrderIndex(GlobalSecondaryIndex["WebhookModel"]):
+        class Meta:
+            index_name = "deliveries-by-order"
+            projection = AllProjection()
+
+        order_id = UnicodeAttribute(hash_key=True)
+        create_time = UnicodeAttribute(range_key=True)
+
+    class FailedDeliveriesIndex(GlobalSecondaryIndex["WebhookModel"]):
+        """Sparse: `failed` is set while a delivery is FAILED."""
+
+        class Meta:
+            index_name = "failed-deliveries"
+            projection = AllProjection()
+
+        failed = UnicodeAttribute(hash_key=True)
+        create_time = UnicodeAttribute(range_key=True)
+
+    class WebhookModel(Model):
+        """Subscriptions (`id` WH_...) and deliveries (`id` DLV_...); `body` is the
+        item's JSON (a delivery's keeps its attempts)."""
+
+        class Meta(meta):
+            table_name = tables.webhooks
+
+        id = UnicodeAttribute(hash_key=True)
+        create_time = UnicodeAttribute()
+        body = UnicodeAttribute()
+        status = UnicodeAttribute(null=True)  # a delivery's
+        sub_list = UnicodeAttribute(null=True)  # "SUB" on a live subscription
+        subscription_id = UnicodeAttribute(null=True)
+        order_id = UnicodeAttribute(null=True)
+        failed = UnicodeAttribute(null=True)
+        secret = UnicodeAttribute(null=True)  # a subscription's signing secret
+        tries = NumberAttribute(null=True)  # a delivery's attempts so far
+
+        subscriptions = SubscriptionsIndex()
+        by_subscription = DeliveriesBySubscriptionIndex()
+        by_order = DeliveriesByOrderIndex()
+        failed_deliveries = FailedDeliveriesIndex()
+
     return Models(Goods=GoodsModel, CartLine=CartLineModel, Order=OrderModel,
                   OrderLine=OrderLineAttribute, Sale=SaleModel, Ticket=TicketModel,
                   SeckillMarker=SeckillMarkerModel, Refund=RefundModel,
                   Timeline=TimelineModel, UnpaidOrders=UnpaidOrdersModel,
-                  Reconciliation=ReconciliationModel)
+                  Reconciliation=ReconciliationModel, Outbox=OutboxModel,
+                  Webhook=WebhookModel)
 
 
 def order_from_model(m: Any) -> Order:

@@ -44,6 +44,7 @@ from chalicelib.domain import (
     PriceChanged,
     TooManyUnpaidOrders,
     Unavailable,
+    events,
     iso,
 )
 from chalicelib.domain.reconciliation import bill_day
@@ -65,6 +66,7 @@ from chalicelib.store.models import (
     model_from_order,
     order_from_model,
 )
+from chalicelib.store.outbox import put_event
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,7 @@ class OrderStore(StoreBase):
 
         def build(tx: TransactWrite) -> None:
             tx.save(model_from_order(m, order), condition=m.Order.id.does_not_exist())
+            put_event(m, tx, events.created(order, order.create_time))
             if max_unpaid is not None:
                 ids = m.UnpaidOrders.order_ids
                 tx.update(marker, actions=[ids.add({order.id})],
@@ -121,7 +124,7 @@ class OrderStore(StoreBase):
                 tx.delete(m.CartLine(order.username, goods_id), condition=m.CartLine.num == num)
 
         # pynamodb sends condition checks, deletes, puts, updates in that order.
-        kinds = [("cart", gid) for gid in (cart or {})] + [("order", order.id)]
+        kinds = [("cart", gid) for gid in (cart or {})] + [("order", order.id), ("event", "")]
         kinds += [("cap", order.username)] if max_unpaid is not None else []
         kinds += [("stock", line.goods_id) for line in order.lines]
         for attempt in range(1, CAP_ATTEMPTS + 1):
@@ -200,15 +203,15 @@ class OrderStore(StoreBase):
         notify_id: str | None,
         now: datetime,
     ) -> bool:
-        """UNPAID -> PAID for exactly this amount. False when the order was not UNPAID
-        (or does not exist: a failed condition never creates the item)."""
+        """UNPAID -> PAID for exactly this amount, with its `order.paid` event. False
+        when the order was not UNPAID (or does not exist: a failed condition never
+        creates the item)."""
         m = self.models
-        with conditional() as written:
-            # The table's own call rather than Model.update, which asks for ALL_NEW and
-            # decodes the whole item that nobody reads here (a quarter of this write's
-            # time on moto, see local/bench.py stage 1).
-            m.Order._get_connection().update_item(
-                order_id,
+
+        def build(tx: TransactWrite) -> None:
+            put_event(m, tx, events.paid(order_id, trade_no=trade_no, now=now))
+            tx.update(
+                m.Order(order_id),
                 actions=[
                     m.Order.status.set(PAID),
                     m.Order.transaction_id.set(trade_no),
@@ -220,7 +223,14 @@ class OrderStore(StoreBase):
                 ],
                 condition=(m.Order.status == UNPAID) & (m.Order.total_fen == total_fen),
             )
-        return written.held
+
+        try:
+            write_transaction(self.connection, build, attempts=3)
+            return True
+        except TransactWriteError as exc:
+            if "ConditionalCheckFailed" in reasons(exc):
+                return False
+            raise Unavailable(f"marking {order_id} paid failed: {reasons(exc)}") from exc
 
     def close_order(self, order: Order, *, now: datetime) -> bool:
         """UNPAID -> CLOSED and the stock back, in one transaction. False when not UNPAID.
@@ -240,6 +250,7 @@ class OrderStore(StoreBase):
                         m.Order.link_expire_time.set(iso(order.expire_time))]
 
         def build(tx: TransactWrite) -> None:
+            put_event(m, tx, events.closed(order, now))
             tx.update(m.Order(order.id), actions=actions, condition=m.Order.status == UNPAID)
             for line in order.lines:
                 if order.sale_id:  # a flash-sale order gives its unit back to the sale
@@ -251,7 +262,7 @@ class OrderStore(StoreBase):
             write_transaction(self.connection, build)
             return True
         except TransactWriteError as exc:
-            if reasons(exc)[:1] == ["ConditionalCheckFailed"]:
+            if "ConditionalCheckFailed" in reasons(exc):  # only the order's has a condition
                 return False
             raise Unavailable(f"closing {order.id} failed: {reasons(exc)}") from exc
 

@@ -42,6 +42,7 @@ from chalicelib.domain import (
     RefundStatus,
     TimelineEvent,
     Unavailable,
+    events,
     iso,
     parse_iso,
 )
@@ -55,6 +56,7 @@ from chalicelib.store.base import (
     write_transaction,
 )
 from chalicelib.store.models import OPEN_FLAG, model_from_refund, refund_from_model
+from chalicelib.store.outbox import put_events
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +131,10 @@ class RefundStore(StoreBase):
                 o.refund_reserved_fen.set(order.refund_reserved_fen - refund.amount_fen))
 
         def build(tx: TransactWrite) -> None:
+            if status == RefundStatus.SUCCEEDED:
+                put_events(m, tx, events.refund_settled(
+                    order, refund_id=refund.id, amount_fen=refund.amount_fen, now=now,
+                    trade_no=trade_no))
             tx.update(r(refund.id), actions=refund_actions,
                       condition=r.status == RefundStatus.PENDING.value)
             tx.update(o(order.id), actions=order_actions,

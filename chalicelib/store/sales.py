@@ -17,6 +17,7 @@ from chalicelib.domain import (
     SeckillOutcome,
     Ticket,
     Unavailable,
+    events,
     iso,
 )
 from chalicelib.store.base import (
@@ -33,6 +34,7 @@ from chalicelib.store.models import (
     sale_from_model,
     ticket_from_model,
 )
+from chalicelib.store.outbox import put_event
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +135,7 @@ class SaleStore(StoreBase):
             # pynamodb sends puts before updates: reasons are in this order.
             tx.save(model_from_order(m, order), condition=m.Order.id.does_not_exist())
             tx.save(bought, condition=m.SeckillMarker.id.does_not_exist())
+            put_event(m, tx, events.created(order, order.create_time))
             tx.update(m.Sale(ticket.sale_id), actions=[m.Sale.stock.add(-order.lines[0].num)],
                       condition=m.Sale.stock >= order.lines[0].num)
             tx.update(m.Ticket(ticket.id),
@@ -145,12 +148,13 @@ class SaleStore(StoreBase):
             write_transaction(self.connection, build, attempts=3)
             return SeckillOutcome.ORDERED
         except TransactWriteError as exc:
-            failed = [r == "ConditionalCheckFailed" for r in reasons(exc)] + [False] * 4
-            if failed[3]:
+            # [order, bought, event, sale, ticket]; the event has no condition
+            failed = [r == "ConditionalCheckFailed" for r in reasons(exc)] + [False] * 5
+            if failed[4]:
                 return SeckillOutcome.NOT_QUEUED
             if failed[1]:
                 return SeckillOutcome.DUPLICATE
-            if failed[2]:
+            if failed[3]:
                 return SeckillOutcome.SOLD_OUT
             if failed[0]:
                 raise Conflict(f"order {order.id} exists already") from exc

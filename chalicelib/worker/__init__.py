@@ -25,7 +25,17 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from chalicelib import admin, broker, handlers, metrics, reconcile, refunds, seckill
+from chalicelib import (
+    admin,
+    broker,
+    events,
+    handlers,
+    metrics,
+    reconcile,
+    refunds,
+    seckill,
+    webhooks,
+)
 from chalicelib.config import Settings
 from chalicelib.context import Deps
 from chalicelib.domain import Unavailable, Unprocessable
@@ -83,6 +93,8 @@ def queue_handlers(d: Deps) -> dict[str, Handle]:
         broker.QUEUE_PAY: consumer(handlers.on_paid, d),
         broker.QUEUE_SECKILL: consumer(seckill.on_seckill, d),
         broker.QUEUE_REFUND: consumer(refunds.resolve_refund, d),
+        broker.QUEUE_WEBHOOK: consumer(webhooks.fan_out, d),
+        broker.QUEUE_WEBHOOK_DELIVER: consumer(webhooks.deliver, d),
     }
 
 
@@ -117,6 +129,18 @@ def sweep_forever(d: Deps, stop: threading.Event, interval: float) -> None:
             metrics.emit_attention(admin.attention(d), stage=d.settings.stage)
         except Exception:  # noqa: BLE001 - the next round tries again
             log.exception("sweep failed")
+
+
+def relay_forever(d: Deps, stop: threading.Event, interval: float) -> None:
+    """The outbox's backstop sweep (chalicelib/events.py), every `interval`: events
+    older than OUTBOX_SWEEP_AFTER_SECONDS that no stream relay published. A
+    thread of its own, so that a broker outage delays no other sweep."""
+    after = d.settings.outbox_sweep_after_seconds
+    while not stop.wait(interval):
+        try:
+            events.sweep_unsent(d, older_than_seconds=after)
+        except Exception:  # noqa: BLE001 - the next round tries again
+            log.exception("events sweep failed")
 
 
 RECONCILE_FIRST_ROUND_SECONDS = 60.0  # after the worker started, busy with its queues
@@ -165,13 +189,14 @@ def run(d: Deps, stop: threading.Event, *, prefetch: int | None = None,
     prefetch = prefetch or settings.bridge_prefetch
     retry_delays_ms = retry_delays_ms or settings.bridge_retry_delays_ms
 
-    def consume(chosen: dict[str, Handle]) -> None:
+    def consume(chosen: dict[str, Handle], prefetch: int = prefetch) -> None:
         broker.run_consumer(
             settings.worker_rmq_url,
             chosen,
             prefetch=prefetch,
             max_attempts=settings.bridge_max_attempts,
             retry_delays_ms=retry_delays_ms,
+            webhook_waits_s=settings.webhook_retry_seconds,
             check_delay_seconds=settings.check_delay_seconds,
             queue_type=settings.rmq_queue_type,
             stop=stop,
@@ -179,13 +204,16 @@ def run(d: Deps, stop: threading.Event, *, prefetch: int | None = None,
 
     failures: list[BaseException] = []
 
-    def work(chosen: dict[str, Handle]) -> None:
+    def work(chosen: dict[str, Handle], prefetch: int = prefetch) -> None:
         try:
-            consume(chosen)
+            consume(chosen, prefetch)
         except BaseException as exc:  # noqa: BLE001 - re-raised by run() below
             failures.append(exc)
             stop.set()
 
+    # Webhook attempts wait on subscribers: consumers of their own, one message at
+    # a time each, so a slow subscriber holds one of them and no order queue.
+    deliver = every.pop(broker.QUEUE_WEBHOOK_DELIVER)
     rest = {queue: h for queue, h in every.items() if queue not in limits}
     count = max(1, workers if workers is not None else settings.bridge_workers)
     d.store.warm()  # one set of DynamoDB clients for every thread below
@@ -200,6 +228,12 @@ def run(d: Deps, stop: threading.Event, *, prefetch: int | None = None,
                                daemon=True) for queue, handle in paced.items()]
     drains += [threading.Thread(target=work, args=(rest,), name=f"worker {i}", daemon=True)
                for i in range(1, count) if rest]
+    drains += [threading.Thread(target=work, args=({broker.QUEUE_WEBHOOK_DELIVER: deliver}, 1),
+                                name=f"webhooks {i}", daemon=True)
+               for i in range(settings.webhook_workers)]
+    relay = threading.Thread(target=relay_forever, args=(d, stop, settings.relay_interval_seconds),
+                             name="relay", daemon=True)
+    relay.start()
     for thread in drains:
         thread.start()
     if limits:
@@ -216,5 +250,6 @@ def run(d: Deps, stop: threading.Event, *, prefetch: int | None = None,
         for thread in drains:
             thread.join(10)
         sweeper.join(5)
+        relay.join(5)
     if failures:
         raise failures[0]

@@ -26,7 +26,8 @@ def own_user(d: Deps) -> Deps:
         return d
     own = dataclasses.replace(settings, rmq_url=settings.worker_rmq_url)
     return dataclasses.replace(d, settings=own, broker=broker.Broker(
-        own.rmq_url, own.check_delay_seconds, own.rmq_queue_type))
+        own.rmq_url, own.check_delay_seconds, own.rmq_queue_type,
+        webhook_waits_s=own.webhook_retry_seconds))
 
 
 def main() -> int:

@@ -42,13 +42,15 @@ FUNCTIONS = {  # logical id -> handler
     "Sweeper": "app.sweeper",
     "Reconciler": "app.reconciler",
     "AlipayNotifyUrl": "app.alipay_notify_url",
+    "RelayEvents": "app.relay_events",
 }
 ROLES = {"APIHandler": "api", "JwtAuth": "authorizer", "Sweeper": "sweeper",
-         "Reconciler": "reconciler", "AlipayNotifyUrl": "notify"}
+         "Reconciler": "reconciler", "AlipayNotifyUrl": "notify", "RelayEvents": "relay"}
 FUNCTION_NAMES = {"APIHandler": f"shop-pay-{STAGE}", "JwtAuth": f"shop-pay-{STAGE}-jwt_auth",
                   "Sweeper": f"shop-pay-{STAGE}-sweeper",
                   "Reconciler": f"shop-pay-{STAGE}-reconciler",
-                  "AlipayNotifyUrl": f"shop-pay-{STAGE}-alipay_notify_url"}
+                  "AlipayNotifyUrl": f"shop-pay-{STAGE}-alipay_notify_url",
+                  "RelayEvents": f"shop-pay-{STAGE}-relay_events"}
 # The stage's bills bucket: one name per account and region (S3's names are global).
 BILLS_BUCKET = f"shop-pay-{STAGE}-bills-${{AWS::AccountId}}-${{AWS::Region}}"
 
@@ -90,6 +92,20 @@ def test_functions_and_the_sweepers_schedule(built: Any) -> None:
     assert functions["APIHandler"]["Properties"]["Timeout"] == 30
     assert "RestAPI" in template["Resources"]
     assert (out / "deployment.zip").stat().st_size > 1_000_000
+
+
+def test_the_relay_reads_the_outbox_tables_stream(built: Any) -> None:
+    """Each new order event reaches the relay at once: the outbox table streams its
+    keys, and the relay function's event source is that stream (the ARN merged in
+    over app.py's stand-in, never the stand-in itself)."""
+    template, text, _ = built
+    outbox = template["Resources"]["OutboxTable"]["Properties"]
+    assert outbox["StreamSpecification"] == {"StreamViewType": "KEYS_ONLY"}
+    (source,) = template["Resources"]["RelayEvents"]["Properties"]["Events"].values()
+    assert source["Type"] == "DynamoDB"
+    assert source["Properties"]["Stream"] == {"Fn::GetAtt": ["OutboxTable", "StreamArn"]}
+    assert source["Properties"]["StartingPosition"] == "LATEST"
+    assert "@OUTBOX_STREAM_ARN@" not in text
 
 
 def _model_tables() -> dict[str, dict[str, Any]]:
@@ -175,8 +191,8 @@ def test_the_notify_function_url(built: Any) -> None:
     assert "ALIPAY_NOTIFY_URL" not in function_env(template, "AlipayNotifyUrl")
 
 
-def _arn(value: Any) -> str:
-    return value["Fn::Sub"] if isinstance(value, dict) else value
+def _arn(value: Any) -> Any:
+    return value["Fn::Sub"] if isinstance(value, dict) and "Fn::Sub" in value else value
 
 
 def _listed(value: Any) -> list[Any]:
@@ -218,8 +234,13 @@ def test_policy_is_least_privilege(built: Any) -> None:
         assert logs["Action"] == ["logs:CreateLogStream", "logs:PutLogEvents"], fn
         own = re.escape(f"log-group:{group['Properties']['LogGroupName']}") + r":\*"
         assert re.fullmatch(arn % ("logs", own), _arn(logs["Resource"])), fn
-        # The bills' statement: test_only_the_reconciler_writes_bills.
+        # The bills' statement: test_only_the_reconciler_writes_bills. The outbox's
+        # stream is named by the table's own StreamArn.
         tables = [st for st in tables if st.get("Sid") != "KeepBills"]
+        for st in [st for st in tables if st.get("Sid") == "OutboxStream"]:
+            assert fn == "RelayEvents" and st["Resource"] == {
+                "Fn::GetAtt": ["OutboxTable", "StreamArn"]}
+        tables = [st for st in tables if st.get("Sid") != "OutboxStream"]
         for st in tables:
             assert all(a.startswith("dynamodb:") for a in _listed(st["Action"])), fn
             assert all(re.fullmatch(arn % ("dynamodb", rf"table/shop-{STAGE}-[\w./-]+"), _arn(r))
@@ -246,6 +267,11 @@ TABLE_ACTIONS = {
     # of a day (UpdateItem, or PutItem of its first report); the two indexes list
     # the days and the open differences. Never a run's own writes (below).
     "reconciliations": {"GetItem", "PutItem", "UpdateItem", "Query"},
+    # every change's event (PutItem, in its transaction); the worker's relay reads
+    # an order's unsent events (Query, GetItem) and marks them (UpdateItem)
+    "outbox": {"GetItem", "PutItem", "UpdateItem", "Query"},
+    # subscriptions (operators), deliveries and their attempts (the worker)
+    "webhooks": {"GetItem", "PutItem", "UpdateItem"},
 }
 # What only a run of a day reads: the day's payments and refunds. The API never
 # runs a day on AWS (RECONCILE_INLINE is the local stack's; local.package refuses
@@ -266,10 +292,13 @@ ROLE_ACTIONS: dict[str, dict[str, set[str]]] = {
         "orders": {"GetItem", "UpdateItem"},
         "refunds": {"GetItem", "PutItem", "UpdateItem"},
         "timeline": {"PutItem"},
+        "outbox": {"PutItem"},  # the events of what it closes, marks paid, refunds
         "orders/index/unpaid-by-check-time": {"Query"}, "orders/index/recheck-by-time": {"Query"},
         "orders/index/paid-but-closed": {"Query"}, "refunds/index/open-by-time": {"Query"},
-        # admin.attention's open differences and failed days, for the metrics
+        # admin.attention's open differences, failed days, parked events and
+        # failed deliveries, for the metrics
         "reconciliations/index/open-by-day": {"Query"},
+        "outbox/index/parked": {"Query"}, "webhooks/index/failed-deliveries": {"Query"},
     },
     # reconcile.run_scheduled: the days asked for and the failed ones (open-by-day),
     # a day's reports (get, put with a lease, query), its differences and extras
@@ -284,8 +313,17 @@ ROLE_ACTIONS: dict[str, dict[str, set[str]]] = {
         "timeline": {"PutItem"},
         "reconciliations": {"GetItem", "PutItem", "UpdateItem", "DeleteItem",
                             "BatchWriteItem", "Query"},
+        "outbox": {"PutItem"},  # a late payment's refund writes its events
         "orders/index/paid-by-day": {"Query"}, "refunds/index/succeeded-by-day": {"Query"},
         "reconciliations/index/open-by-day": {"Query"},
+    },
+    # events.relay_stream_records: an order's unsent events (Query) and the order
+    # (GetItem), each marked sent (UpdateItem) or counted as failed (GetItem,
+    # UpdateItem); the outbox's stream, by its ARN (no wildcard).
+    "RelayEvents": {
+        "orders": {"GetItem"},
+        "outbox": {"GetItem", "UpdateItem", "Query"},
+        "outbox/stream": {"DescribeStream", "GetRecords", "GetShardIterator", "ListStreams"},
     },
 }
 # The actions a reader sees in the store's source, per table: each must be in the
@@ -295,11 +333,14 @@ SEEN_IN_SOURCE = ("Scan", "BatchGetItem", "BatchWriteItem", "DeleteItem",
 
 
 def _policy_grants(statements: list[dict[str, Any]]) -> dict[str, set[str]]:
-    """resource after `:table/` -> the dynamodb actions granted on it."""
+    """resource after `:table/` -> the dynamodb actions granted on it (the outbox's
+    stream, named by the template's own StreamArn: `outbox/stream`)."""
     grants: dict[str, set[str]] = {}
     for st in statements:
         actions = _listed(st["Action"])
         for r in map(_arn, _listed(st["Resource"])):
+            if r == {"Fn::GetAtt": ["OutboxTable", "StreamArn"]}:
+                r = f"x:dynamodb:x:table/shop-{STAGE}-outbox/stream"
             if ":dynamodb:" in r:
                 grants.setdefault(r.split(":table/")[1], set()).update(
                     a.removeprefix("dynamodb:") for a in actions)
@@ -382,7 +423,7 @@ def test_policy_grants_each_table_only_what_the_store_calls(built: Any) -> None:
         "APIHandler"}
 
 
-POLICY_FILES = ("", "-authorizer", "-notify", "-sweeper", "-reconciler")
+POLICY_FILES = ("", "-authorizer", "-notify", "-sweeper", "-reconciler", "-relay")
 
 
 def test_the_stages_policies_differ_only_in_the_stage() -> None:

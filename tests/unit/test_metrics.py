@@ -21,7 +21,8 @@ from chalicelib.metrics import RawLineHandler, emit_attention
 
 NOW = datetime(2026, 12, 1, 8, 0, 0, 123000, tzinfo=UTC)
 NAMES = ["ParkedMessages", "RefundsFailed", "RefundsPendingTooLong", "PaidButClosed",
-         "ReconciliationDifferences", "ReconciliationFailedDays"]
+         "ReconciliationDifferences", "ReconciliationFailedDays", "WebhookDeliveriesFailed",
+         "EventsParked"]
 
 
 def refund(n: int, status: str) -> dict[str, Any]:
@@ -84,7 +85,8 @@ def test_one_emf_line_with_every_metric_computed(captured: Any) -> None:
     values = emit_attention(ATTENTION, log=log, stage="prod", now=NOW)
     assert values == {"ParkedMessages": 5, "RefundsFailed": 3, "RefundsPendingTooLong": 1,
                       "PaidButClosed": 2, "ReconciliationDifferences": 3,
-                      "ReconciliationFailedDays": 1}
+                      "ReconciliationFailedDays": 1, "WebhookDeliveriesFailed": 0,
+                      "EventsParked": 0}
     record = one_line(stream.getvalue())
     assert_valid_emf(record)
     assert [m["Name"] for m in record["_aws"]["CloudWatchMetrics"][0]["Metrics"]] == NAMES
@@ -191,6 +193,12 @@ def test_the_attention_lists_refunds_split_as_the_metrics_count_them() -> None:
         def failed_days(self) -> list[date]:
             return [date(2026, 11, 30)]
 
+        def failed_deliveries(self) -> list[Any]:
+            return []
+
+        def parked_events(self, limit: int = 100) -> list[Any]:
+            return []
+
     class Broker:
         def parked_counts(self) -> dict[str, int]:
             return {"queue.order.pay.parked": 4}
@@ -200,7 +208,8 @@ def test_the_attention_lists_refunds_split_as_the_metrics_count_them() -> None:
     values = metrics.attention_values(admin.attention(deps))  # type: ignore[arg-type]
     assert values == {"ParkedMessages": 4, "RefundsFailed": 2, "RefundsPendingTooLong": 1,
                       "PaidButClosed": 1, "ReconciliationDifferences": 3,
-                      "ReconciliationFailedDays": 1}
+                      "ReconciliationFailedDays": 1, "WebhookDeliveriesFailed": 0,
+                      "EventsParked": 0}
 
 
 def test_properties_never_replace_the_directive_the_dimension_or_a_value() -> None:

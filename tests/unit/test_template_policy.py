@@ -132,7 +132,7 @@ def test_a_missing_setting_or_role_fails(template: dict[str, Any]) -> None:
     assert policy_problems(template) == [
         "JwtAuth (authorizer) lacks JWT_SECRET: it would refuse to start"]
     del env["FUNCTION_ROLE"]
-    roles = ("api", "authorizer", "notify", "sweeper", "reconciler", "worker")
+    roles = ("api", "authorizer", "notify", "sweeper", "reconciler", "relay", "worker")
     assert policy_problems(template) == [f"JwtAuth: FUNCTION_ROLE None is none of {roles}"]
 
 
