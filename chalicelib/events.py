@@ -2,10 +2,11 @@
 
 An event is in the outbox because its change committed (chalicelib/store/outbox.py).
 The relay publishes an order's unsent events in their order, each confirmed by
-RabbitMQ before it is marked sent, and stops at the first that could not be
-published, so that a consumer never sees an order's later event before an
-earlier one that is still to come. A crash between the confirm and the mark
-publishes that event again later: consumers dedupe on `eventId`.
+RabbitMQ before it is marked sent (many marks to a request), and stops at an
+order's first event that could not be published, so that a consumer never sees
+an order's later event before an earlier one that is still to come. A crash
+between the confirm and the mark publishes that event again later: consumers
+dedupe on `eventId`.
 
 Two things call it:
 - the outbox table's stream (AWS: app.py's `relay_events`, a DynamoDB-stream
@@ -24,40 +25,109 @@ is parked, shown in /admin/attention, and the order's later events go on.
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
 from chalicelib.context import Deps
 from chalicelib.domain import Unavailable
-from chalicelib.domain.events import OrderEvent
+from chalicelib.domain.events import OrderEvent, order_fields
 
 log = logging.getLogger(__name__)
 
 PARK_AFTER = 3
-SWEEP_BATCH = 200
+SWEEP_BATCH = 500
+
+
+class _OrderFields:
+    """The fields of recent orders (they never change), so that an `order.paid` event,
+    written without them, is joined without reading its order: its `order.created`
+    came through this process a moment before, as a rule. Bounded; thread-safe."""
+
+    def __init__(self, size: int = 20_000) -> None:
+        self._size = size
+        self._held: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def keep(self, order_id: str, fields: dict[str, Any]) -> None:
+        with self._lock:
+            self._held[order_id] = fields
+            self._held.move_to_end(order_id)
+            while len(self._held) > self._size:
+                self._held.popitem(last=False)
+
+    def get(self, order_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self._held.get(order_id)
+
+
+KNOWN = _OrderFields()
+
+
+def _fields(d: Deps, pending: Sequence[OrderEvent]) -> dict[str, dict[str, Any]]:
+    """Each pending event's order's fields: from an event that carries them, from
+    KNOWN, else read (one request per hundred orders). An order not found is left out."""
+    found: dict[str, dict[str, Any]] = {}
+    for event in pending:
+        if event.order is not None:
+            found[event.order_id] = event.order
+            KNOWN.keep(event.order_id, event.order)
+    for order_id in {e.order_id for e in pending} - set(found):
+        known = KNOWN.get(order_id)
+        if known is not None:
+            found[order_id] = known
+    missing = {e.order_id for e in pending} - set(found)
+    if missing:
+        for order_id, order in d.store.get_orders(missing).items():
+            found[order_id] = order_fields(order)
+            KNOWN.keep(order_id, found[order_id])
+    return found
+
+
+def publish(d: Deps, pending: Sequence[OrderEvent]) -> dict[str, int]:
+    """Publishes `pending` (unsent events, each order's in its order), each with its
+    confirm, and marks the published ones sent, many to a request. An order whose
+    event could not be published keeps it and its later ones for the next try;
+    after three such failures (RabbitMQ is down) the rest waits too. An event
+    whose order is gone is counted towards parking."""
+    fields = _fields(d, pending) if pending else {}
+    sent: list[OrderEvent] = []
+    stuck: set[str] = set()
+    failed = 0
+    try:
+        for event in pending:
+            if event.order_id in stuck:
+                continue  # an earlier event of its order is still to go
+            if event.order_id not in fields:
+                _cannot(d, event, "its order does not exist")
+                continue
+            try:
+                d.broker.publish_event(event.to_wire(fields[event.order_id]))
+            except Unavailable as exc:
+                stuck.add(event.order_id)
+                failed += 1
+                log.warning("event %s not published: %s; tried again later", event.event_id,
+                            exc, extra={"orderId": event.order_id})
+                if failed >= 3:
+                    break
+                continue
+            sent.append(event)
+    finally:
+        if sent:
+            d.store.mark_events_sent(sent, now=d.clock())
+    if sent or failed:
+        log.info("events: %d published, %d failed", len(sent), failed)
+    return {"events": len(pending), "published": len(sent), "failed": failed}
 
 
 def relay_order(d: Deps, order_id: str) -> int:
-    """Publishes the order's unsent events in order; how many it published.
-    Unavailable when RabbitMQ or DynamoDB did not answer (the rest waits)."""
-    pending = d.store.unsent_events(order_id)
-    if not pending:
-        return 0
-    order = d.store.get_order(order_id)
-    sent = 0
-    for event in pending:
-        if order is None:
-            _cannot(d, event, "its order does not exist")
-            continue
-        try:
-            wire = event.to_wire(order)
-        except (KeyError, TypeError, ValueError) as exc:
-            _cannot(d, event, f"it cannot be made into a message: {exc!r}")
-            continue
-        d.broker.publish_event(wire)  # confirmed; Unavailable: stop here, keep the order
-        d.store.mark_event_sent(event, now=d.clock())
-        sent += 1
-    return sent
+    """Publishes the order's unsent events in order; how many it published."""
+    result = publish(d, d.store.unsent_events(order_id))
+    if result["failed"]:
+        raise Unavailable(f"events of {order_id} not published; the sweep tries again")
+    return result["published"]
 
 
 def _cannot(d: Deps, event: OrderEvent, reason: str) -> None:
@@ -68,31 +138,17 @@ def _cannot(d: Deps, event: OrderEvent, reason: str) -> None:
 
 
 def sweep_unsent(d: Deps, *, older_than_seconds: float) -> dict[str, int]:
-    """Relays every order with an event unsent for longer than `older_than_seconds`.
-    An order whose relay fails is left for the next sweep; the others go on."""
+    """Publishes the events unsent for longer than `older_than_seconds`, a batch at a
+    time: the batch in one query of the sparse index, then as `publish`."""
     before = d.clock() - timedelta(seconds=older_than_seconds)
-    published = failed = 0
-    orders = d.store.unsent_orders(before, limit=SWEEP_BATCH)
-    for order_id in orders:
-        try:
-            published += relay_order(d, order_id)
-        except Unavailable as exc:
-            failed += 1
-            log.warning("relay of %s: %s; the next sweep tries again", order_id, exc,
-                        extra={"orderId": order_id})
-            if failed >= 3:  # RabbitMQ is down: the next sweep, not every order now
-                break
-    if published or failed:
-        log.info("events sweep: %d order(s), %d event(s) published, %d failed",
-                 len(orders), published, failed)
-    return {"orders": len(orders), "published": published, "failed": failed}
+    return publish(d, d.store.unsent_batch(before, limit=SWEEP_BATCH))
 
 
 def relay_stream_records(d: Deps, records: list[dict[str, Any]]) -> int:
-    """The outbox stream's new items (their keys, as the stream gives them):
-    each order's events relayed once per batch. Unavailable is raised for the
-    stream to try the batch again (a relayed event is not published twice by
-    that: it is marked sent)."""
+    """The outbox stream's new items (their keys, as the stream gives them): the
+    unsent events of their orders, published as `publish` does. Unavailable is
+    raised for the stream to give the batch again (what was published is marked
+    sent, so it is not published twice by that)."""
     orders: dict[str, None] = {}
     for record in records:
         if record.get("eventName") != "INSERT":
@@ -101,7 +157,12 @@ def relay_stream_records(d: Deps, records: list[dict[str, Any]]) -> int:
         order_id = keys.get("order_id", {}).get("S")
         if order_id:
             orders.setdefault(order_id, None)
-    return sum(relay_order(d, order_id) for order_id in orders)
+    pending = [e for order_id in orders for e in d.store.unsent_events(order_id)]
+    result = publish(d, pending)
+    if result["failed"]:
+        raise Unavailable(f"{result['failed']} event(s) not published; the stream gives "
+                          "them again")
+    return result["published"]
 
 
 def parked(d: Deps, limit: int = 100) -> list[dict[str, Any]]:

@@ -292,6 +292,10 @@ class InMemoryStore:
         return _order(rec) if rec is not None else None
 
     @_operation
+    def get_orders(self, ids: Iterable[str]) -> dict[str, Order]:
+        return {i: _order(self._orders[i]) for i in set(ids) if i in self._orders}
+
+    @_operation
     def list_orders(self, username: str, limit: int = 100) -> list[Order]:
         """Newest first (by create_time), at most `limit`."""
         mine = [r for r in self._orders.values() if r["username"] == username]
@@ -818,7 +822,9 @@ class InMemoryStore:
         """In the caller's operation: its change and these are written together."""
         for event in made:
             kept = replace(event, occurred_at=_ms(event.occurred_at),
-                           data=json.loads(json.dumps(event.data, sort_keys=True)))
+                           data=json.loads(json.dumps(event.data, sort_keys=True)),
+                           order=json.loads(json.dumps(event.order))
+                           if event.order is not None else None)
             self._outbox.setdefault(event.order_id, {})[event.seq] = {
                 "event": kept, "unsent": True, "parked": False, "failures": 0, "reason": ""}
 
@@ -844,6 +850,22 @@ class InMemoryStore:
         for _, order_id in found[:max(limit, 0)]:
             seen.setdefault(order_id, None)
         return list(seen)
+
+    @_operation
+    def unsent_batch(self, before: datetime, limit: int = 500) -> list[OrderEvent]:
+        cutoff = _iso(before)
+        found = sorted(((_iso(x["event"].occurred_at), x["event"].order_id, x["event"].seq),
+                        x["event"]) for held in self._outbox.values() for x in held.values()
+                       if x["unsent"] and _iso(x["event"].occurred_at) <= cutoff)
+        batch = [e for _, e in found[:max(limit, 0)]]
+        return sorted(batch, key=lambda e: (e.order_id, e.seq))
+
+    @_operation
+    def mark_events_sent(self, events: Sequence[OrderEvent], *, now: datetime) -> None:
+        for event in events:
+            item = self._outbox.get(event.order_id, {}).get(event.seq)
+            if item is not None:
+                item.update(unsent=False, parked=False, failures=0, reason="")
 
     @_operation
     def mark_event_sent(self, event: OrderEvent, *, now: datetime) -> None:

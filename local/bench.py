@@ -6,7 +6,8 @@ project's path, in the same run, with the same sizes, and prints both with
 their ratio. Absolute times drift on shared machines; the ratios are the result.
 
 Stages (by name or number): 1 drain, 2 notify, 3 create, 4 timeout, 5 e2e,
-6 cold, 7 shave, 8 reconcile (local/bench_reconcile.py). Default: all.
+6 cold, 7 shave, 8 reconcile (local/bench_reconcile.py), 9 events
+(local/bench_events.py). Default: all.
 The bench starts what it needs and removes it
 afterwards: moto's DynamoDB server (`python -m local dynamodb`, the one `make run`
 uses, on a free port, in its own process so that it does not share a GIL with
@@ -45,7 +46,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("drain", "notify", "create", "timeout", "e2e", "cold", "shave", "reconcile")
+STAGES = ("drain", "notify", "create", "timeout", "e2e", "cold", "shave", "reconcile",
+          "events")
 CHECK_DELAY_S = 5  # the delay queue's TTL in every stage (stage 4's "5 s delay")
 RMQ_HOST = "127.0.0.1"
 RMQ_PORT = 5672
@@ -60,6 +62,7 @@ FULL = {
     "cold_reps": 7,
     "shave_n": 5_000, "shave_rate": 60.0,
     "reconcile_n": (20_000, 200_000),
+    "events_n": 2_000, "events_seconds": 8.0, "events_rate": 50.0, "events_rounds": 4,
 }
 QUICK = {
     "drain_n": 300, "scale_n": 150, "scale_workers": (1, 2),
@@ -70,6 +73,7 @@ QUICK = {
     "cold_reps": 2,
     "shave_n": 200, "shave_rate": 50.0,
     "reconcile_n": (2_000, 20_000),
+    "events_n": 100, "events_seconds": 1.0, "events_rate": 50.0, "events_rounds": 2,
 }
 
 _T0 = time.perf_counter()
@@ -171,6 +175,9 @@ def _prepare_environment(moto_port: int, tmp: Path) -> None:
         "ORDER_CHECK_DELAY_SECONDS": str(CHECK_DELAY_S),
         "ORDER_PAY_TIMEOUT_SECONDS": "1800",
         "SWEEP_INTERVAL_SECONDS": "3600",
+        # The other stages measure their own paths: the worker's relay of the events
+        # they make stays out of them (stage 9 measures the relay).
+        "OUTBOX_SWEEP_AFTER_SECONDS": "86400",
         "LOG_LEVEL": "INFO",
         "RMQ_URL": f"amqp://guest:guest@{RMQ_HOST}:{RMQ_PORT}/%2F",
     })
@@ -1195,12 +1202,18 @@ def stage_reconcile(world: World) -> StageResult:
     return run(world)
 
 
+def stage_events(world: World) -> StageResult:
+    from local.bench_events import run
+
+    return run(world)
+
+
 # --- main ---------------------------------------------------------------------------------
 
 RUNNERS: dict[str, Callable[[World], StageResult]] = {
     "drain": stage_drain, "notify": stage_notify, "create": stage_create,
     "timeout": stage_timeout, "e2e": stage_e2e, "cold": stage_cold, "shave": stage_shave,
-    "reconcile": stage_reconcile,
+    "reconcile": stage_reconcile, "events": stage_events,
 }
 
 

@@ -109,6 +109,28 @@ class OutboxContract:
         assert parked[paid.event_id] == "boom again"
         assert not store.event_failed(created, reason="sent", park_after=1)  # sent: no
 
+    def test_the_sweep_reads_a_batch_and_marks_many_at_once(self, store: Any) -> None:
+        from tests.store_contract import T0, paid_order
+
+        old = T0 - timedelta(days=7300)  # older than any other test's events
+        a = paid_order(store, "ke5", 1000, at=old)
+        b = paid_order(store, "ke6", 500, at=old + timedelta(seconds=1))
+        cutoff = old + timedelta(seconds=2)
+        batch = [e for e in store.unsent_batch(cutoff, limit=1000)
+                 if e.order_id in (a.id, b.id)]
+        assert batch == sorted(store.events_of(a.id) + store.events_of(b.id),
+                               key=lambda e: (e.order_id, e.seq))
+        assert [e.kind for e in batch if e.order_id == a.id] == [EventKind.CREATED,
+                                                                 EventKind.PAID]
+        store.mark_events_sent(batch, now=T0)
+        assert store.unsent_events(a.id) == store.unsent_events(b.id) == []
+        assert store.events_of(a.id) == [e for e in batch if e.order_id == a.id]
+        assert not [e for e in store.unsent_batch(cutoff, limit=1000)
+                    if e.order_id in (a.id, b.id)]
+        assert store.get_orders([a.id, b.id, "ORDER_0000000000000_0123456789abcdef"]) == {
+            a.id: store.get_order(a.id), b.id: store.get_order(b.id)}
+        assert store.get_orders([]) == {}
+
     # --- webhooks -----------------------------------------------------------------
 
     def test_subscriptions_are_saved_listed_and_deleted(self, store: Any) -> None:

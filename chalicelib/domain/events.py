@@ -8,9 +8,11 @@ so every event has an id that is the same each time it is published, and that
 names the change, not the write: one change, one id.
 
 What an outbox entry keeps is what the change made (refunded money, the trade,
-the refund). An order's username, total and lines never change after it is
-created, so the relay joins them from the order when it publishes: the entry
-stays small, and the write that marks an order paid need not read it first.
+the refund) and, when its writer had the order in hand, the order's username,
+total and lines (`order`), which never change once it is created. The write
+that marks an order paid does not read the order (the payment path's one
+write), so its event goes without them and the relay joins them when it
+publishes, from another event of the order or from the order itself.
 """
 
 from __future__ import annotations
@@ -52,28 +54,32 @@ class OrderEvent:
     occurred_at: datetime
     data: dict[str, Any] = field(default_factory=dict)
     seq: str = ""
+    order: dict[str, Any] | None = None  # order_fields(), when the writer had the order
 
-    def to_wire(self, order: Order) -> dict[str, Any]:
+    def to_wire(self, order: dict[str, Any] | None = None) -> dict[str, Any]:
         """The event as published and POSTed: the change's own fields joined with
-        the order's fields that never change."""
+        the order's fields that never change (its own, else `order`'s)."""
+        fields = self.order or order
+        if fields is None:
+            raise ValueError(f"event {self.event_id} needs its order's fields")
         return {
             "eventId": self.event_id,
             "type": self.kind.value,
             "orderId": self.order_id,
             "occurredAt": iso(self.occurred_at),
-            "data": {
-                "username": order.username,
-                "totalMoney": money_str(order.total_fen),
-                "refundedMoney": "0.00",
-                "transactionId": None,
-                "items": [
-                    {"goodsId": line.goods_id, "name": line.name,
-                     "price": money_str(line.price_fen), "num": line.num}
-                    for line in order.lines
-                ],
-                **self.data,
-            },
+            "data": {**fields, "refundedMoney": "0.00", "transactionId": None, **self.data},
         }
+
+
+def order_fields(order: Order) -> dict[str, Any]:
+    """What of an order never changes once it is made, as events carry it."""
+    return {
+        "username": order.username,
+        "totalMoney": money_str(order.total_fen),
+        "items": [{"goodsId": line.goods_id, "name": line.name,
+                   "price": money_str(line.price_fen), "num": line.num}
+                  for line in order.lines],
+    }
 
 
 # Where a kind comes among an order's events made in one millisecond (a cancel
@@ -82,16 +88,17 @@ _RANK = {EventKind.CREATED: 0, EventKind.PAID: 1, EventKind.CLOSED: 1,
          EventKind.REFUND_SUCCEEDED: 2, EventKind.REFUNDED: 3}
 
 
-def _event(kind: EventKind, order_id: str, now: datetime, suffix: str, **data: Any
-           ) -> OrderEvent:
+def _event(kind: EventKind, order_id: str, now: datetime, suffix: str,
+           order: Order | None = None, **data: Any) -> OrderEvent:
     event_id = f"EVT_{suffix}"
     # the id last: two changes of one millisecond still get two keys
     return OrderEvent(event_id=event_id, kind=kind, order_id=order_id, occurred_at=now,
-                      data=data, seq=f"{iso(now)}#{_RANK[kind]}#{event_id}")
+                      data=data, seq=f"{iso(now)}#{_RANK[kind]}#{event_id}",
+                      order=order_fields(order) if order is not None else None)
 
 
 def created(order: Order, now: datetime) -> OrderEvent:
-    return _event(EventKind.CREATED, order.id, now, f"{order.id}_created")
+    return _event(EventKind.CREATED, order.id, now, f"{order.id}_created", order)
 
 
 def paid(order_id: str, *, trade_no: str, now: datetime) -> OrderEvent:
@@ -100,7 +107,7 @@ def paid(order_id: str, *, trade_no: str, now: datetime) -> OrderEvent:
 
 
 def closed(order: Order, now: datetime) -> OrderEvent:
-    return _event(EventKind.CLOSED, order.id, now, f"{order.id}_closed")
+    return _event(EventKind.CLOSED, order.id, now, f"{order.id}_closed", order)
 
 
 def refund_settled(order: Order, *, refund_id: str, amount_fen: int, now: datetime,
@@ -110,9 +117,9 @@ def refund_settled(order: Order, *, refund_id: str, amount_fen: int, now: dateti
     refunded = order.refunded_fen + amount_fen
     trade = trade_no or order.transaction_id
     common = {"refundedMoney": money_str(refunded), "transactionId": trade}
-    events = [_event(EventKind.REFUND_SUCCEEDED, order.id, now, refund_id,
+    events = [_event(EventKind.REFUND_SUCCEEDED, order.id, now, refund_id, order,
                      refundId=refund_id, amount=money_str(amount_fen), **common)]
     if refunded >= order.total_fen:
-        events.append(_event(EventKind.REFUNDED, order.id, now, f"{order.id}_refunded",
+        events.append(_event(EventKind.REFUNDED, order.id, now, f"{order.id}_refunded", order,
                              **common))
     return events

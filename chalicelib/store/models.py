@@ -420,11 +420,11 @@ def models_for(tables: Tables, region: str) -> Models:
 
     class UnsentIndex(GlobalSecondaryIndex["OutboxModel"]):
         """Sparse: `unsent` is set while an event is not published yet, for the
-        backstop sweep (no scan)."""
+        backstop sweep (no scan); whole items, so a sweep reads its batch in one query."""
 
         class Meta:
             index_name = "unsent"
-            projection = KeysOnlyProjection()
+            projection = AllProjection()
 
         unsent = UnicodeAttribute(hash_key=True)
         occurred_at = UnicodeAttribute(range_key=True)
@@ -452,6 +452,7 @@ def models_for(tables: Tables, region: str) -> Models:
         type = UnicodeAttribute()
         occurred_at = UnicodeAttribute()
         data = UnicodeAttribute()  # JSON: the change's own fields
+        order = UnicodeAttribute(null=True)  # JSON: the order's fields, when the writer had it
         unsent = UnicodeAttribute(null=True)
         parked = UnicodeAttribute(null=True)
         failures = NumberAttribute(null=True)

@@ -22,7 +22,7 @@ must not be refused after its unit was taken.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -182,6 +182,17 @@ class OrderStore(StoreBase):
     def get_order(self, order_id: str, *, consistent: bool = True) -> Order | None:
         item = get_item(self.models.Order, order_id, consistent=consistent)
         return order_from_model(item) if item is not None else None
+
+    def get_orders(self, ids: Iterable[str]) -> dict[str, Order]:
+        """The orders of these ids that exist (BatchGetItem, 100 a request, consistent)."""
+        m = self.models
+        wanted = sorted(set(ids))
+        found: dict[str, Order] = {}
+        with dynamo():
+            for i in range(0, len(wanted), 100):
+                for x in m.Order.batch_get(wanted[i:i + 100], consistent_read=True):
+                    found[x.id] = order_from_model(x)
+        return found
 
     def list_orders(self, username: str, limit: int = 100) -> list[Order]:
         m = self.models

@@ -29,14 +29,20 @@ UNSENT_FLAG = "1"
 PARKED_FLAG = "1"
 
 
+def _item(models: Models, event: OrderEvent, **more: Any) -> Any:
+    return models.Outbox(
+        event.order_id, event.seq, event_id=event.event_id, type=event.kind.value,
+        occurred_at=iso(event.occurred_at),
+        data=json.dumps(event.data, ensure_ascii=False, sort_keys=True),
+        order=json.dumps(event.order, ensure_ascii=False, sort_keys=True)
+        if event.order is not None else None, **more)
+
+
 def put_event(models: Models, tx: TransactWrite, event: OrderEvent) -> None:
     """The event's item, in the caller's transaction. Its key (the order, the
     change's time and id) is new by construction: the change's own condition is
     what keeps a change from being written twice."""
-    tx.save(models.Outbox(event.order_id, event.seq, event_id=event.event_id,
-                          type=event.kind.value, occurred_at=iso(event.occurred_at),
-                          data=json.dumps(event.data, ensure_ascii=False, sort_keys=True),
-                          unsent=UNSENT_FLAG))
+    tx.save(_item(models, event, unsent=UNSENT_FLAG))
 
 
 def put_events(models: Models, tx: TransactWrite, events: Sequence[OrderEvent]) -> None:
@@ -46,7 +52,8 @@ def put_events(models: Models, tx: TransactWrite, events: Sequence[OrderEvent]) 
 
 def event_from_model(x: Any) -> OrderEvent:
     return OrderEvent(event_id=x.event_id, kind=EventKind(x.type), order_id=x.order_id,
-                      occurred_at=parse_iso(x.occurred_at), data=json.loads(x.data), seq=x.seq)
+                      occurred_at=parse_iso(x.occurred_at), data=json.loads(x.data), seq=x.seq,
+                      order=json.loads(x.order) if x.order else None)
 
 
 class OutboxStore(StoreBase):
@@ -74,6 +81,26 @@ class OutboxStore(StoreBase):
                                                   limit=limit):
                 seen.setdefault(x.order_id, None)
         return list(seen)
+
+    def unsent_batch(self, before: datetime, limit: int = 500) -> list[OrderEvent]:
+        """Up to `limit` events not published and older than `before` (the oldest),
+        by order and then in each order's order: the backstop sweep's batch, in one
+        query of the sparse index (it may lag the table a little: a mark is the
+        same done twice)."""
+        m = self.models
+        with dynamo():
+            found = [event_from_model(x) for x in m.Outbox.unsent_events.query(
+                UNSENT_FLAG, m.Outbox.occurred_at <= iso(before), limit=limit)]
+        return sorted(found, key=lambda e: (e.order_id, e.seq))
+
+    def mark_events_sent(self, events: Sequence[OrderEvent], *, now: datetime) -> None:
+        """Many events marked sent at once: each item written again as it is, less its
+        `unsent` flag (BatchWriteItem, 25 a request). Only for events just published:
+        it does not look at what the item holds now."""
+        m = self.models
+        with dynamo(), m.Outbox.batch_write() as batch:
+            for e in events:
+                batch.save(_item(m, e, sent_time=iso(now)))
 
     def mark_event_sent(self, event: OrderEvent, *, now: datetime) -> None:
         m = self.models

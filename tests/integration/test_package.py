@@ -258,7 +258,8 @@ def test_policy_is_least_privilege(built: Any) -> None:
 TABLE_ACTIONS = {
     "goods": {"BatchGetItem", "Scan", "UpdateItem"},  # get_goods, list_goods, stock -/+ n
     "carts": {"Query", "PutItem", "UpdateItem", "DeleteItem"},
-    "orders": {"DescribeTable", "GetItem", "PutItem", "UpdateItem"},  # DescribeTable: ping
+    # DescribeTable: ping; BatchGetItem: the worker's events sweep reads its batch's orders
+    "orders": {"BatchGetItem", "DescribeTable", "GetItem", "PutItem", "UpdateItem"},
     "sales": {"GetItem", "Scan", "UpdateItem"},  # get_sale, list_sales, stock -/+ 1
     "seckill": {"GetItem", "PutItem", "UpdateItem", "DeleteItem"},  # tickets, claims
     "refunds": {"GetItem", "PutItem", "UpdateItem"},
@@ -268,8 +269,9 @@ TABLE_ACTIONS = {
     # the days and the open differences. Never a run's own writes (below).
     "reconciliations": {"GetItem", "PutItem", "UpdateItem", "Query"},
     # every change's event (PutItem, in its transaction); the worker's relay reads
-    # an order's unsent events (Query, GetItem) and marks them (UpdateItem)
-    "outbox": {"GetItem", "PutItem", "UpdateItem", "Query"},
+    # an order's unsent events (Query, GetItem) and marks them (UpdateItem; its
+    # sweep, a batch at a time: BatchWriteItem)
+    "outbox": {"GetItem", "PutItem", "UpdateItem", "Query", "BatchWriteItem"},
     # subscriptions (operators), deliveries and their attempts (the worker)
     "webhooks": {"GetItem", "PutItem", "UpdateItem"},
 }

@@ -66,7 +66,8 @@ def auth_routes(order_id: str) -> list[tuple[str, str, bytes | None]]:
 
     fill = {"goods_id": "r-tea", "order_id": order_id, "sale_id": "any-sale",
             "ticket_id": "any-ticket", "refund_id": f"REFUND_{order_id}_1",
-            "day": "2026-12-01", "difference_id": "0" * 20}
+            "day": "2026-12-01", "difference_id": "0" * 20, "sub_id": "WH_0123456789abcdef",
+            "delivery_id": "DLV_" + "0" * 32}
     found = []
     for path, methods in sorted(app.routes.items()):
         for method, entry in sorted(methods.items()):

@@ -14,7 +14,7 @@ import pytest
 
 from chalicelib import admin, events, handlers, refunds, webhooks
 from chalicelib.domain import Unavailable, Unprocessable, money_str
-from chalicelib.domain.events import EVENT_KINDS, OrderEvent, paid
+from chalicelib.domain.events import EVENT_KINDS, order_fields, paid
 from chalicelib.domain.webhooks import DeliveryStatus, delivery_id, sign
 from tests.conftest import FakeAnswer, body, fake_pay_msg, operator_bearer
 
@@ -307,9 +307,35 @@ def test_only_operators_manage_webhooks(client: Any) -> None:
 
 def test_the_event_wire_form_joins_what_never_changes(app_deps: Any) -> None:
     order = app_deps.store.get_order(order_for(app_deps)["id"])
-    event = OrderEvent("EVT_x", paid(order.id, trade_no="T", now=order.create_time).kind,
-                       order.id, order.create_time, {"transactionId": "T"})
-    wire = event.to_wire(order)
+    event = paid(order.id, trade_no="T", now=order.create_time)
+    assert event.order is None  # the payment's write does not read the order
+    with pytest.raises(ValueError):
+        event.to_wire()
+    wire = event.to_wire(order_fields(order))
     assert set(wire) == {"eventId", "type", "orderId", "occurredAt", "data"}
     assert set(wire["data"]) == {"username", "totalMoney", "refundedMoney", "transactionId",
                                  "items"}
+    assert wire["data"]["transactionId"] == "T" and wire["data"]["refundedMoney"] == "0.00"
+    created = app_deps.store.events_of(order.id)[0]
+    assert created.order == order_fields(order)  # the create had the order in hand
+    assert created.to_wire()["data"]["items"] == wire["data"]["items"]
+
+
+def test_a_paid_event_is_joined_without_reading_its_order(app_deps: Any) -> None:
+    """Its order's created event came through first (the usual case): no read."""
+    order = order_for(app_deps)
+    events.relay_order(app_deps, order["id"])
+    handlers.on_paid(app_deps, fake_pay_msg(order["id"], "T-join", order["totalMoney"]))
+    reads: list[Any] = []
+    real = app_deps.store.get_orders
+    app_deps.store.get_orders = lambda ids: reads.append(ids) or real(ids)
+    assert events.relay_order(app_deps, order["id"]) == 1
+    assert reads == []
+    assert app_deps.broker.events[-1]["data"]["username"] == "alice"
+    events.KNOWN.__init__()  # forgotten (another process): read once
+    other = order_for(app_deps, "carol")
+    handlers.on_paid(app_deps, fake_pay_msg(other["id"], "T-join2", other["totalMoney"]))
+    app_deps.store.mark_events_sent(app_deps.store.events_of(other["id"])[:1],
+                                    now=app_deps.clock())
+    assert events.relay_order(app_deps, other["id"]) == 1
+    assert reads == [{other["id"]}]
