@@ -25,9 +25,10 @@ is parked, shown in /admin/attention, and the order's later events go on.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -38,7 +39,8 @@ from chalicelib.domain.events import OrderEvent, order_fields
 log = logging.getLogger(__name__)
 
 PARK_AFTER = 3
-SWEEP_BATCH = 500
+SWEEP_BATCH = 500  # events a page of the sweep
+MARK_CHUNK = 100  # published events marked sent together (BatchWriteItem takes 25 a request)
 
 
 class _OrderFields:
@@ -86,40 +88,61 @@ def _fields(d: Deps, pending: Sequence[OrderEvent]) -> dict[str, dict[str, Any]]
     return found
 
 
+class _Run:
+    """One relay run's publishing: an order whose event could not be published
+    keeps it and its later ones for the next run; three such failures (RabbitMQ is
+    down) end the run."""
+
+    def __init__(self, d: Deps) -> None:
+        self.d = d
+        self.stuck: set[str] = set()
+        self.failed = 0
+        self.published = 0
+
+    @property
+    def over(self) -> bool:
+        return self.failed >= 3
+
+    def publish(self, pending: Sequence[OrderEvent], sent: Callable[[list[OrderEvent]], None],
+                chunk: int = MARK_CHUNK) -> None:
+        """Publishes `pending` (each order's in its order), each with its confirm,
+        handing the published ones to `sent` a chunk at a time. An event whose order
+        is gone is counted towards parking."""
+        fields = _fields(self.d, pending) if pending else {}
+        done: list[OrderEvent] = []
+        try:
+            for event in pending:
+                if event.order_id in self.stuck or self.over:
+                    continue  # an earlier event of its order is still to go
+                if event.order_id not in fields:
+                    _cannot(self.d, event, "its order does not exist")
+                    continue
+                try:
+                    self.d.broker.publish_event(event.to_wire(fields[event.order_id]))
+                except Unavailable as exc:
+                    self.stuck.add(event.order_id)
+                    self.failed += 1
+                    log.warning("event %s not published: %s; tried again later",
+                                event.event_id, exc, extra={"orderId": event.order_id})
+                    continue
+                done.append(event)
+                self.published += 1
+                if len(done) >= chunk:
+                    sent(done)
+                    done = []
+        finally:
+            if done:
+                sent(done)
+
+
 def publish(d: Deps, pending: Sequence[OrderEvent]) -> dict[str, int]:
-    """Publishes `pending` (unsent events, each order's in its order), each with its
-    confirm, and marks the published ones sent, many to a request. An order whose
-    event could not be published keeps it and its later ones for the next try;
-    after three such failures (RabbitMQ is down) the rest waits too. An event
-    whose order is gone is counted towards parking."""
-    fields = _fields(d, pending) if pending else {}
-    sent: list[OrderEvent] = []
-    stuck: set[str] = set()
-    failed = 0
-    try:
-        for event in pending:
-            if event.order_id in stuck:
-                continue  # an earlier event of its order is still to go
-            if event.order_id not in fields:
-                _cannot(d, event, "its order does not exist")
-                continue
-            try:
-                d.broker.publish_event(event.to_wire(fields[event.order_id]))
-            except Unavailable as exc:
-                stuck.add(event.order_id)
-                failed += 1
-                log.warning("event %s not published: %s; tried again later", event.event_id,
-                            exc, extra={"orderId": event.order_id})
-                if failed >= 3:
-                    break
-                continue
-            sent.append(event)
-    finally:
-        if sent:
-            d.store.mark_events_sent(sent, now=d.clock())
-    if sent or failed:
-        log.info("events: %d published, %d failed", len(sent), failed)
-    return {"events": len(pending), "published": len(sent), "failed": failed}
+    """Publishes `pending` (unsent events, each order's in its order) with their
+    confirms and marks the published ones sent, many to a request."""
+    run = _Run(d)
+    run.publish(pending, lambda done: d.store.mark_events_sent(done, now=d.clock()))
+    if run.published or run.failed:
+        log.info("events: %d published, %d failed", run.published, run.failed)
+    return {"events": len(pending), "published": run.published, "failed": run.failed}
 
 
 def relay_order(d: Deps, order_id: str) -> int:
@@ -138,10 +161,62 @@ def _cannot(d: Deps, event: OrderEvent, reason: str) -> None:
 
 
 def sweep_unsent(d: Deps, *, older_than_seconds: float) -> dict[str, int]:
-    """Publishes the events unsent for longer than `older_than_seconds`, a batch at a
-    time: the batch in one query of the sparse index, then as `publish`."""
+    """Publishes every event unsent for longer than `older_than_seconds`, as `publish`
+    does, with its I/O overlapped: a thread reads the next page of the sparse index
+    and another marks what was published while this one publishes (each confirm is
+    a wait on RabbitMQ, each page and mark one on DynamoDB)."""
     before = d.clock() - timedelta(seconds=older_than_seconds)
-    return publish(d, d.store.unsent_batch(before, limit=SWEEP_BATCH))
+    run = _Run(d)
+    pages: queue.Queue[list[OrderEvent] | BaseException | None] = queue.Queue(maxsize=2)
+    marks: queue.Queue[list[OrderEvent] | None] = queue.Queue()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            for page in d.store.unsent_pages(before, SWEEP_BATCH):
+                if stop.is_set():
+                    return
+                pages.put(page)
+        except BaseException as exc:  # noqa: BLE001 - raised by the publishing thread
+            pages.put(exc)
+        finally:
+            pages.put(None)
+
+    def mark() -> None:
+        while (done := marks.get()) is not None:
+            try:
+                d.store.mark_events_sent(done, now=d.clock())
+            except BaseException as exc:  # noqa: BLE001 - raised below; the events go again
+                errors.append(exc)
+
+    reader = threading.Thread(target=read, name="relay-read", daemon=True)
+    marker = threading.Thread(target=mark, name="relay-mark", daemon=True)
+    reader.start()
+    marker.start()
+    seen = 0
+    try:
+        while (page := pages.get()) is not None:
+            if isinstance(page, BaseException):
+                raise page
+            seen += len(page)
+            run.publish(page, marks.put)
+            if run.over:
+                stop.set()  # RabbitMQ is down: the next sweep
+    finally:
+        stop.set()
+        while reader.is_alive() or not pages.empty():  # let the reader finish its put
+            try:
+                pages.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        marks.put(None)
+        marker.join()
+    if errors:
+        raise errors[0]
+    if run.published or run.failed:
+        log.info("events sweep: %d published, %d failed", run.published, run.failed)
+    return {"events": seen, "published": run.published, "failed": run.failed}
 
 
 def relay_stream_records(d: Deps, records: list[dict[str, Any]]) -> int:

@@ -843,7 +843,7 @@ class InMemoryStore:
     @_operation
     def unsent_orders(self, before: datetime, limit: int = 500) -> list[str]:
         cutoff = _iso(before)
-        found = sorted((_iso(x["event"].occurred_at), x["event"].order_id)
+        found = sorted((x["event"].seq, x["event"].order_id)
                        for held in self._outbox.values() for x in held.values()
                        if x["unsent"] and _iso(x["event"].occurred_at) <= cutoff)
         seen: dict[str, None] = {}
@@ -854,11 +854,23 @@ class InMemoryStore:
     @_operation
     def unsent_batch(self, before: datetime, limit: int = 500) -> list[OrderEvent]:
         cutoff = _iso(before)
-        found = sorted(((_iso(x["event"].occurred_at), x["event"].order_id, x["event"].seq),
-                        x["event"]) for held in self._outbox.values() for x in held.values()
+        found = sorted((x["event"].seq, x["event"]) for held in self._outbox.values()
+                       for x in held.values()
                        if x["unsent"] and _iso(x["event"].occurred_at) <= cutoff)
         batch = [e for _, e in found[:max(limit, 0)]]
         return sorted(batch, key=lambda e: (e.order_id, e.seq))
+
+    def unsent_pages(self, before: datetime, page_size: int = 500
+                     ) -> Iterator[list[OrderEvent]]:
+        with self._lock:
+            self._fail_if_asked("unsent_pages")
+            cutoff = _iso(before)
+            found = [e for _, e in sorted(
+                (x["event"].seq, x["event"]) for held in self._outbox.values()
+                for x in held.values()
+                if x["unsent"] and _iso(x["event"].occurred_at) <= cutoff)]
+        for i in range(0, len(found), max(page_size, 1)):
+            yield sorted(found[i:i + page_size], key=lambda e: (e.order_id, e.seq))
 
     @_operation
     def mark_events_sent(self, events: Sequence[OrderEvent], *, now: datetime) -> None:

@@ -149,7 +149,9 @@ def deliver(d: Deps, msg: Mapping[str, Any]) -> DeliveryStatus | None:
         "Idempotency-Key": delivery.event_id,
         "Shop-Signature": sign(sub.secret, stamp, body),
     }, timeout=d.settings.webhook_timeout_seconds)
-    kept = answer.body if answer.error is None else f"{answer.error}: {answer.body}"
+    # no answer: the body says why; an answer that failed anyway: why, then its start
+    kept = answer.body if answer.error is None or answer.status is None else (
+        f"{answer.error}: {answer.body}")
     attempt = Attempt(started, answer.status, answer.ms, kept[:KEPT])
     number = len(delivery.attempts) + 1
     if answer.ok:

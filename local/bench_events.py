@@ -106,8 +106,7 @@ def _floor(url: str, n: int) -> float:
     raw items), a confirmed publish of each event's body, the marks (batch_write of
     the items less their flag). Events a second."""
     from chalicelib import broker
-    from chalicelib.domain import iso
-    from chalicelib.store.outbox import UNSENT_FLAG
+    from chalicelib.store.outbox import UNSENT_FLAG, up_to
     from local.bench_models import models
 
     M = models()
@@ -116,7 +115,7 @@ def _floor(url: str, n: int) -> float:
     start = time.perf_counter()
     done = 0
     while done < n:
-        page = conn.query(UNSENT_FLAG, M.Outbox.occurred_at <= iso(datetime.now(UTC)),
+        page = conn.query(UNSENT_FLAG, M.Outbox.seq < up_to(datetime.now(UTC)),
                           index_name="unsent", limit=500)
         items = page.get("Items", [])
         if not items:

@@ -122,6 +122,10 @@ class OutboxContract:
                                key=lambda e: (e.order_id, e.seq))
         assert [e.kind for e in batch if e.order_id == a.id] == [EventKind.CREATED,
                                                                  EventKind.PAID]
+        paged = [e for page in store.unsent_pages(cutoff, page_size=1) for e in page
+                 if e.order_id in (a.id, b.id)]
+        assert paged == sorted(batch, key=lambda e: e.seq)  # oldest first, each order's in order
+        assert all(len(page) <= 3 for page in store.unsent_pages(cutoff, page_size=3))
         store.mark_events_sent(batch, now=T0)
         assert store.unsent_events(a.id) == store.unsent_events(b.id) == []
         assert store.events_of(a.id) == [e for e in batch if e.order_id == a.id]

@@ -427,7 +427,9 @@ def models_for(tables: Tables, region: str) -> Models:
             projection = AllProjection()
 
         unsent = UnicodeAttribute(hash_key=True)
-        occurred_at = UnicodeAttribute(range_key=True)
+        # the event's own key: time, then its place among an order's events of that
+        # time, so that pages of the index keep each order's events in their order
+        seq = UnicodeAttribute(range_key=True)
 
     class ParkedEventsIndex(GlobalSecondaryIndex["OutboxModel"]):
         """Sparse: `parked` is set on an event that could not be published."""

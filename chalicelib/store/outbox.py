@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -27,6 +27,12 @@ log = logging.getLogger(__name__)
 
 UNSENT_FLAG = "1"
 PARKED_FLAG = "1"
+
+
+def up_to(before: datetime) -> str:
+    """The highest `seq` of an event of `before` or earlier: a seq is the event's time,
+    then `#`, and `$` comes right after `#`."""
+    return f"{iso(before)}$"
 
 
 def _item(models: Models, event: OrderEvent, **more: Any) -> Any:
@@ -56,6 +62,15 @@ def event_from_model(x: Any) -> OrderEvent:
                       order=json.loads(x.order) if x.order else None)
 
 
+def _event_from_item(x: dict[str, Any]) -> OrderEvent:
+    """An event from a raw DynamoDB item of the outbox (its attributes are strings)."""
+    order = x.get("order", {}).get("S")
+    return OrderEvent(event_id=x["event_id"]["S"], kind=EventKind(x["type"]["S"]),
+                      order_id=x["order_id"]["S"], occurred_at=parse_iso(x["occurred_at"]["S"]),
+                      data=json.loads(x["data"]["S"]), seq=x["seq"]["S"],
+                      order=json.loads(order) if order else None)
+
+
 class OutboxStore(StoreBase):
     def events_of(self, order_id: str) -> list[OrderEvent]:
         """Every event of the order, in order (sent or not)."""
@@ -77,7 +92,7 @@ class OutboxStore(StoreBase):
         m = self.models
         seen: dict[str, None] = {}
         with dynamo():
-            for x in m.Outbox.unsent_events.query(UNSENT_FLAG, m.Outbox.occurred_at <= iso(before),
+            for x in m.Outbox.unsent_events.query(UNSENT_FLAG, m.Outbox.seq < up_to(before),
                                                   limit=limit):
                 seen.setdefault(x.order_id, None)
         return list(seen)
@@ -90,8 +105,32 @@ class OutboxStore(StoreBase):
         m = self.models
         with dynamo():
             found = [event_from_model(x) for x in m.Outbox.unsent_events.query(
-                UNSENT_FLAG, m.Outbox.occurred_at <= iso(before), limit=limit)]
+                UNSENT_FLAG, m.Outbox.seq < up_to(before), limit=limit)]
         return sorted(found, key=lambda e: (e.order_id, e.seq))
+
+    def unsent_pages(self, before: datetime, page_size: int = 500
+                     ) -> Iterator[list[OrderEvent]]:
+        """Every event not published and older than `before`, oldest first (by `seq`,
+        so each order's in its order, across pages too), a page of the sparse index at
+        a time (each page by order). The
+        pages follow the index's own position, so a page may be read while the one
+        before it is being published and marked."""
+        m = self.models
+        last: dict[str, Any] | None = None
+        while True:
+            with dynamo():
+                # the table's own query: raw items, read here without building models
+                # (this runs beside the publishing, and shares its interpreter)
+                result = m.Outbox._get_connection().query(
+                    index_name="unsent", hash_key=UNSENT_FLAG,
+                    range_key_condition=m.Outbox.seq < up_to(before), limit=page_size,
+                    exclusive_start_key=last)
+            page = [_event_from_item(x) for x in result.get("Items", [])]
+            last = result.get("LastEvaluatedKey")
+            if page:
+                yield sorted(page, key=lambda e: (e.order_id, e.seq))
+            if not last:
+                return
 
     def mark_events_sent(self, events: Sequence[OrderEvent], *, now: datetime) -> None:
         """Many events marked sent at once: each item written again as it is, less its

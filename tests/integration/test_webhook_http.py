@@ -9,120 +9,215 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
-from chalicelib.webhook_http import BODY_LIMIT, HttpSender
+from chalicelib.domain.webhooks import sign as signature
+from chalicelib.webhook_http import BODY_LIMIT, KEPT, Answer, HttpSender
 
 TIMEOUT = 1.0
+HUGE = 10 * 1024 * 1024
+BODY = b'{"eventId":"EVT_1","type":"order.paid"}'
+
+
+@dataclass
+class Seen:
+    """What one server saw, and the switch that lets its slow handlers go."""
+
+    requests: list[tuple[str, str, dict[str, str], bytes]] = field(default_factory=list)
+    huge_sent: int = -1  # bytes of /huge written before the sender hung up
+    huge_done: threading.Event = field(default_factory=threading.Event)
+    stop: threading.Event = field(default_factory=threading.Event)
 
 
 class Subscriber(http.server.BaseHTTPRequestHandler):
-    received: list[tuple[str, dict[str, str], bytes]] = []
+    protocol_version = "HTTP/1.1"
+    seen: Seen  # set per server, on a subclass
+    redirect_to = ""
 
     def log_message(self, *args: Any) -> None:
         pass
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's name
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        self.received.append((self.path, dict(self.headers), body))
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.seen.requests.append((self.command, self.path, dict(self.headers), body))
         try:
-            self._answer()
+            self._answer(self.path.split("?")[0])
         except OSError:
             pass  # the sender hung up: that is the point of some paths
+        self.close_connection = True
 
-    def _answer(self) -> None:
-        path = self.path.split("?")[0]
+    def _reply(self, status: int, body: bytes = b"", **headers: str) -> None:
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name.replace("_", "-"), value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _trickle(self, head: bytes) -> None:
+        """`head`, then a byte every 0.2 s until the sender leaves (or the test is
+        over, or 5 deadlines passed: a sender that does not stop fails, not hangs)."""
+        self.wfile.write(head)
+        give_up = time.monotonic() + TIMEOUT * 5
+        while not self.seen.stop.wait(0.2) and time.monotonic() < give_up:
+            self.wfile.write(b"a")
+
+    def _answer(self, path: str) -> None:
         if path == "/ok":
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.write(b"thanks")
+            self._reply(200, b"thanks")
+        elif path == "/target":
+            self._reply(200, b"followed")
         elif path == "/redirect":
-            self.send_response(302)
-            self.send_header("Location", "/elsewhere")
-            self.end_headers()
+            self._reply(302, b"moved", Location=self.redirect_to)
         elif path == "/hang":
-            time.sleep(TIMEOUT * 3)
-        elif path == "/trickle":
-            self.send_response(200)
-            self.send_header("Content-Length", "100000")
-            self.end_headers()
-            for _ in range(100):
-                self.wfile.write(b"x")
-                self.wfile.flush()
-                time.sleep(0.1)
+            self.seen.stop.wait(TIMEOUT * 5)
+        elif path == "/trickle-body":
+            self._trickle(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+        elif path == "/trickle-head":
+            self._trickle(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        elif path == "/exact":
+            self._reply(200, b"z" * BODY_LIMIT)
+        elif path == "/over":
+            self._reply(200, b"z" * (BODY_LIMIT + 1))
         elif path == "/huge":
-            self.send_response(200)
-            self.send_header("Content-Length", str(10 * 1024 * 1024))
-            self.end_headers()
-            for _ in range(1280):
-                self.wfile.write(b"y" * 8192)
+            self._huge()
         else:
-            self.send_response(500)
-            self.end_headers()
-            self.wfile.write(b"it broke")
+            self._reply(500, b"it broke")
+
+    def _huge(self) -> None:
+        # a small send buffer: what the server got written is close to what the sender took
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        sent = 0
+        try:
+            self.wfile.write(b"HTTP/1.1 200 OK\r\n" + f"Content-Length: {HUGE}\r\n\r\n".encode())
+            chunk = b"y" * 8192
+            while sent < HUGE:
+                self.wfile.write(chunk)
+                sent += len(chunk)
+        finally:
+            self.seen.huge_sent = sent
+            self.seen.huge_done.set()
 
 
-@pytest.fixture(scope="module")
-def base() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Subscriber)
+@dataclass
+class Server:
+    base: str
+    seen: Seen
+
+
+def _serve(redirect_to: str = "") -> Iterator[Server]:
+    seen = Seen()
+    handler = type("Handler", (Subscriber,), {"seen": seen, "redirect_to": redirect_to})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield Server(f"http://127.0.0.1:{server.server_address[1]}", seen)
+    finally:
+        seen.stop.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
 
 
-def post(url: str) -> Any:
-    return HttpSender(local=True).post(url, b'{"eventId":"EVT_1"}',
-                                       {"Content-Type": "application/json",
-                                        "Idempotency-Key": "EVT_1"}, timeout=TIMEOUT)
+@pytest.fixture
+def elsewhere() -> Iterator[Server]:
+    """Where the subscriber's redirect points: it must never be called."""
+    yield from _serve()
 
 
-def test_a_2xx_is_delivered_with_the_exact_body_and_headers(base: str) -> None:
-    Subscriber.received.clear()
-    answer = post(f"{base}/ok?x=1")
-    assert answer.ok and answer.status == 200 and answer.body == "thanks"
-    ((path, headers, body),) = Subscriber.received
-    assert path == "/ok?x=1" and body == b'{"eventId":"EVT_1"}'
-    assert headers["Content-Type"] == "application/json"
-    assert headers["Idempotency-Key"] == "EVT_1"
+@pytest.fixture
+def subscriber(elsewhere: Server) -> Iterator[Server]:
+    yield from _serve(redirect_to=f"{elsewhere.base}/target")
 
 
-def test_a_500_is_not_delivered_and_its_answer_is_kept(base: str) -> None:
-    answer = post(f"{base}/broken")
-    assert not answer.ok and answer.status == 500 and answer.body == "it broke"
+HEADERS = {"Content-Type": "application/json", "Shop-Event": "order.paid",
+           "Idempotency-Key": "EVT_1", "Shop-Signature": signature("whsec_1", 1764578462, BODY)}
 
 
-def test_a_redirect_is_not_followed(base: str) -> None:
-    Subscriber.received.clear()
-    answer = post(f"{base}/redirect")
-    assert not answer.ok and answer.status == 302 and answer.error == "redirect not followed"
-    assert [p for p, _, _ in Subscriber.received] == ["/redirect"]
-
-
-@pytest.mark.parametrize("path", ["/hang", "/trickle"])
-def test_a_hang_or_a_trickle_costs_one_deadline(base: str, path: str) -> None:
+def post(url: str, timeout: float = TIMEOUT) -> tuple[Answer, float]:
+    """The answer, and the attempt's wall time in seconds as the caller saw it."""
     began = time.monotonic()
-    answer = post(f"{base}{path}")
-    took = time.monotonic() - began
+    answer = HttpSender(local=True).post(url, BODY, HEADERS, timeout=timeout)
+    return answer, time.monotonic() - began
+
+
+def test_a_2xx_is_delivered_with_the_exact_body_and_headers(subscriber: Server) -> None:
+    answer, _ = post(f"{subscriber.base}/ok?x=1&y=%C3%A9")
+    assert answer == Answer(200, answer.ms, "thanks", None) and answer.ok
+    ((method, path, headers, body),) = subscriber.seen.requests
+    assert (method, path, body) == ("POST", "/ok?x=1&y=%C3%A9", BODY)
+    for name, value in HEADERS.items():
+        assert headers[name] == value
+    assert headers["Content-Length"] == str(len(BODY))
+    assert headers["Connection"] == "close"
+    assert headers["Host"] == subscriber.base.removeprefix("http://")
+    assert set(headers) == {*HEADERS, "Content-Length", "Connection", "Host"}
+
+
+def test_a_500_is_not_delivered_and_its_answer_is_kept(subscriber: Server) -> None:
+    answer, _ = post(f"{subscriber.base}/broken")
+    assert answer.status == 500 and not answer.ok
+    assert answer.body == "it broke" and answer.error is None
+
+
+def test_a_redirect_is_not_followed(subscriber: Server, elsewhere: Server) -> None:
+    answer, _ = post(f"{subscriber.base}/redirect")
+    assert answer.status == 302 and not answer.ok
+    assert answer.error == "redirect not followed" and answer.body == "moved"
+    assert [path for _, path, _, _ in subscriber.seen.requests] == ["/redirect"]
+    assert elsewhere.seen.requests == []  # the redirect's target was never called
+
+
+def test_a_subscriber_that_never_answers_costs_one_deadline(subscriber: Server) -> None:
+    answer, took = post(f"{subscriber.base}/hang")
     assert answer.status is None and not answer.ok
-    assert answer.error is not None and "timed out" in answer.error
-    assert TIMEOUT * 0.9 <= took < TIMEOUT + 1.0, took
+    assert answer.error is not None and "timeout" in answer.error
+    assert "status line" in answer.error and answer.body == answer.error
+    assert TIMEOUT * 0.9 <= took and answer.ms < TIMEOUT * 1000 + 1500, (took, answer.ms)
 
 
-def test_a_huge_answer_is_cut_and_not_delivered(base: str) -> None:
-    began = time.monotonic()
-    answer = post(f"{base}/huge")
+@pytest.mark.parametrize("path", ["/trickle-body", "/trickle-head"])
+def test_a_trickle_stops_at_the_deadline(subscriber: Server, path: str) -> None:
+    # a byte every 0.2 s would renew a per-read timeout of 1 s forever
+    answer, took = post(f"{subscriber.base}{path}")
+    assert answer.status is None and not answer.ok
+    assert answer.error is not None and "timeout" in answer.error
+    assert TIMEOUT * 0.9 <= took < TIMEOUT + 1.5, took
+    assert answer.ms < TIMEOUT * 1000 + 1500
+
+
+def test_an_answer_of_exactly_the_limit_is_read_whole(subscriber: Server) -> None:
+    answer, _ = post(f"{subscriber.base}/exact")
+    assert answer.ok and answer.body == "z" * KEPT
+
+
+def test_an_answer_one_byte_over_the_limit_is_not_delivered(subscriber: Server) -> None:
+    answer, _ = post(f"{subscriber.base}/over")
     assert answer.status == 200 and not answer.ok
     assert answer.error == f"answer over {BODY_LIMIT} bytes"
-    assert len(answer.body) == 200
-    assert time.monotonic() - began < TIMEOUT
+
+
+def test_a_huge_answer_is_cut_and_not_read(subscriber: Server) -> None:
+    answer, took = post(f"{subscriber.base}/huge", timeout=10)
+    assert answer.status == 200 and not answer.ok
+    assert answer.error == f"answer over {BODY_LIMIT} bytes"
+    assert answer.body == "y" * KEPT
+    assert took < 1.0, took  # well within its 10 s: it did not wait for the rest
+    # the sender hung up early: the server could not write its 10 MB
+    assert subscriber.seen.huge_done.wait(5)
+    assert 0 <= subscriber.seen.huge_sent < HUGE // 2, subscriber.seen.huge_sent
 
 
 def test_nobody_listening_is_no_answer() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    answer = post(f"http://127.0.0.1:{port}/hook")
-    assert answer.status is None and not answer.ok and "refused" in (answer.error or "").lower()
+        port = s.getsockname()[1]  # closed when the block ends: nobody listens there
+    answer, took = post(f"http://127.0.0.1:{port}/hook")
+    assert answer.status is None and not answer.ok
+    assert "refused" in (answer.error or "").lower() and answer.body == answer.error
+    assert took < TIMEOUT
