@@ -234,8 +234,10 @@ class Publisher(Protocol):
         """An order event (its wire form) to the events exchange, confirmed."""
         ...
 
-    def publish_delivery(self, delivery_id: str, wait_seconds: int | None = None) -> None:
-        """A webhook delivery to attempt now, or after one of the configured waits."""
+    def publish_delivery(self, delivery_id: str, wait_seconds: int | None = None, *,
+                         resend: bool = False) -> None:
+        """A webhook delivery to attempt now, or after one of the configured waits
+        (`resend`: an operator's, attempted whatever its subscriber's state)."""
         ...
 
     def queue_depth(self, queue: str) -> int: ...

@@ -13,15 +13,19 @@ is attempted and recorded once. The body is the event's JSON, fixed when the
 delivery is made: every attempt signs and sends the same bytes.
 
 The deliveries run on consumers of their own (WEBHOOK_WORKERS), never on the
-order queues', and each attempt is bounded by WEBHOOK_TIMEOUT_SECONDS in all:
-a subscriber that hangs or trickles holds one consumer that long, and the order
-flow not at all.
+order queues', and each attempt is bounded by WEBHOOK_TIMEOUT_SECONDS in all: a
+subscriber that hangs or trickles holds one consumer that long, and the order
+flow not at all. After an attempt that got no answer, its subscriber's next
+deliveries are not called until its first wait is over (each is recorded as an
+attempt that was not made, and waits its turn), so a dead subscriber does not
+take every consumer from the live ones.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -87,7 +91,7 @@ def resend(d: Deps, delivery: str, *, by: str) -> dict[str, Any]:
     reopened = d.store.reopen_delivery(delivery)
     if reopened is None:
         raise NotFound(f"no delivery {delivery!r}")
-    d.broker.publish_delivery(reopened.id)
+    d.broker.publish_delivery(reopened.id, resend=True)
     log.info("delivery %s resent by %s", reopened.id, by)
     return reopened.to_wire()
 
@@ -97,6 +101,35 @@ def failed(d: Deps) -> list[dict[str, Any]]:
 
 
 # --- the worker -----------------------------------------------------------------
+
+class _Cooling:
+    """Subscribers whose last attempt got no answer (a timeout, a refused connection),
+    and until when their deliveries are not called but wait their turn: each such
+    attempt holds a consumer for the whole timeout. Per process; thread-safe."""
+
+    def __init__(self) -> None:
+        self._until: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def start(self, sub_id: str, seconds: float) -> None:
+        with self._lock:
+            self._until[sub_id] = time.monotonic() + seconds
+
+    def until(self, sub_id: str) -> float | None:
+        """Seconds left of its quiet time, or None when it may be called."""
+        with self._lock:
+            end = self._until.get(sub_id)
+            if end is None:
+                return None
+            left = end - time.monotonic()
+            if left <= 0:
+                del self._until[sub_id]
+                return None
+            return left
+
+
+COOLING = _Cooling()
+
 
 def fan_out(d: Deps, msg: Mapping[str, Any]) -> int:
     """An event from queue.order.webhook: a delivery for each subscription that wants
@@ -141,20 +174,31 @@ def deliver(d: Deps, msg: Mapping[str, Any]) -> DeliveryStatus | None:
     if d.webhooks is None:
         raise Unavailable("webhooks are not configured in this process")
     started = d.clock()
-    stamp = int(time.time())
-    body = delivery.body.encode()
-    answer = d.webhooks.post(delivery.url, body, {
-        "Content-Type": "application/json",
-        "Shop-Event": delivery.type,
-        "Idempotency-Key": delivery.event_id,
-        "Shop-Signature": sign(sub.secret, stamp, body),
-    }, timeout=d.settings.webhook_timeout_seconds)
-    # no answer: the body says why; an answer that failed anyway: why, then its start
-    kept = answer.body if answer.error is None or answer.status is None else (
-        f"{answer.error}: {answer.body}")
-    attempt = Attempt(started, answer.status, answer.ms, kept[:KEPT])
+    quiet = None if msg.get("resend") is True else COOLING.until(sub.id)  # a person asked
+    if quiet is not None:
+        # Its last attempt had no answer a moment ago: not called again before its
+        # wait is over, so that it holds no consumer another subscriber needs.
+        attempt = Attempt(started, None, 0, f"not called: no answer from it until "
+                          f"{quiet:.0f} s from now")
+        ok = False
+    else:
+        stamp = int(time.time())
+        body = delivery.body.encode()
+        answer = d.webhooks.post(delivery.url, body, {
+            "Content-Type": "application/json",
+            "Shop-Event": delivery.type,
+            "Idempotency-Key": delivery.event_id,
+            "Shop-Signature": sign(sub.secret, stamp, body),
+        }, timeout=d.settings.webhook_timeout_seconds)
+        # no answer: the body says why; an answer that failed anyway: why, then its start
+        kept = answer.body if answer.error is None or answer.status is None else (
+            f"{answer.error}: {answer.body}")
+        attempt = Attempt(started, answer.status, answer.ms, kept[:KEPT])
+        ok = answer.ok
+        if answer.status is None:
+            COOLING.start(sub.id, schedule[0] if schedule else 10)
     number = len(delivery.attempts) + 1
-    if answer.ok:
+    if ok:
         status = DeliveryStatus.DELIVERED
     elif number > len(schedule):
         status = DeliveryStatus.FAILED
@@ -165,8 +209,8 @@ def deliver(d: Deps, msg: Mapping[str, Any]) -> DeliveryStatus | None:
         return None
     log_level = logging.INFO if status != DeliveryStatus.FAILED else logging.WARNING
     log.log(log_level, "delivery %s of %s to %s: attempt %d answered %s in %d ms -> %s",
-            delivery.id, delivery.event_id, delivery.url, number, answer.status or answer.error,
-            answer.ms, status.value,
+            delivery.id, delivery.event_id, delivery.url, number,
+            attempt.status or attempt.body, attempt.ms, status.value,
             extra={"orderId": delivery.order_id, "eventId": delivery.event_id})
     if status == DeliveryStatus.PENDING:
         d.broker.publish_delivery(delivery.id, wait_seconds=schedule[number - 1])

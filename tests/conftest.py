@@ -98,10 +98,11 @@ class FakePublisher:
             raise Unavailable("broker down (fake)")
         self.events.append(dict(event))
 
-    def publish_delivery(self, delivery_id: str, wait_seconds: int | None = None) -> None:
+    def publish_delivery(self, delivery_id: str, wait_seconds: int | None = None, *,
+                         resend: bool = False) -> None:
         if self.down:
             raise Unavailable("broker down (fake)")
-        self.deliveries.append((delivery_id, wait_seconds))
+        self.deliveries.append((delivery_id, "resend" if resend else wait_seconds))
 
     def queue_depth(self, queue: str) -> int:
         if self.down:

@@ -253,11 +253,16 @@ class Broker:
         self.publish(EXCHANGE_EVENTS, str(event["type"]), event,
                      message_id=str(event["eventId"]))
 
-    def publish_delivery(self, delivery_id: str, wait_seconds: int | None = None) -> None:
+    def publish_delivery(self, delivery_id: str, wait_seconds: int | None = None, *,
+                         resend: bool = False) -> None:
         """A webhook delivery to attempt: now, or after `wait_seconds` (one of the
-        waits the topology was declared with)."""
+        waits the topology was declared with); `resend`: an operator's, attempted
+        even while its subscriber is being let alone."""
         key = QUEUE_WEBHOOK_DELIVER if wait_seconds is None else webhook_wait_queue(wait_seconds)
-        self.publish(EXCHANGE_WEBHOOK, key, {"deliveryId": delivery_id})
+        body: dict[str, Any] = {"deliveryId": delivery_id}
+        if resend:
+            body["resend"] = True
+        self.publish(EXCHANGE_WEBHOOK, key, body)
 
     def ping(self) -> None:
         """A round trip to the broker; raises `BrokerUnavailable` when it cannot be made."""

@@ -10,6 +10,7 @@ import hmac
 import http.server
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -140,3 +141,52 @@ def test_a_subscriber_gets_a_signed_delivery_after_a_failure(
                            hashlib.sha256).hexdigest()
     # nothing for the types it did not ask for
     assert all(json.loads(b)["type"] == "order.paid" for _, b in Subscriber.received)
+
+
+class Hanging(http.server.BaseHTTPRequestHandler):
+    calls: list[float] = []
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        self.calls.append(time.monotonic())
+        time.sleep(6)  # past the attempt's deadline (2 s here)
+
+
+def test_a_hanging_subscriber_holds_up_no_other(
+        rdeps: Deps, bridge_threads: Callable[..., threading.Event], subscriber: str) -> None:
+    Hanging.calls = []
+    hang = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hanging)
+    hang.daemon_threads = True
+    threading.Thread(target=hang.serve_forever, daemon=True).start()
+    try:
+        dead = webhooks.subscribe(rdeps, {"url": f"http://127.0.0.1:{hang.server_address[1]}/",
+                                          "events": ["order.paid"], "secret": SECRET}, by="carol")
+        live = webhooks.subscribe(rdeps, {"url": subscriber, "events": ["order.paid"],
+                                          "secret": SECRET}, by="carol")
+        bridge_threads(rdeps)
+        orders = [order_for(rdeps, f"hang-{i}") for i in range(6)]
+        started = time.monotonic()
+        for order in orders:
+            rdeps.broker.publish_pay(fake_pay_msg(order["id"], f"T-{order['id']}",
+                                                  order["totalMoney"]))
+        live_ids = [delivery_id(live["id"], f"EVT_{o['id']}_paid") for o in orders]
+
+        def all_live() -> bool:
+            found = [rdeps.store.get_delivery(i) for i in live_ids]
+            return all(x is not None and x.status == DeliveryStatus.DELIVERED for x in found)
+
+        wait_until(all_live, timeout=30, what="every delivery to the live subscriber")
+        took = time.monotonic() - started
+        # Six deliveries to a subscriber that never answers would take 6 x 2 s of the
+        # two consumers; after its first timeouts it is let alone for its wait.
+        assert took < 10, took
+        assert len(Hanging.calls) <= 4, Hanging.calls
+        dead_ids = [delivery_id(dead["id"], f"EVT_{o['id']}_paid") for o in orders]
+        attempts = [a for i in dead_ids if (x := rdeps.store.get_delivery(i)) is not None
+                    for a in x.attempts]
+        assert attempts and all(a.status is None for a in attempts)
+        assert any(a.body.startswith("not called") for a in attempts)
+    finally:
+        hang.shutdown()

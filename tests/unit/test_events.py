@@ -200,10 +200,41 @@ def test_a_failing_subscriber_is_retried_on_the_schedule_then_given_up(app_deps:
     shown = admin.attention(app_deps)["deliveries"]
     assert [x["id"] for x in shown] == [did]
     # an operator resends it: one more attempt now
+    assert webhooks.deliver(app_deps, {"deliveryId": did}) is None  # FAILED: no more tries
     resent = webhooks.resend(app_deps, did, by="carol")
-    assert resent["status"] == "PENDING" and app_deps.broker.deliveries[-1] == (did, None)
-    assert webhooks.deliver(app_deps, {"deliveryId": did}) == DeliveryStatus.DELIVERED
+    assert resent["status"] == "PENDING" and app_deps.broker.deliveries[-1] == (did, "resend")
+    posts = len(app_deps.webhooks.posts)
+    # its subscriber gave no answer a moment ago, but a person asked: called now
+    assert webhooks.deliver(app_deps, {"deliveryId": did, "resend": True}) == (
+        DeliveryStatus.DELIVERED)
+    assert len(app_deps.webhooks.posts) == posts + 1
     assert admin.attention(app_deps)["deliveries"] == []
+
+
+def test_a_subscriber_that_gave_no_answer_is_let_alone_for_its_first_wait(
+        app_deps: Any) -> None:
+    """Its next deliveries are recorded as not called and wait their turn: a dead
+    subscriber does not hold every consumer for a timeout each."""
+    dead = subscribe(app_deps, "order.created", url="https://dead.example/hook")
+    live = subscribe(app_deps, "order.created", url="https://live.example/hook")
+    orders = [order_for(app_deps, f"u{i}") for i in range(3)]
+    for order in orders:
+        webhooks.fan_out(app_deps, event_of(app_deps, order, "order.created"))
+    app_deps.webhooks.answers = [FakeAnswer(None, 5000, "timeout after 5 s",
+                                            "timeout after 5 s")]
+    first = delivery_id(dead["id"], f"EVT_{orders[0]['id']}_created")
+    assert webhooks.deliver(app_deps, {"deliveryId": first}) == DeliveryStatus.PENDING
+    for order in orders[1:]:
+        did = delivery_id(dead["id"], f"EVT_{order['id']}_created")
+        assert webhooks.deliver(app_deps, {"deliveryId": did}) == DeliveryStatus.PENDING
+        (attempt,) = app_deps.store.get_delivery(did).attempts
+        assert attempt.status is None and attempt.body.startswith("not called")
+    for order in orders:  # the live one is called as ever
+        did = delivery_id(live["id"], f"EVT_{order['id']}_created")
+        assert webhooks.deliver(app_deps, {"deliveryId": did}) == DeliveryStatus.DELIVERED
+    called = [url for url, *_ in app_deps.webhooks.posts]
+    assert called.count("https://dead.example/hook") == 1
+    assert called.count("https://live.example/hook") == 3
 
 
 def test_a_deleted_subscription_stops_its_deliveries(app_deps: Any) -> None:
@@ -291,6 +322,7 @@ def test_deliveries_are_listed_and_resent_through_the_api(client: Any, app_deps:
     assert listed["attempts"][0]["status"] == 503 and listed["attempts"][0]["body"] == "later"
     resent = client.http.post(f"/admin/deliveries/{did}/resend", headers=h)
     assert resent.status_code == 202 and body(resent)["id"] == did
+    assert app_deps.broker.deliveries[-1] == (did, "resend")
     assert client.http.post("/admin/deliveries/DLV_none/resend", headers=h).status_code == 404
     missing = "ORDER_0000000000000_0123456789abcdef"
     assert client.http.get(f"/admin/orders/{missing}/deliveries", headers=h).status_code == 404
