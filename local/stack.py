@@ -389,7 +389,9 @@ def run() -> int:
                 raise RuntimeError(f"the bridge exited with {bridge.returncode}: "
                                    f"see {RUN_DIR / 'bridge.log'}")
             _say("bridge", "consuming queue.order.check, queue.order.pay and queue.order.seckill "
-                           f"({env.get('SECKILL_ORDERS_PER_SECOND', '200')} orders/s)")
+                           f"({env.get('SECKILL_ORDERS_PER_SECOND', '200')} orders/s); "
+                           "relaying order events to exchange.order.events "
+                           "(python -m local events tail) and delivering webhooks")
             _wait_healthy(api_port)
             from chalicelib import auth
 
