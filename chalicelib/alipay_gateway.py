@@ -59,6 +59,9 @@ import alipay
 from alipay.exceptions import AliPayException, AliPayValidationError
 from alipay.utils import AliPayConfig
 from Cryptodome.PublicKey import RSA
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from chalicelib.domain import parse_amount, to_fen
 from chalicelib.ports import (
@@ -334,6 +337,29 @@ def load_key(value_or_path: str | os.PathLike[str]) -> str:
 # --- the gateway ----------------------------------------------------------
 
 
+class Rsa2Verifier:
+    """``AliPay._verify(raw_content, signature)`` with `cryptography`: SHA256withRSA,
+    PKCS#1 v1.5, the signature base64 as the SDK reads it (``base64.decodebytes``,
+    which skips characters outside the alphabet and raises on bad padding, as
+    the SDK's own does). True or False; a bad encoding raises as the SDK's does.
+    tests/unit/test_alipay_gateway.py holds it to the SDK's answer input by input."""
+
+    def __init__(self, public_key_pem: str) -> None:
+        key = serialization.load_pem_public_key(public_key_pem.encode())
+        if not isinstance(key, rsa.RSAPublicKey):
+            raise ValueError("Alipay's public key is not an RSA key")
+        self._key = key
+
+    def __call__(self, raw_content: str, signature: str) -> bool:
+        sig = base64.decodebytes(signature.encode())
+        try:
+            self._key.verify(sig, raw_content.encode(), padding.PKCS1v15(), hashes.SHA256())
+        except InvalidSignature:
+            return False
+        return True
+
+
+
 class AlipayGateway:
     """Alipay for the merchant: page pay, signature checks and the trade APIs."""
 
@@ -367,6 +393,10 @@ class AlipayGateway:
             # Never echo the key material into logs or tracebacks.
             raise ValueError(f"Alipay keys cannot be loaded: {type(exc).__name__}") from None
         client._gateway = gateway_url  # the SDK only knows Alipay's own gateways
+        # The SDK builds the string to check (a notify's sorted fields, an answer's
+        # raw text); only the RSA2 check itself is swapped for `cryptography`'s,
+        # about 30 times faster than pycryptodome's on the notify path.
+        client._verify = Rsa2Verifier(load_key(alipay_public_key_pem))
         self._client = client
 
     def __repr__(self) -> str:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -1002,3 +1003,84 @@ def test_unknown_outcomes_raise_unavailable(
 
     with pytest.raises(AlipayUnavailable):
         gateway.query("ORDER_1")
+
+
+# --- the RSA2 check: cryptography's against the SDK's own ------------------------
+
+
+def _outcome(check: Callable[[], Any]) -> Any:
+    """True/False, or the kind of error: what a caller of either check would see."""
+    try:
+        return bool(check())
+    except Exception as exc:  # noqa: BLE001 - the kind is the outcome compared
+        return type(exc).__name__
+
+
+def test_the_fast_rsa2_check_agrees_with_the_sdks_on_every_input(
+        gateway: AlipayGateway, keys: dict[str, Path], other_keys: dict[str, Path],
+        alipay_key: rsa.RSAPrivateKey) -> None:
+    """Notifies, return queries and API answers as the sandbox signs them, and each
+    tampered: a field changed, added or dropped, the signature flipped, cut, empty,
+    not base64, badly padded, another key's, another length's. The SDK builds the
+    string either way; only the check differs, and it answers the same."""
+    import alipay as sdk
+
+    from chalicelib.alipay_gateway import Rsa2Verifier, load_key
+
+    def client() -> Any:
+        return sdk.AliPay(appid=LOCAL_APP_ID, app_notify_url=None,
+                          app_private_key_string=load_key(keys["app_private"].read_text()),
+                          alipay_public_key_string=load_key(keys["alipay_public"].read_text()),
+                          sign_type="RSA2")
+
+    slow, fast = client(), client()  # the SDK's own check; the same with the fast one
+    fast._verify = Rsa2Verifier(load_key(keys["alipay_public"].read_text()))
+    assert gateway._client._verify.__class__ is Rsa2Verifier  # the gateway uses it
+    other = load_private_key(other_keys["alipay_private"])
+    short = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+
+    forms = [notify_fields(), notify_fields(trade_status="TRADE_CLOSED", total_amount="0.01"),
+             notify_fields(refund_fee="10.00", gmt_refund="2025-03-14 12:05:00.320",
+                           out_biz_no="REFUND_ORDER_1_1"),
+             {"charset": "utf-8", "out_trade_no": "ORDER_1", "method": "alipay.trade.page.pay"
+              ".return", "total_amount": "59.90", "trade_no": "T1", "auth_app_id": LOCAL_APP_ID,
+              "app_id": LOCAL_APP_ID, "seller_id": LOCAL_SELLER_ID, "version": "1.0",
+              "timestamp": "2025-03-14 12:00:06", "subject": "中文 & = %"}]
+    cases: list[tuple[str, dict[str, str], str]] = []
+    for form in forms:
+        signed = sign_params(form, alipay_key)
+        sign = signed.pop("sign")
+        cases.append(("valid", signed, sign))
+        for key in list(form)[:6]:
+            cases.append(("tampered", {**signed, key: signed[key] + "1"}, sign))
+        cases.append(("tampered", {**signed, "extra": "x"}, sign))
+        cases.append(("tampered", {k: v for k, v in signed.items() if k != "subject"}, sign))
+        flipped = ("A" if sign[10] != "A" else "B")
+        cases += [("tampered", signed, sign[:10] + flipped + sign[11:]),
+                  ("odd", signed, sign[:-8]), ("odd", signed, ""),
+                  ("odd", signed, "not base64 at all!"), ("odd", signed, sign.rstrip("=") + "="),
+                  ("odd", signed, sign + "===="), ("odd", signed, " " + sign + "\n"),
+                  ("tampered", signed, sign_params(form, other)["sign"]),
+                  ("tampered", signed, sign_params(form, short)["sign"])]
+    seen: dict[str, set[Any]] = {}
+    for label, data, sign in cases:
+        a = _outcome(lambda d=data, s=sign: slow.verify(dict(d), s))
+        b = _outcome(lambda d=data, s=sign: fast.verify(dict(d), s))
+        assert a == b, (data, sign, a, b)
+        seen.setdefault(label, set()).add(a)
+    assert seen["valid"] == {True} and seen["tampered"] == {False}
+    assert len(seen["odd"]) > 1  # padding, spaces, cut, garbage: as the SDK, case by case
+
+    # The API answers: the SDK finds the string in the raw text, then checks it.
+    payload = {"code": "10000", "msg": "Success", "trade_no": "T1", "out_trade_no": "ORDER_1",
+               "trade_status": "TRADE_SUCCESS", "total_amount": "59.90", "buyer_logon_id": "中文"}
+    good = render_api_response("alipay_trade_query_response", payload, alipay_key).decode()
+    answers = [good, good.replace("59.90", "59.91"),
+               render_api_response("alipay_trade_query_response", payload, other).decode(),
+               good.replace('"sign":"', '"sign":"AAAA')]
+    for raw in answers:
+        a = _outcome(lambda r=raw: slow._verify_and_return_sync_response(
+            r, "alipay_trade_query_response"))
+        b = _outcome(lambda r=raw: fast._verify_and_return_sync_response(
+            r, "alipay_trade_query_response"))
+        assert a == b, (raw, a, b)
