@@ -851,7 +851,6 @@ class InMemoryStore:
             seen.setdefault(order_id, None)
         return list(seen)
 
-    @_operation
     def unsent_batch(self, before: datetime, limit: int = 500) -> list[OrderEvent]:
         cutoff = _iso(before)
         found = sorted((x["event"].seq, x["event"]) for held in self._outbox.values()
@@ -879,7 +878,6 @@ class InMemoryStore:
             if item is not None:
                 item.update(unsent=False, parked=False, failures=0, reason="")
 
-    @_operation
     def mark_event_sent(self, event: OrderEvent, *, now: datetime) -> None:
         item = self._outbox.get(event.order_id, {}).get(event.seq)
         if item is not None and item["unsent"]:

@@ -36,14 +36,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import SplitResult, quote, urlsplit
 
+from chalicelib.domain.webhooks import KEPT, MAX_URL  # the log's measure, a URL's most
+
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
 
 log = logging.getLogger(__name__)
 
 BODY_LIMIT = 64 * 1024  # bytes of a subscriber's answer read at most
-KEPT = 200  # characters of the answer kept in the delivery log
-MAX_URL = 2048  # characters of a webhook's URL at most
 _CHUNK = 8192  # bytes sent or read per blocking call (each one re-arms the deadline)
 
 Resolve = Callable[[str], list[str]]

@@ -35,6 +35,7 @@ from chalicelib.context import Deps, find_order
 from chalicelib.domain import Invalid, NotFound, Unavailable, Unprocessable
 from chalicelib.domain.events import EVENT_ID_RE, EVENT_KINDS
 from chalicelib.domain.webhooks import (
+    KEPT,
     Attempt,
     Delivery,
     DeliveryStatus,
@@ -46,8 +47,6 @@ from chalicelib.domain.webhooks import (
 )
 
 log = logging.getLogger(__name__)
-
-KEPT = 200  # characters of an answer kept on the delivery
 
 
 # --- the operator's API ---------------------------------------------------------

@@ -96,8 +96,8 @@ class OutboxContract:
         # the sweep's index: an unsent event older than the cutoff, and none before it
         assert order.id in store.unsent_orders(created.occurred_at + timedelta(seconds=1))
         assert order.id not in store.unsent_orders(created.occurred_at - timedelta(days=1))
-        store.mark_event_sent(created, now=T0)
-        store.mark_event_sent(created, now=T0)  # twice: the same
+        store.mark_events_sent([created], now=T0)
+        store.mark_events_sent([created], now=T0)  # twice: the same
         assert store.unsent_events(order.id) == [paid]
         assert store.events_of(order.id) == [created, paid]  # sent ones are kept
         assert not store.event_failed(paid, reason="boom", park_after=2)
@@ -116,8 +116,8 @@ class OutboxContract:
         a = paid_order(store, "ke5", 1000, at=old)
         b = paid_order(store, "ke6", 500, at=old + timedelta(seconds=1))
         cutoff = old + timedelta(seconds=2)
-        batch = [e for e in store.unsent_batch(cutoff, limit=1000)
-                 if e.order_id in (a.id, b.id)]
+        batch = sorted((e for page in store.unsent_pages(cutoff, page_size=1000) for e in page
+                        if e.order_id in (a.id, b.id)), key=lambda e: (e.order_id, e.seq))
         assert batch == sorted(store.events_of(a.id) + store.events_of(b.id),
                                key=lambda e: (e.order_id, e.seq))
         assert [e.kind for e in batch if e.order_id == a.id] == [EventKind.CREATED,
@@ -129,7 +129,7 @@ class OutboxContract:
         store.mark_events_sent(batch, now=T0)
         assert store.unsent_events(a.id) == store.unsent_events(b.id) == []
         assert store.events_of(a.id) == [e for e in batch if e.order_id == a.id]
-        assert not [e for e in store.unsent_batch(cutoff, limit=1000)
+        assert not [e for page in store.unsent_pages(cutoff, page_size=1000) for e in page
                     if e.order_id in (a.id, b.id)]
         assert store.get_orders([a.id, b.id, "ORDER_0000000000000_0123456789abcdef"]) == {
             a.id: store.get_order(a.id), b.id: store.get_order(b.id)}

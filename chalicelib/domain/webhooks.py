@@ -23,6 +23,7 @@ from chalicelib.domain.order import iso
 MIN_SECRET = 16  # characters: a guessable secret signs nothing
 MAX_SECRET = 256
 MAX_URL = 2048
+KEPT = 200  # characters of a subscriber's answer kept on its delivery
 
 
 class DeliveryStatus(enum.StrEnum):

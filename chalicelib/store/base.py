@@ -113,6 +113,19 @@ def write_transaction(connection: Connection, build: Callable[[TransactWrite], N
             raise Unavailable("dynamodb is not answering") from exc
 
 
+def transaction_held(connection: Connection, build: Callable[[TransactWrite], None], what: str,
+                     *, attempts: int = 1) -> bool:
+    """`write_transaction`, answering False when one of its conditions failed (nothing
+    was written); any other cancellation is Unavailable, naming `what`."""
+    try:
+        write_transaction(connection, build, attempts=attempts)
+        return True
+    except TransactWriteError as exc:
+        if "ConditionalCheckFailed" in reasons(exc):
+            return False
+        raise Unavailable(f"{what}: {reasons(exc)}") from exc
+
+
 def reasons(exc: TransactWriteError) -> list[str | None]:
     """The cancellation reason of each action of a cancelled transaction, in order."""
     return [r.code if r is not None else None for r in exc.cancellation_reasons]

@@ -56,6 +56,7 @@ from chalicelib.store.base import (
     encode_cursor,
     get_item,
     reasons,
+    transaction_held,
     write_transaction,
 )
 from chalicelib.store.models import (
@@ -235,13 +236,8 @@ class OrderStore(StoreBase):
                 condition=(m.Order.status == UNPAID) & (m.Order.total_fen == total_fen),
             )
 
-        try:
-            write_transaction(self.connection, build, attempts=3)
-            return True
-        except TransactWriteError as exc:
-            if "ConditionalCheckFailed" in reasons(exc):
-                return False
-            raise Unavailable(f"marking {order_id} paid failed: {reasons(exc)}") from exc
+        return transaction_held(self.connection, build, f"marking {order_id} paid failed",
+                                attempts=3)
 
     def close_order(self, order: Order, *, now: datetime) -> bool:
         """UNPAID -> CLOSED and the stock back, in one transaction. False when not UNPAID.
@@ -269,13 +265,8 @@ class OrderStore(StoreBase):
                 else:
                     tx.update(m.Goods(line.goods_id), actions=[m.Goods.stock.add(line.num)])
 
-        try:
-            write_transaction(self.connection, build)
-            return True
-        except TransactWriteError as exc:
-            if "ConditionalCheckFailed" in reasons(exc):  # only the order's has a condition
-                return False
-            raise Unavailable(f"closing {order.id} failed: {reasons(exc)}") from exc
+        # only the order's update has a condition
+        return transaction_held(self.connection, build, f"closing {order.id} failed")
 
     def recheck_due(self, now: datetime, limit: int = 500) -> list[str]:
         """Ids of closed orders whose payment link has expired and that were not

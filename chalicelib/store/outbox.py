@@ -97,17 +97,6 @@ class OutboxStore(StoreBase):
                 seen.setdefault(x.order_id, None)
         return list(seen)
 
-    def unsent_batch(self, before: datetime, limit: int = 500) -> list[OrderEvent]:
-        """Up to `limit` events not published and older than `before` (the oldest),
-        by order and then in each order's order: the backstop sweep's batch, in one
-        query of the sparse index (it may lag the table a little: a mark is the
-        same done twice)."""
-        m = self.models
-        with dynamo():
-            found = [event_from_model(x) for x in m.Outbox.unsent_events.query(
-                UNSENT_FLAG, m.Outbox.seq < up_to(before), limit=limit)]
-        return sorted(found, key=lambda e: (e.order_id, e.seq))
-
     def unsent_pages(self, before: datetime, page_size: int = 500
                      ) -> Iterator[list[OrderEvent]]:
         """Every event not published and older than `before`, oldest first (by `seq`,
@@ -140,14 +129,6 @@ class OutboxStore(StoreBase):
         with dynamo(), m.Outbox.batch_write() as batch:
             for e in events:
                 batch.save(_item(m, e, sent_time=iso(now)))
-
-    def mark_event_sent(self, event: OrderEvent, *, now: datetime) -> None:
-        m = self.models
-        with conditional():  # sent (or parked) meanwhile: nothing to do
-            m.Outbox._get_connection().update_item(
-                event.order_id, event.seq,
-                actions=[m.Outbox.unsent.remove(), m.Outbox.sent_time.set(iso(now))],
-                condition=m.Outbox.unsent.exists())
 
     def event_failed(self, event: OrderEvent, *, reason: str, park_after: int) -> bool:
         """Counts a failure to publish the event that no retry will fix; at

@@ -53,6 +53,7 @@ from chalicelib.store.base import (
     get_item,
     reasons,
     retryable,
+    transaction_held,
     write_transaction,
 )
 from chalicelib.store.models import OPEN_FLAG, model_from_refund, refund_from_model
@@ -141,13 +142,8 @@ class RefundStore(StoreBase):
                       condition=(o.pending_refund_id == refund.id)
                       & _equals_or_absent(o.refunded_fen, order.refunded_fen))
 
-        try:
-            write_transaction(self.connection, build, attempts=3)
-            return True
-        except TransactWriteError as exc:
-            if "ConditionalCheckFailed" in reasons(exc):
-                return False
-            raise Unavailable(f"refund {refund.id} could not be settled: {reasons(exc)}") from exc
+        return transaction_held(self.connection, build,
+                                f"refund {refund.id} could not be settled", attempts=3)
 
     def retry_refund(self, refund: Refund, order: Order, *, now: datetime) -> bool:
         """A FAILED refund PENDING again (the same request number), with the order's
