@@ -257,6 +257,11 @@ def declare_topology(
             check_delay_ms,
             lambda e=exchange, k=kind: channel.exchange_declare(e, exchange_type=k, durable=True),
         )
+    # Each queue is bound as soon as it is declared: a publisher that sees a queue
+    # (the API, while the worker declares on its first start) finds it routable.
+    bound: dict[str, list[tuple[str, str]]] = {}
+    for queue, exchange, key in bindings:
+        bound.setdefault(queue, []).append((exchange, key))
     for queue, arguments in queues:
         _declare(
             channel,
@@ -265,8 +270,8 @@ def declare_topology(
             check_delay_ms,
             lambda q=queue, a=arguments: channel.queue_declare(q, durable=True, arguments=a),
         )
-    for queue, exchange, key in bindings:
-        channel.queue_bind(queue, exchange, routing_key=key)
+        for exchange, key in bound.get(queue, []):
+            channel.queue_bind(queue, exchange, routing_key=key)
     logger.debug("topology declared (%s queues, check delay %d ms)", queue_type, check_delay_ms)
 
 
