@@ -198,6 +198,27 @@ ROLE_NEEDS: dict[str, tuple[str, ...]] = {
 }
 ROLES = tuple(r for r in ROLE_NEEDS if r)
 
+# The settings that are secrets: on AWS a function reads them at run time from the
+# stage's secret in Secrets Manager (SECRET_ID names it), never from its
+# environment. Setting -> the key of the secret's JSON that holds it.
+SECRET_KEYS: dict[str, str] = {
+    "JWT_SECRET": "JWT_SECRET",
+    "ALIPAY_APP_PRIVATE_KEY": "ALIPAY_APP_PRIVATE_KEY",
+    "RMQ_URL": "RMQ_PUBLISH_URL",
+}
+
+# The longest chain of outbound calls one invocation of each role can make, in
+# seconds (timeouts added up, retries included): a function's timeout must be
+# longer, and an API route's must fit API Gateway's 29 s.
+OUTBOUND_CHAIN_SECONDS: dict[str, float] = {
+    "api": 29.0,
+    "authorizer": 1.0,
+    "notify": 20.0,
+    "sweeper": 30.0,
+    "reconciler": 600.0,
+    "relay": 30.0,
+}
+
 
 class SettingsError(ValueError):
     """The settings cannot run this stage; the message says what is missing."""
