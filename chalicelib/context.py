@@ -48,11 +48,13 @@ def find_order(deps: Deps, order_id: Any) -> Order:
     return order
 
 
-def record(deps: Deps, order_id: str, kind: EventType, **detail: Any) -> None:
-    """An event on the order's timeline. Best effort: the change it describes has
-    happened already, so a timeline that cannot be written is logged, not raised."""
+def record(deps: Deps, order_id: str, kind: EventType, *, at: datetime | None = None,
+           ref: str | None = None, **detail: Any) -> None:
+    """An event on the order's timeline, at `at` (now when None); `ref` makes a second
+    write of the same event replace the first. Best effort: the change it describes
+    has happened already, so a timeline that cannot be written is logged, not raised."""
     try:
-        deps.store.append_event(TimelineEvent(order_id, deps.clock(), kind, detail))
+        deps.store.append_event(TimelineEvent(order_id, at or deps.clock(), kind, detail, ref))
     except Unavailable as exc:
         log.warning("timeline of %s: %s not recorded (%s)", order_id, kind.value, exc,
                     extra={"orderId": order_id})

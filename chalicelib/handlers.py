@@ -7,6 +7,7 @@ them knows HTTP, AMQP frames or Lambda.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping
 from datetime import datetime, timedelta
@@ -39,6 +40,7 @@ from chalicelib.domain import (
     iso,
     money_str,
     parse_amount,
+    parse_iso,
 )
 from chalicelib.domain.timeline import clip
 from chalicelib.ports import (
@@ -413,16 +415,19 @@ def on_notify(deps: Deps, params: Mapping[str, str]) -> bool:
                       order)
     if notice.kind == NoticeKind.REFUND:
         return _on_refund_notice(deps, order, notice, received, ctx)
-    record(deps, order.id, EventType.NOTIFY, verified=True, fields=received)
     if notice.state not in PAID_STATES:
+        record(deps, order.id, EventType.NOTIFY, verified=True, fields=received)
         log.info("notify with trade state %s: nothing to do", notice.state, extra=ctx)
         return True
+    # A payment's notify goes on the timeline from the worker (on_paid), with the
+    # time it was received here: the route makes no write Alipay must wait for.
     msg = {
         "orderId": order_id,
         "tradeNo": notice.trade_no,
         "totalAmount": money_str(fen),
         "payTime": iso(notice.paid_at or deps.clock()),
         "notifyId": notice.notice_id,
+        "receivedAt": iso(deps.clock()),
         # As received, signature included: the worker verifies it again, since
         # anyone holding the broker's credentials could publish to the pay queue.
         "notify": dict(params),
@@ -472,6 +477,7 @@ def on_paid(deps: Deps, msg: Mapping[str, Any]) -> OrderStatus:
     if not isinstance(order_id, str) or not domain.ORDER_ID_RE.fullmatch(order_id):
         raise Unprocessable(f"pay message without a valid orderId: {clip(dict(msg))!r}")
     notice = _verified_payment(deps, order_id, msg)
+    _record_notify(deps, order_id, msg)
     trade_no, notify_id = notice.trade_no, notice.notice_id
     fen = notice.amount_fen
     assert fen is not None  # _verified_payment compared it with the message's
@@ -490,6 +496,19 @@ def on_paid(deps: Deps, msg: Mapping[str, Any]) -> OrderStatus:
             f"{money_str(order.total_fen)} due; never marked paid"
         )
     return _apply_payment(deps, order, trade_no, fen, pay_time, notify_id)
+
+
+def _record_notify(deps: Deps, order_id: str, msg: Mapping[str, Any]) -> None:
+    """The verified notify on the order's timeline, at the time the route received
+    it; a redelivered message writes the same event again, not a second one."""
+    form = msg["notify"]
+    try:
+        at = parse_iso(str(msg.get("receivedAt", "")))
+    except ValueError:
+        at = None  # published before the route stamped its messages
+    ref = hashlib.sha256(str(form.get("sign", "")).encode()).hexdigest()[:8]
+    record(deps, order_id, EventType.NOTIFY, at=at, ref=ref, verified=True,
+           fields=clip({k: v for k, v in form.items() if k != "sign"}))
 
 
 def _verified_payment(deps: Deps, order_id: str, msg: Mapping[str, Any]) -> PaymentNotice:

@@ -46,6 +46,7 @@ import base64
 import binascii
 import functools
 import json
+import secrets
 import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -141,7 +142,8 @@ class InMemoryStore:
         self._unpaid_ids: dict[str, set[str]] = {}
         self._refunds: dict[str, dict[str, Any]] = {}  # the DynamoDB item's fields
         self._refund_keys: dict[str, str] = {}  # IDEM#<order>#<key> -> refund id
-        self._timeline: dict[str, list[tuple[str, str, str]]] = {}  # (time, type, JSON)
+        self._timeline: dict[str, list[tuple[str, str, str, tuple[str, str]]]] = {}
+        # (time, type, JSON, the DynamoDB item's sort key)
         # (DAY#<day>, REPORT | DIFF#<id> | EXTRA#<key>) -> the item's fields
         self._recon: dict[tuple[str, str], dict[str, Any]] = {}
         # order id -> seq -> the outbox item's fields (event, unsent, parked, ...)
@@ -653,16 +655,22 @@ class InMemoryStore:
     def append_event(self, event: TimelineEvent) -> None:
         """Kept as the DynamoDB item keeps it: the time to the millisecond, the detail
         as JSON (what JSON cannot hold as it is becomes its str)."""
-        self._timeline.setdefault(event.order_id, []).append(
-            (_iso(event.time), event.type.value,
-             json.dumps(event.detail, ensure_ascii=False, default=str)))
+        events = self._timeline.setdefault(event.order_id, [])
+        key = (_iso(event.time), event.ref or secrets.token_hex(4))
+        item = (key[0], event.type.value,
+                json.dumps(event.detail, ensure_ascii=False, default=str), key)
+        at = next((i for i, e in enumerate(events) if e[3] == key), None)
+        if at is None:
+            events.append(item)
+        else:
+            events[at] = item  # as DynamoDB's put of the same key: replaced in its place
 
     @_operation
     def timeline(self, order_id: str, limit: int = 1000) -> list[TimelineEvent]:
         """The order's first `limit` events in time order."""
         events = sorted(self._timeline.get(order_id, []), key=lambda e: e[0])
         return [TimelineEvent(order_id, parse_iso(t), EventType(kind), json.loads(detail))
-                for t, kind, detail in events[:max(limit, 0)]]
+                for t, kind, detail, _ in events[:max(limit, 0)]]
 
     # --- reconciliation (the DynamoDB store: chalicelib/store/reconciliations.py) ----
 

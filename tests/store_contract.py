@@ -1580,6 +1580,15 @@ class StoreContract(ReconciliationContract, OutboxContract):
         assert sorted(e.detail["i"] for e in middle) == [0, 1, 2, 3]
         assert {(e.time, e.type) for e in middle} == {(ms(T0), EventType.NOTIFY)}
 
+    def test_an_event_written_again_with_its_ref_is_kept_once(self, store: Any) -> None:
+        order_id = new_order_id(T0)
+        store.append_event(TimelineEvent(order_id, T0, EventType.NOTIFY, {"n": 1}, "ab12cd34"))
+        store.append_event(TimelineEvent(order_id, T0, EventType.NOTIFY, {"n": 1}, "ab12cd34"))
+        store.append_event(TimelineEvent(order_id, T0, EventType.NOTIFY, {"n": 2}, "ef56ab78"))
+        store.append_event(TimelineEvent(order_id, T0, EventType.NOTIFY, {"n": 3}))
+        store.append_event(TimelineEvent(order_id, T0, EventType.NOTIFY, {"n": 3}))
+        assert sorted(e.detail["n"] for e in store.timeline(order_id)) == [1, 2, 3, 3]
+
     def test_an_events_detail_comes_back_as_json_and_as_a_copy(self, store: Any) -> None:
         order_id = new_order_id(T0)
         detail: dict[str, Any] = {"amount": "1.00", "n": 3, "ok": True, "none": None,

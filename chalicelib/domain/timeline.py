@@ -35,6 +35,9 @@ class TimelineEvent:
     time: datetime
     type: EventType
     detail: dict[str, Any] = field(default_factory=dict)
+    # Set when the same event may be written twice (a redelivered message): the
+    # second write replaces the first instead of adding a copy.
+    ref: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return {"time": iso(self.time), "type": self.type.value, "detail": self.detail}

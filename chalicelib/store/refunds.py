@@ -196,7 +196,7 @@ class RefundStore(StoreBase):
     def append_event(self, event: TimelineEvent) -> None:
         m = self.models
         with dynamo():
-            m.Timeline(event.order_id, f"{iso(event.time)}#{secrets.token_hex(4)}",
+            m.Timeline(event.order_id, f"{iso(event.time)}#{event.ref or secrets.token_hex(4)}",
                        type=event.type.value,
                        detail=json.dumps(event.detail, ensure_ascii=False, default=str)).save()
 

@@ -4,6 +4,7 @@ a fake publisher and moto's DynamoDB: what is refused changes nothing."""
 from __future__ import annotations
 
 import urllib.parse
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 
 from chalicelib import handlers
 from chalicelib.alipay_gateway import AlipayGateway
+from chalicelib.domain import EventType, iso, parse_iso
 from local.alipay_sandbox import LOCAL_APP_ID, LOCAL_SELLER_ID
 from local.alipay_sandbox.keys import ensure_keys, load_private_key
 from local.alipay_sandbox.signer import sign_params
@@ -79,12 +81,31 @@ def test_valid_notify_publishes_and_answers_success(client: Any, paying: Any,
                                                     keys: dict[str, Path]) -> None:
     d, order = paying
     form = signed(notify_params(order), keys)
+    before = datetime.now(UTC)
     assert post(client, form) == "success"
-    assert d.broker.pays == [{
+    [msg] = d.broker.pays
+    received = parse_iso(msg.pop("receivedAt"))
+    assert before - timedelta(milliseconds=1) <= received <= datetime.now(UTC)
+    assert msg == {
         "orderId": order["id"], "tradeNo": "2026112622001400000000000001",
         "totalAmount": "99.70", "payTime": "2026-11-26T07:20:00.000Z",
-        "notifyId": "2026112600222152001000000001", "notify": form}]
+        "notifyId": "2026112600222152001000000001", "notify": form}
     assert d.store.get_order(order["id"]).status == "UNPAID"  # the bridge marks it PAID
+    # The route writes nothing; the worker puts the notify on the timeline, at the
+    # time the route received it, once however often the message comes.
+    assert [e.type for e in d.store.timeline(order["id"])] == [EventType.CREATED]
+    stamped = {**msg, "receivedAt": iso(received)}
+    for _ in range(2):
+        handlers.on_paid(d, stamped)
+    events = d.store.timeline(order["id"])
+    notifies = [e for e in events if e.type == EventType.NOTIFY]
+    assert len(notifies) == 1
+    assert notifies[0].time == received.replace(microsecond=received.microsecond // 1000 * 1000)
+    assert notifies[0].detail["verified"] is True
+    assert notifies[0].detail["fields"]["trade_no"] == "2026112622001400000000000001"
+    assert "sign" not in notifies[0].detail["fields"]
+    assert [e.type for e in events].index(EventType.NOTIFY) < [
+        e.type for e in events].index(EventType.PAID)
 
 
 def _refused(client: Any, d: Any, order: dict[str, Any], form: dict[str, str] | bytes) -> None:
