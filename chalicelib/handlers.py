@@ -390,10 +390,10 @@ def on_notify(deps: Deps, params: Mapping[str, str]) -> bool:
            "notifyId": params.get("notify_id")}
     received = clip({k: v for k, v in params.items() if k != "sign"})
 
-    def refuse(why: str, order: Order | None = None) -> bool:
+    def refuse(why: str, order_id: str | None = None) -> bool:
         log.warning("notify refused: %s", why, extra=ctx)
-        if order is not None:
-            record(deps, order.id, EventType.NOTIFY, verified=False, reason=why,
+        if order_id is not None:
+            record(deps, order_id, EventType.NOTIFY, verified=False, reason=why,
                    fields=received)
         return False
 
@@ -402,21 +402,21 @@ def on_notify(deps: Deps, params: Mapping[str, str]) -> bool:
     try:
         notice = gateway.read_notice(params)
     except NoticeRefused as exc:
-        return refuse(exc.reason, _known_order(deps, params.get("out_trade_no")))
+        known = _known_order(deps, params.get("out_trade_no"))
+        return refuse(exc.reason, known.id if known else None)
     order_id = notice.order_id
     if not domain.ORDER_ID_RE.fullmatch(order_id):
         return refuse("out_trade_no is not one of ours")
-    order = deps.store.get_order(order_id)
-    if order is None:
+    due = deps.store.get_order_total(order_id)
+    if due is None:
         return refuse("unknown order")
     fen = notice.amount_fen
-    if fen is None or fen != order.total_fen:
-        return refuse(f"total_amount differs from the order's {money_str(order.total_fen)}",
-                      order)
+    if fen is None or fen != due:
+        return refuse(f"total_amount differs from the order's {money_str(due)}", order_id)
     if notice.kind == NoticeKind.REFUND:
-        return _on_refund_notice(deps, order, notice, received, ctx)
+        return _on_refund_notice(deps, order_id, notice, received, ctx)
     if notice.state not in PAID_STATES:
-        record(deps, order.id, EventType.NOTIFY, verified=True, fields=received)
+        record(deps, order_id, EventType.NOTIFY, verified=True, fields=received)
         log.info("notify with trade state %s: nothing to do", notice.state, extra=ctx)
         return True
     # A payment's notify goes on the timeline from the worker (on_paid), with the
@@ -451,16 +451,16 @@ def _known_order(deps: Deps, order_id: str | None) -> Order | None:
         return None
 
 
-def _on_refund_notice(deps: Deps, order: Order, notice: PaymentNotice,
+def _on_refund_notice(deps: Deps, order_id: str, notice: PaymentNotice,
                       received: dict[str, Any], ctx: dict[str, Any]) -> bool:
     """A refund was made: never a payment. A pending refund it names is settled by
     the worker, which asks the provider (the notice only says when to ask)."""
-    record(deps, order.id, EventType.NOTIFY, verified=True, refund=True, fields=received)
+    record(deps, order_id, EventType.NOTIFY, verified=True, refund=True, fields=received)
     refund_id = notice.refund_id
     if not refund_id:
         return True
     refund = deps.store.get_refund(refund_id)
-    if refund is None or refund.order_id != order.id or refund.status != RefundStatus.PENDING:
+    if refund is None or refund.order_id != order_id or refund.status != RefundStatus.PENDING:
         return True  # not ours, or settled already
     try:
         deps.broker.publish_refund(refund_id)

@@ -134,7 +134,8 @@ class InMemoryStore:
         self._goods: dict[str, Goods] = {}
         self._carts: dict[str, dict[str, CartLine]] = {}
         self._orders: dict[str, dict[str, Any]] = {}  # the DynamoDB item's fields
-        self._sales: dict[str, Sale] = {}
+        self._sales: dict[str, Sale] = {}  # a sale, and a sharded sale's `<sale>#<k>`
+        self._sale_shards: dict[str, int] = {}  # sale -> N, for a sale of N > 1 shards
         self._tickets: dict[str, Ticket] = {}
         self._claims: dict[tuple[str, str], str] = {}  # (sale, user) -> ticket id
         self._bought: dict[tuple[str, str], str] = {}  # (sale, user) -> order id
@@ -294,6 +295,11 @@ class InMemoryStore:
         return _order(rec) if rec is not None else None
 
     @_operation
+    def get_order_total(self, order_id: str) -> int | None:
+        rec = self._orders.get(order_id)
+        return _order(rec).total_fen if rec is not None else None
+
+    @_operation
     def get_orders(self, ids: Iterable[str]) -> dict[str, Order]:
         return {i: _order(self._orders[i]) for i in set(ids) if i in self._orders}
 
@@ -443,17 +449,58 @@ class InMemoryStore:
     # --- flash sales ----------------------------------------------------------
 
     @_operation
-    def put_sale(self, sale: Sale) -> None:
-        self._sales[sale.id] = Sale(sale.id, sale.goods_id, sale.name, int(sale.price_fen),
-                                    int(sale.stock), _ms(sale.start_time), _ms(sale.end_time))
+    def put_sale(self, sale: Sale, *, shards: int = 1) -> None:
+        """As store/sales.py's: `shards` > 1 splits the stock over items
+        `<sale>#<k>` (its split_stock), the sale's own item keeping stock 0."""
+        units = _split_stock(int(sale.stock), shards)
+        row = Sale(sale.id, sale.goods_id, sale.name, int(sale.price_fen),
+                   int(sale.stock), _ms(sale.start_time), _ms(sale.end_time))
+        if shards == 1:
+            self._sales[sale.id] = row
+            self._sale_shards.pop(sale.id, None)
+            return
+        _transaction([("sales", sale.id)]
+                     + [("sales", _shard_key(sale.id, k)) for k in range(shards)])
+        self._sales[sale.id] = replace(row, stock=0)
+        for k, n in enumerate(units):
+            self._sales[_shard_key(sale.id, k)] = replace(row, id=_shard_key(sale.id, k),
+                                                          stock=n)
+        self._sale_shards[sale.id] = shards
 
     @_operation
     def list_sales(self) -> list[Sale]:
-        return [self._sales[k] for k in sorted(self._sales)]
+        return [self._summed(k) for k in sorted(self._sales) if "#" not in k]
 
     @_operation
     def get_sale(self, sale_id: str, *, consistent: bool = False) -> Sale | None:
-        return self._sales.get(sale_id)
+        return self._summed(sale_id) if sale_id in self._sales else None
+
+    @_operation
+    def sale_stock_items(self, sale_id: str, *, consistent: bool = False,
+                         ) -> tuple[Sale, list[str]] | None:
+        sale = self._sales.get(sale_id)
+        if sale is None:
+            return None
+        n = self._sale_shards.get(sale_id, 1)
+        return sale, [sale_id] if n == 1 else [_shard_key(sale_id, k) for k in range(n)]
+
+    @_operation
+    def sale_shard_stocks(self, sale_id: str, *, consistent: bool = False,
+                          ) -> tuple[Sale, list[int]] | None:
+        sale = self._sales.get(sale_id)
+        if sale is None:
+            return None
+        return sale, self._shard_stocks(sale_id)
+
+    def _shard_stocks(self, sale_id: str) -> list[int]:
+        n = self._sale_shards.get(sale_id, 1)
+        if n == 1:
+            return [self._sales[sale_id].stock]
+        found = (self._sales.get(_shard_key(sale_id, k)) for k in range(n))
+        return [s.stock if s is not None else 0 for s in found]
+
+    def _summed(self, sale_id: str) -> Sale:
+        return replace(self._sales[sale_id], stock=sum(self._shard_stocks(sale_id)))
 
     @_operation
     def claim_ticket(self, ticket: Ticket) -> str | None:
@@ -493,12 +540,14 @@ class InMemoryStore:
 
         Returns ORDERED, or why nothing changed, in the DynamoDB store's
         precedence: NOT_QUEUED, DUPLICATE, SOLD_OUT; an existing order id raises
-        Conflict."""
-        assert order.sale_id == ticket.sale_id and len(order.lines) == 1
+        Conflict. The unit comes from the item `order.sale_id` names: the sale,
+        or one shard `<sale>#<k>` of it."""
+        assert order.sale_id and order.sale_id.split("#", 1)[0] == ticket.sale_id
+        assert len(order.lines) == 1
         key = (ticket.sale_id, ticket.username)
         num = order.lines[0].num
         held = self._tickets.get(ticket.id)
-        sale = self._sales.get(ticket.sale_id)
+        sale = self._sales.get(order.sale_id)
         if held is None or held.status != TICKET_QUEUED:
             return SeckillOutcome.NOT_QUEUED
         if key in self._bought:
@@ -1126,6 +1175,18 @@ def _order(r: Mapping[str, Any]) -> Order:
         refund_count=r["refund_count"],
         link_expire_time=opt(r["link_expire_time"]),
     )
+
+
+def _shard_key(sale_id: str, shard: int) -> str:
+    """store/sales.py's shard_key: the item of shard `shard` of a sale's stock."""
+    return f"{sale_id}#{shard}"
+
+
+def _split_stock(stock: int, shards: int) -> list[int]:
+    """store/sales.py's split_stock (1 to MAX_TRANSACTION_ACTIONS - 1 shards)."""
+    if not 1 <= shards <= MAX_TRANSACTION_ACTIONS - 1:
+        raise ValueError(f"a sale has 1 to {MAX_TRANSACTION_ACTIONS - 1} shards, not {shards}")
+    return [stock // shards + (1 if k < stock % shards else 0) for k in range(shards)]
 
 
 def _ticket(t: Ticket) -> Ticket:

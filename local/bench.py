@@ -530,6 +530,14 @@ def bare_pay_update(order_id: str) -> None:
         condition=(M.Order.status == UNPAID) & (M.Order.total_fen == SEED_TOTAL_FEN))
 
 
+def bare_total_read(order_id: str) -> dict[str, Any]:
+    """What the notify reads: the order's amount alone, consistently."""
+    from local.bench_models import models
+
+    return dict(models().Order._get_connection().get_item(
+        order_id, consistent_read=True, attributes_to_get=["total_fen"]))
+
+
 def bare_read(order_id: str) -> dict[str, Any]:
     from local.bench_models import models
 
@@ -718,7 +726,7 @@ def stage_notify(world: World) -> StageResult:
                     start = time.perf_counter()
                     for i in part:  # the floor: what a notify cannot skip, done bare
                         assert verify(bodies[i])
-                        bare_read(made[i].id)
+                        bare_total_read(made[i].id)
                         bare_publish(ch, broker.EXCHANGE_PAY, broker.QUEUE_PAY, msgs[i])
                     floor_s += time.perf_counter() - start
                     start = time.perf_counter()
@@ -734,9 +742,9 @@ def stage_notify(world: World) -> StageResult:
         base, proj, floor = n / base_s, n / proj_s, n / floor_s
         ok = answers.get("success", 0)
         res.rows += [
-            Row("2 notify", "notifies/s vs bare read + confirmed publish", base, proj, "/s",
-                ">= 0.75", proj / base >= 0.75),
-            Row("2 notify", "notifies/s vs the floor (form, RSA2 check, read, publish; bare)",
+            Row("2 notify", "notifies/s vs bare read + confirmed publish (before)", base, proj,
+                "/s"),
+            Row("2 notify", "notifies/s vs the floor (form, RSA2, amount read, publish; bare)",
                 floor, proj, "/s", ">= 0.85", proj / floor >= 0.85),
             Row("2 notify", "answered success", n, ok, "", "all", ok == n),
         ]
@@ -744,11 +752,12 @@ def stage_notify(world: World) -> StageResult:
                         floor_rate=floor, answers=answers)
     res.notes.append("2 notify: chalice's test client in-process; the route parses the form, "
                      "checks the RSA2 signature (the string python-alipay-sdk builds, the check "
-                     "`cryptography`'s), reads the order consistently and publishes with a "
-                     "confirm. The old baseline does the read (pynamodb GetItem) and the "
-                     "confirmed publish (bare pika); the floor adds the form's parse and the "
-                     "signature check, bare (sorted fields joined, `cryptography`). Rounds "
-                     "alternate.")
+                     "`cryptography`'s), reads the order's amount consistently and publishes "
+                     "with a confirm (the notify goes on the timeline from the worker). The old "
+                     "baseline does a read of the whole order (pynamodb GetItem) and the "
+                     "confirmed publish (bare pika); the floor is the form's parse, the "
+                     "signature check (sorted fields joined, `cryptography`), the read of the "
+                     "amount alone and the confirmed publish, all bare. Rounds alternate.")
     return res
 
 

@@ -421,6 +421,13 @@ class StoreContract(ReconciliationContract, OutboxContract):
         assert got == as_stored(order)
         assert got.total_fen == 1990
 
+    def test_an_orders_total_is_read_alone_and_none_for_no_order(self, store: Any) -> None:
+        a, b = put_goods(store, "k1", 1990, 10), put_goods(store, "k2", 5, 10)
+        order = new_order("alice", [line_of(a, 2), line_of(b, 3)])
+        store.create_order(order, None)
+        assert store.get_order_total(order.id) == 2 * 1990 + 3 * 5
+        assert store.get_order_total(new_order_id(T0)) is None
+
     def test_stock_exactly_enough_is_enough(self, store: Any) -> None:
         a = put_goods(store, "k1", 1990, 2)
         order_from_cart(store, "alice", (a, 2))

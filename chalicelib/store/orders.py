@@ -184,6 +184,14 @@ class OrderStore(StoreBase):
         item = get_item(self.models.Order, order_id, consistent=consistent)
         return order_from_model(item) if item is not None else None
 
+    def get_order_total(self, order_id: str) -> int | None:
+        """Only the amount comes back: the notify needs nothing else, and the whole
+        item (its lines) costs the table and the parse more."""
+        with dynamo():
+            item = self.models.Order._get_connection().get_item(
+                order_id, consistent_read=True, attributes_to_get=["total_fen"]).get("Item")
+        return int(item["total_fen"]["N"]) if item else None
+
     def get_orders(self, ids: Iterable[str]) -> dict[str, Order]:
         """The orders of these ids that exist (BatchGetItem, 100 a request, consistent)."""
         m = self.models
