@@ -154,8 +154,6 @@ def create_order(deps: Deps, username: str, source_type: Any = None) -> dict[str
     except PriceChanged as exc:
         deps.store.refresh_cart_line(username, exc.goods)  # the next order takes it
         raise
-    record(deps, order.id, EventType.CREATED, totalMoney=money_str(order.total_fen),
-           items=len(order.lines))
     _schedule_check(deps, order.id)
     return order.to_wire()
 

@@ -93,6 +93,7 @@ from chalicelib.domain.reconciliation import (
     ReportStatus,
     bill_day,
 )
+from chalicelib.domain.timeline import created as created_event
 from chalicelib.domain.webhooks import Attempt, Delivery, DeliveryStatus, Subscription
 from chalicelib.ports import PaidRecord
 
@@ -279,6 +280,7 @@ class InMemoryStore:
         # every condition holds: write
         self._orders[order.id] = _record(order)
         self._put_events([created])
+        self._append_event(created_event(order))
         if max_unpaid is not None:
             self._unpaid_ids[order.username].add(order.id)
         for line in order.lines:
@@ -704,6 +706,9 @@ class InMemoryStore:
     def append_event(self, event: TimelineEvent) -> None:
         """Kept as the DynamoDB item keeps it: the time to the millisecond, the detail
         as JSON (what JSON cannot hold as it is becomes its str)."""
+        self._append_event(event)
+
+    def _append_event(self, event: TimelineEvent) -> None:
         events = self._timeline.setdefault(event.order_id, [])
         key = (_iso(event.time), event.ref or secrets.token_hex(4))
         item = (key[0], event.type.value,

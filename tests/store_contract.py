@@ -428,6 +428,18 @@ class StoreContract(ReconciliationContract, OutboxContract):
         assert store.get_order_total(order.id) == 2 * 1990 + 3 * 5
         assert store.get_order_total(new_order_id(T0)) is None
 
+    def test_an_order_is_created_with_its_first_timeline_event_or_not_at_all(
+            self, store: Any) -> None:
+        a, b = put_goods(store, "k1", 1990, 10), put_goods(store, "k2", 5990, 1)
+        order = order_from_cart(store, "alice", (a, 2))
+        assert store.timeline(order.id) == [TimelineEvent(
+            order.id, ms(order.create_time), EventType.CREATED,
+            {"totalMoney": "39.80", "items": 1})]
+        refused = new_order("bob", [line_of(b, 2)])
+        with pytest.raises(OutOfStock):
+            store.create_order(refused, None)
+        assert store.timeline(refused.id) == []
+
     def test_stock_exactly_enough_is_enough(self, store: Any) -> None:
         a = put_goods(store, "k1", 1990, 2)
         order_from_cart(store, "alice", (a, 2))

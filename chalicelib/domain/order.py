@@ -36,11 +36,11 @@ _SEED_STATUS = {
 SOURCE_TYPES = ("1", "2")  # 1 PC, 2 mobile
 PAY_TYPE_ALIPAY = "1"
 MAX_NUM = 99
-# One DynamoDB transaction holds at most 100 actions: the order put, its event,
-# the user's unpaid-orders cap, and per cart line one stock update and one cart
-# delete.
+# One DynamoDB transaction holds at most 100 actions: the order put, its outbox
+# event, its first timeline event, the user's unpaid-orders cap, and per cart line
+# one stock update and one cart delete.
 MAX_TRANSACTION_ACTIONS = 100
-MAX_CART_LINES = (MAX_TRANSACTION_ACTIONS - 3) // 2
+MAX_CART_LINES = (MAX_TRANSACTION_ACTIONS - 4) // 2
 
 ORDER_ID_RE = re.compile(r"^ORDER_[0-9]{13}_[0-9a-f]{16}$")
 GOODS_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from chalicelib.domain.order import iso
+from chalicelib.domain.money import money_str
+from chalicelib.domain.order import Order, iso
 
 MAX_DETAIL_VALUE_CHARS = 512  # a received field longer than this is cut on the timeline
 
@@ -41,6 +42,13 @@ class TimelineEvent:
 
     def to_wire(self) -> dict[str, Any]:
         return {"time": iso(self.time), "type": self.type.value, "detail": self.detail}
+
+
+def created(order: Order) -> TimelineEvent:
+    """An order's first event, written with the order (in its transaction)."""
+    return TimelineEvent(order.id, order.create_time, EventType.CREATED,
+                         {"totalMoney": money_str(order.total_fen), "items": len(order.lines)},
+                         ref="created")
 
 
 def clip(fields: dict[str, Any]) -> dict[str, Any]:

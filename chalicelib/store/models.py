@@ -8,6 +8,8 @@ region and timeouts below.
 
 from __future__ import annotations
 
+import json
+import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -39,6 +41,7 @@ from chalicelib.domain import (
     Sale,
     Ticket,
     TicketStatus,
+    TimelineEvent,
     iso,
     parse_iso,
 )
@@ -560,6 +563,14 @@ def order_from_model(m: Any) -> Order:
         refund_count=int(m.refund_count or 0),
         link_expire_time=opt(m.link_expire_time),
     )
+
+
+def timeline_item(models: Models, event: TimelineEvent) -> Any:
+    """An event's item: `seq` is its time and its ref (a random tail without one),
+    so a query of the order gives them in time order and a ref writes once."""
+    return models.Timeline(event.order_id, f"{iso(event.time)}#{event.ref or secrets.token_hex(4)}",
+                           type=event.type.value,
+                           detail=json.dumps(event.detail, ensure_ascii=False, default=str))
 
 
 def model_from_order(models: Models, o: Order) -> Any:

@@ -48,6 +48,7 @@ from chalicelib.domain import (
     iso,
 )
 from chalicelib.domain.reconciliation import bill_day
+from chalicelib.domain.timeline import created as created_event
 from chalicelib.store.base import (
     StoreBase,
     conditional,
@@ -66,6 +67,7 @@ from chalicelib.store.models import (
     UNPAID_ORDERS_PREFIX,
     model_from_order,
     order_from_model,
+    timeline_item,
 )
 from chalicelib.store.outbox import put_event
 
@@ -110,6 +112,7 @@ class OrderStore(StoreBase):
         def build(tx: TransactWrite) -> None:
             tx.save(model_from_order(m, order), condition=m.Order.id.does_not_exist())
             put_event(m, tx, events.created(order, order.create_time))
+            tx.save(timeline_item(m, created_event(order)))
             if max_unpaid is not None:
                 ids = m.UnpaidOrders.order_ids
                 tx.update(marker, actions=[ids.add({order.id})],
@@ -125,7 +128,8 @@ class OrderStore(StoreBase):
                 tx.delete(m.CartLine(order.username, goods_id), condition=m.CartLine.num == num)
 
         # pynamodb sends condition checks, deletes, puts, updates in that order.
-        kinds = [("cart", gid) for gid in (cart or {})] + [("order", order.id), ("event", "")]
+        kinds = [("cart", gid) for gid in (cart or {})]
+        kinds += [("order", order.id), ("event", ""), ("timeline", "")]
         kinds += [("cap", order.username)] if max_unpaid is not None else []
         kinds += [("stock", line.goods_id) for line in order.lines]
         for attempt in range(1, CAP_ATTEMPTS + 1):

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -56,7 +55,12 @@ from chalicelib.store.base import (
     transaction_held,
     write_transaction,
 )
-from chalicelib.store.models import OPEN_FLAG, model_from_refund, refund_from_model
+from chalicelib.store.models import (
+    OPEN_FLAG,
+    model_from_refund,
+    refund_from_model,
+    timeline_item,
+)
 from chalicelib.store.outbox import put_events
 
 log = logging.getLogger(__name__)
@@ -196,9 +200,7 @@ class RefundStore(StoreBase):
     def append_event(self, event: TimelineEvent) -> None:
         m = self.models
         with dynamo():
-            m.Timeline(event.order_id, f"{iso(event.time)}#{event.ref or secrets.token_hex(4)}",
-                       type=event.type.value,
-                       detail=json.dumps(event.detail, ensure_ascii=False, default=str)).save()
+            timeline_item(m, event).save()
 
     def timeline(self, order_id: str, limit: int = 1000) -> list[TimelineEvent]:
         m = self.models
