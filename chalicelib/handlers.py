@@ -34,6 +34,7 @@ from chalicelib.domain import (
     OutOfStock,
     PriceChanged,
     RefundStatus,
+    TimelineEvent,
     Unavailable,
     Unprocessable,
     from_fen,
@@ -255,8 +256,12 @@ def _settle_unpaid(deps: Deps, order: Order) -> OrderStatus | None:
     Never closes blind: no payment provider configured, the provider unreachable
     or refusing to answer raise Unavailable, and the caller tries again later.
     """
-    trade = _query_trade(deps, order)
+    # The query's (and the trade's close's) timeline events go into the close's
+    # transaction when there is one: a close makes one write, not three.
+    notes: list[TimelineEvent] = []
+    trade = _query_trade(deps, order, notes=notes)
     if trade is not None and trade.paid:
+        _record_notes(deps, notes)
         log.info("order %s paid though no notify came", order.id,
                  extra={"orderId": order.id, "tradeNo": trade.trade_no})
         return _apply_payment(deps, order, trade.trade_no or "", trade.amount_fen,
@@ -265,27 +270,42 @@ def _settle_unpaid(deps: Deps, order: Order) -> OrderStatus | None:
     if trade is not None and trade.state == TradeState.WAITING and gateway is not None:
         try:
             gateway.close_trade(order.id)
-        except TradeStateConflict as exc:
-            # Paid between our query and our close.
-            raise Unavailable(f"closing trade {order.id}: {exc}; checking again") from exc
-        except PaymentUnavailable as exc:
+        except (TradeStateConflict, PaymentUnavailable, PaymentRefused) as exc:
+            _record_notes(deps, notes)
+            if isinstance(exc, TradeStateConflict):  # paid between our query and our close
+                raise Unavailable(f"closing trade {order.id}: {exc}; checking again") from exc
+            if isinstance(exc, PaymentRefused):
+                raise Unavailable(f"payment provider refused the close of {order.id}: "
+                                  f"{exc.reason or exc}") from exc
             raise Unavailable(f"payment provider unreachable for {order.id}: {exc}") from exc
-        except PaymentRefused as exc:
-            raise Unavailable(f"payment provider refused the close of {order.id}: "
-                              f"{exc.reason or exc}") from exc
-        record(deps, order.id, EventType.TRADE_CLOSED, tradeNo=trade.trade_no)
-    if deps.store.close_order(order, now=deps.clock()):
+        notes.append(TimelineEvent(order.id, deps.clock(), EventType.TRADE_CLOSED,
+                                   {"tradeNo": trade.trade_no}))
+    now = deps.clock()
+    closed = TimelineEvent(order.id, now, EventType.CLOSED, {"stockReturned": order.total_num})
+    try:
+        done = deps.store.close_order(order, now=now, notes=[*notes, closed])
+    except Unavailable:
+        _record_notes(deps, notes)
+        raise
+    if done:
         log.info("order %s closed, stock returned", order.id, extra={"orderId": order.id})
-        record(deps, order.id, EventType.CLOSED, stockReturned=order.total_num)
         return CLOSED
+    _record_notes(deps, notes)  # what was asked happened, though another closed it
     current = deps.store.get_order(order.id)
     return current.status if current else None
 
 
-def _query_trade(deps: Deps, order: Order, **note: Any) -> Trade | None:
+def _record_notes(deps: Deps, notes: list[TimelineEvent]) -> None:
+    for note in notes:
+        record(deps, note.order_id, note.type, at=note.time, **note.detail)
+
+
+def _query_trade(deps: Deps, order: Order, notes: list[TimelineEvent] | None = None,
+                 **note: Any) -> Trade | None:
     """The provider's trade for the order (None: it has none), kept on the order's
-    timeline. Not configured, unreachable or refusing (no permission, a bad app)
-    raise Unavailable: an order is never closed, nor a payment missed, blind."""
+    timeline (or added to `notes`, for the caller to write). Not configured,
+    unreachable or refusing (no permission, a bad app) raise Unavailable: an order
+    is never closed, nor a payment missed, blind."""
     if deps.gateway is None:
         raise Unavailable(f"order {order.id} needs the payment provider, and payment is "
                           "not configured: it waits until the provider can be asked")
@@ -300,7 +320,10 @@ def _query_trade(deps: Deps, order: Order, **note: Any) -> Trade | None:
     if trade is not None:
         detail = {"trade": trade.state.value, "tradeNo": trade.trade_no,
                   "amount": money_str(trade.amount_fen)}
-    record(deps, order.id, EventType.QUERY, **note, **detail)
+    if notes is None:
+        record(deps, order.id, EventType.QUERY, **note, **detail)
+    else:
+        notes.append(TimelineEvent(order.id, deps.clock(), EventType.QUERY, {**note, **detail}))
     return trade
 
 

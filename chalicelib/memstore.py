@@ -336,7 +336,8 @@ class InMemoryStore:
         return True
 
     @_operation
-    def close_order(self, order: Order, *, now: datetime) -> bool:
+    def close_order(self, order: Order, *, now: datetime,
+                    notes: Sequence[TimelineEvent] = ()) -> bool:
         """UNPAID -> CLOSED and the stock back (to the sale for a flash-sale order),
         all or nothing. False when not UNPAID. The stock given back is that of the
         order passed in, as in the DynamoDB store. Closed before the expire time of
@@ -351,6 +352,8 @@ class InMemoryStore:
         if rec is None or rec["status"] != UNPAID:
             return False
         self._put_events([events.closed(order, now)])
+        for note in notes:
+            self._append_event(note)
         stamp = _iso(now)
         rec.update(status=CLOSED, close_time=stamp, end_time=stamp, update_time=stamp,
                    unpaid=None)

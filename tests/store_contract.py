@@ -771,6 +771,22 @@ class StoreContract(ReconciliationContract, OutboxContract):
         got = store.get_order(order.id)
         assert got is not None and got.close_time == ms(T0)
 
+    def test_close_order_writes_its_notes_with_it_and_none_when_it_closes_nothing(
+            self, store: Any) -> None:
+        a = put_goods(store, "k1", 1990, 10)
+        order = order_from_cart(store, "alice", (a, 1))
+        at = T0 + timedelta(minutes=35)
+        notes = [TimelineEvent(order.id, at, EventType.QUERY, {"trade": None}),
+                 TimelineEvent(order.id, at + timedelta(milliseconds=5), EventType.CLOSED,
+                               {"stockReturned": 1})]
+        assert store.close_order(order, now=at, notes=notes) is True
+        kinds = [(e.type, e.detail) for e in store.timeline(order.id)]
+        assert kinds[1:] == [(EventType.QUERY, {"trade": None}),
+                             (EventType.CLOSED, {"stockReturned": 1})]
+        again = [TimelineEvent(order.id, at + timedelta(seconds=1), EventType.QUERY, {})]
+        assert store.close_order(order, now=at + timedelta(seconds=1), notes=again) is False
+        assert len(store.timeline(order.id)) == 3
+
     def test_close_order_of_a_paid_order_is_false_and_keeps_the_stock(self, store: Any) -> None:
         a = put_goods(store, "k1", 1990, 10)
         order = order_from_cart(store, "alice", (a, 3))

@@ -22,7 +22,7 @@ must not be refused after its unit was taken.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -42,6 +42,7 @@ from chalicelib.domain import (
     OrderStatus,
     OutOfStock,
     PriceChanged,
+    TimelineEvent,
     TooManyUnpaidOrders,
     Unavailable,
     events,
@@ -251,8 +252,10 @@ class OrderStore(StoreBase):
         return transaction_held(self.connection, build, f"marking {order_id} paid failed",
                                 attempts=3)
 
-    def close_order(self, order: Order, *, now: datetime) -> bool:
+    def close_order(self, order: Order, *, now: datetime,
+                    notes: Sequence[TimelineEvent] = ()) -> bool:
         """UNPAID -> CLOSED and the stock back, in one transaction. False when not UNPAID.
+        `notes` (what led to the close) go on the timeline in the same transaction.
 
         Closed before its payment link expires (a cancel), the order waits in the
         recheck index until then: money paid through the old link is found."""
@@ -270,6 +273,8 @@ class OrderStore(StoreBase):
 
         def build(tx: TransactWrite) -> None:
             put_event(m, tx, events.closed(order, now))
+            for note in notes:
+                tx.save(timeline_item(m, note))
             tx.update(m.Order(order.id), actions=actions, condition=m.Order.status == UNPAID)
             for line in order.lines:
                 if order.sale_id:  # a flash-sale order gives its unit back to the sale
