@@ -618,9 +618,15 @@ def _page(status: int, title: str, body: str, refresh: int | None = None) -> Res
 def sweeper(event: Any) -> dict[str, int]:
     """Checks UNPAID orders whose delay message was lost, closed orders whose payment
     link has expired, and refunds whose outcome is unknown; then says what needs a
-    person as metrics (each with its alarm in the deploy template)."""
+    person as metrics (each with its alarm in the deploy template). It starts no
+    check that might not end before the function's timeout (Lambda would run it
+    again beside the next run): what it leaves, the next run does."""
     d = deps.get()
-    result = handlers.sweep(d)
+    context = getattr(event, "context", None)
+    remaining = getattr(context, "get_remaining_time_in_millis", None)
+    seconds_left = (lambda: remaining() / 1000) if callable(remaining) else None
+    result = handlers.sweep(d, seconds_left=seconds_left)
+    log.info("sweeper: %s", result)
     try:
         metrics.emit_attention(admin.attention(d), stage=d.settings.stage)
     except Unavailable:

@@ -63,6 +63,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from chalicelib.config import ALIPAY_TIMEOUT_SECONDS
 from chalicelib.domain import parse_amount, to_fen
 from chalicelib.ports import (
     NoticeKind,
@@ -361,7 +362,13 @@ class Rsa2Verifier:
 
 
 class AlipayGateway:
-    """Alipay for the merchant: page pay, signature checks and the trade APIs."""
+    """Alipay for the merchant: page pay, signature checks and the trade APIs.
+
+    `timeout` (seconds) bounds each server call's connect, and then its wait for
+    the answer (and each read of a bill's download): a call waits at most twice it.
+    deps.py gives the API and the sweeper config.ALIPAY_SHORT_TIMEOUT_SECONDS (a
+    cancel's query and close fit API Gateway's 29 s); the worker and the
+    reconciler keep ALIPAY_TIMEOUT_SECONDS."""
 
     def __init__(
         self,
@@ -372,7 +379,7 @@ class AlipayGateway:
         alipay_public_key_pem: str,
         notify_url: str | None,
         return_url: str | None,
-        timeout: float = 15.0,
+        timeout: float = ALIPAY_TIMEOUT_SECONDS,
     ) -> None:
         self.app_id = app_id
         self.seller_id = seller_id
@@ -413,7 +420,7 @@ class AlipayGateway:
         alipay_public_key: str | os.PathLike[str],
         notify_url: str | None = None,
         return_url: str | None = None,
-        timeout: float = 15.0,
+        timeout: float = ALIPAY_TIMEOUT_SECONDS,
     ) -> AlipayGateway:
         """Like the constructor, but keys may be PEM text, a PEM file's path or bare base64."""
         return cls(

@@ -7,7 +7,9 @@
                                (RMQ_URL) and the worker's (RMQ_WORKER_URL) with their
                                permissions; --definitions: the same as RabbitMQ
                                definitions (JSON, for Amazon MQ's import); --apply: run
-                               them with rabbitmqctl
+                               them with rabbitmqctl (a node of one's own: Amazon MQ has
+                               no rabbitmqctl; import the definitions in its web console
+                               or through its management API instead)
     declare                    declare the queues and exchanges as the worker's user
                                (the worker does it when it starts)
     events tail [--key K] [--json]
@@ -34,6 +36,12 @@ if TYPE_CHECKING:
     from chalicelib.config import Settings
 
 
+# Amazon MQ for RabbitMQ has no rabbitmqctl: what to do there instead.
+AMAZON_MQ_HINT = ("On Amazon MQ (no rabbitmqctl there): run broker-users --definitions and "
+                  "import the JSON in the broker's RabbitMQ web console (Overview, Import "
+                  "definitions) or POST it to its management API's /api/definitions.")
+
+
 def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     parser = argparse.ArgumentParser(prog="python -m chalicelib.cli")
@@ -45,7 +53,9 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
                                       "(the .parked suffix is optional)")
     users = sub.add_parser("broker-users", help="the API's and the worker's RabbitMQ users")
     how = users.add_mutually_exclusive_group()
-    how.add_argument("--apply", action="store_true", help="run the commands with rabbitmqctl")
+    how.add_argument("--apply", action="store_true",
+                     help="run the commands with rabbitmqctl (not on Amazon MQ, which has "
+                          "none: use --definitions and import them there)")
     how.add_argument("--definitions", action="store_true",
                      help="print RabbitMQ definitions (JSON) instead of commands")
     sub.add_parser("declare", help="declare the topology as the worker's user")
@@ -168,6 +178,8 @@ def _broker_users(settings: Settings, apply: bool, definitions: bool, out: TextI
             users.apply(made)
         except (OSError, RuntimeError) as exc:
             sys.stderr.write(f"{exc}\n")
+            if isinstance(exc, OSError):  # rabbitmqctl not found, or not runnable
+                sys.stderr.write(AMAZON_MQ_HINT + "\n")
             return 1
         for user in made:
             made_one = {"user": user.name, "role": user.role, "vhost": user.vhost}

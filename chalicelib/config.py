@@ -158,6 +158,14 @@ class Settings:
     # is given only its own secrets, so `check` asks for exactly those. Empty: the
     # local stack (one process doing everything) or the worker's container.
     function_role: str = ""
+    # SECRET_ID: the stage's secret in Secrets Manager (its name, e.g. shop-pay/prod),
+    # from which a deployed function reads its own SECRET_KEYS at run time
+    # (chalicelib/secrets.py). Empty: the secrets are in the environment (NAME or
+    # NAME_FILE), as on the local stack and in the worker's container.
+    secret_id: str = ""
+    # How long a warm function keeps the secret it read before reading it again (a
+    # rotation reaches it within this; RabbitMQ refusing its user, at once).
+    secret_refresh_seconds: float = 300.0
 
     @property
     def worker_rmq_url(self) -> str:
@@ -207,16 +215,91 @@ SECRET_KEYS: dict[str, str] = {
     "RMQ_URL": "RMQ_PUBLISH_URL",
 }
 
+# --- timeouts -----------------------------------------------------------------
+# Each outbound call's worst case in seconds, from the timeouts the module that
+# makes it sets, and from them the longest chain of calls one invocation of each
+# role can make: a function's timeout must be longer, and an API route's chain must
+# fit API Gateway's 29 s integration timeout (API_MAX_CHAIN_SECONDS, some left for
+# DynamoDB). DynamoDB's own calls (chalicelib/store: 3 s connect, 10 s read, 3
+# attempts per call) are not in these sums: they answer in milliseconds while
+# DynamoDB is up, and a call that spends its timeouts fails the request with 503.
+
+# Secrets Manager (chalicelib/secrets.py): one attempt. A failed read fails this
+# invocation (or, on a refresh, keeps the secret in hand) and a later one reads again.
+SECRETS_CONNECT_TIMEOUT_SECONDS = 1.0
+SECRETS_READ_TIMEOUT_SECONDS = 2.0
+SECRETS_READ_SECONDS = SECRETS_CONNECT_TIMEOUT_SECONDS + SECRETS_READ_TIMEOUT_SECONDS
+
+# Alipay's server calls (chalicelib/alipay_gateway.py) are urllib GETs: the timeout
+# bounds the connect, and then the wait for the answer, so a call waits up to twice it.
+# Short where someone waits on the answer: an HTTP request (a cancel queries and
+# closes the trade, a refund asks for it) and the sweeper (its deadline is counted in
+# checks); the worker's consumers and the reconciler wait as long as Alipay needs.
+ALIPAY_SHORT_TIMEOUT_SECONDS = 2.5
+ALIPAY_TIMEOUT_SECONDS = 15.0
+ALIPAY_SHORT_CALL_SECONDS = 2 * ALIPAY_SHORT_TIMEOUT_SECONDS
+ALIPAY_CALL_SECONDS = 2 * ALIPAY_TIMEOUT_SECONDS
+ALIPAY_SHORT_ROLES = ("api", "sweeper")
+
+# RabbitMQ (chalicelib/broker/connection.py): a connect is bounded by pika's
+# stack_timeout, a publish held by a broker's alarm by blocked_connection_timeout,
+# and a nacked publish is made again after each of NACK_RETRY_PAUSES_S.
+RABBITMQ_CONNECT_SECONDS = 10.0
+RABBITMQ_BLOCKED_SECONDS = 5.0
+RABBITMQ_NACK_PAUSES_SECONDS = 0.25 + 0.5 + 1.0
+RABBITMQ_PUBLISH_SECONDS = (RABBITMQ_CONNECT_SECONDS + RABBITMQ_BLOCKED_SECONDS
+                            + RABBITMQ_NACK_PAUSES_SECONDS)
+RELAY_FAILED_PUBLISHES = 3  # the failures that end a relay run (chalicelib/events.py)
+# A reconciler's round: the bill's URL, its download (each read waits at most the
+# Alipay timeout) and the late payments it finds queried one by one: no sum bounds
+# it, so it has a budget of its own, and keeps a lease (chalicelib/reconcile.py).
+RECONCILER_ROUND_SECONDS = 600.0
+
+
+def alipay_timeout_seconds(role: str) -> float:
+    """The socket timeout of the role's Alipay calls (see ALIPAY_SHORT_ROLES)."""
+    return ALIPAY_SHORT_TIMEOUT_SECONDS if role in ALIPAY_SHORT_ROLES else ALIPAY_TIMEOUT_SECONDS
+
+
+def alipay_call_seconds(role: str) -> float:
+    """One Alipay server call of the role at its worst: the connect, then the answer."""
+    return ALIPAY_SHORT_CALL_SECONDS if role in ALIPAY_SHORT_ROLES else ALIPAY_CALL_SECONDS
+
+
+def sweep_check_seconds(role: str) -> float:
+    """One check of the sweep at its worst: a query and a close, or a query and the
+    refund of a late payment whose unknown outcome is then queued."""
+    return 2 * alipay_call_seconds(role) + RABBITMQ_PUBLISH_SECONDS
+
+
+# The API's routes that call more than DynamoDB, each with its chain.
+_REFUND = ALIPAY_SHORT_CALL_SECONDS + RABBITMQ_PUBLISH_SECONDS  # an unknown outcome is queued
+API_ROUTE_CHAIN_SECONDS: dict[str, float] = {
+    "POST /orders/{id}/cancel": 2 * ALIPAY_SHORT_CALL_SECONDS,  # query, then close
+    "POST /admin/orders/{id}/refunds": _REFUND,
+    "POST /admin/refunds/{id}/retry": _REFUND,
+    "POST /orders": RABBITMQ_PUBLISH_SECONDS,  # the order's delay message
+    "POST /seckill/{id}": RABBITMQ_PUBLISH_SECONDS,  # the queue's depth, then the ticket
+}
+API_GATEWAY_TIMEOUT_SECONDS = 29.0
+API_MAX_CHAIN_SECONDS = 25.0
+
+# Kept free at the end of a sweeper's run: the attention metrics after the sweep
+# (their parked counts may connect to RabbitMQ) and the DynamoDB reads between checks.
+SWEEP_READS_SECONDS = 2.0
+SWEEP_MARGIN_SECONDS = RABBITMQ_CONNECT_SECONDS + SWEEP_READS_SECONDS
+
 # The longest chain of outbound calls one invocation of each role can make, in
-# seconds (timeouts added up, retries included): a function's timeout must be
-# longer, and an API route's must fit API Gateway's 29 s.
+# seconds (timeouts added up, retries included); the secret's read counts for
+# each function that reads one (a cold start, or a refresh).
 OUTBOUND_CHAIN_SECONDS: dict[str, float] = {
-    "api": 29.0,
-    "authorizer": 1.0,
-    "notify": 20.0,
-    "sweeper": 30.0,
-    "reconciler": 600.0,
-    "relay": 30.0,
+    "api": SECRETS_READ_SECONDS + max(API_ROUTE_CHAIN_SECONDS.values()),
+    "authorizer": SECRETS_READ_SECONDS,  # verifying a token is one HMAC
+    "notify": SECRETS_READ_SECONDS + RABBITMQ_PUBLISH_SECONDS,  # Alipay's signature: no call
+    # It starts no check with less than one check's worst case and the margin left.
+    "sweeper": SECRETS_READ_SECONDS + sweep_check_seconds("sweeper") + SWEEP_MARGIN_SECONDS,
+    "reconciler": SECRETS_READ_SECONDS + RECONCILER_ROUND_SECONDS,
+    "relay": SECRETS_READ_SECONDS + RELAY_FAILED_PUBLISHES * RABBITMQ_PUBLISH_SECONDS,
 }
 
 
@@ -328,6 +411,8 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         rmq_worker_url=env.secret("RMQ_WORKER_URL").strip(),
         max_unpaid_orders_per_user=max(1, env.int("MAX_UNPAID_ORDERS_PER_USER", 5)),
         function_role=env.str("FUNCTION_ROLE"),
+        secret_id=env.str("SECRET_ID").strip(),
+        secret_refresh_seconds=env.float("SECRET_REFRESH_SECONDS", 300.0),
     )
 
 

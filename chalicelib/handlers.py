@@ -7,13 +7,15 @@ them knows HTTP, AMQP frames or Lambda.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from chalicelib import domain, refunds
+from chalicelib import config, domain, refunds
 from chalicelib.context import Deps, find_order, record
 from chalicelib.domain import (
     CLOSED,
@@ -200,6 +202,12 @@ def get_order(deps: Deps, username: str, order_id: str) -> dict[str, Any]:
 
 
 def cancel_order(deps: Deps, username: str, order_id: str) -> dict[str, Any]:
+    """The buyer's cancel, inside the request: Alipay is asked (query, then close)
+    before the order closes, each call with the API's short timeout (deps.py), so
+    the answer comes well within API Gateway's 29 s (config.API_ROUTE_CHAIN_SECONDS).
+    Alipay not answering is Unavailable (503) with the order as it was: still
+    UNPAID, its stock still taken; a close Alipay made before its answer was lost
+    is found by the next query (this cancel again, or the order's check)."""
     order = _own_order(deps, username, order_id)
     if order.status != UNPAID:
         raise Conflict(f"order {order_id} is {order.status}, only an UNPAID order can be cancelled")
@@ -327,40 +335,58 @@ def _query_trade(deps: Deps, order: Order, notes: list[TimelineEvent] | None = N
     return trade
 
 
-def sweep(deps: Deps, limit: int = 500) -> dict[str, int]:
+def sweep(deps: Deps, limit: int = 500,
+          seconds_left: Callable[[], float] | None = None) -> dict[str, int]:
     """Finds UNPAID orders past their check time (a lost delay message), closed
     orders whose payment link has expired (money may have come through it), and
     refunds whose outcome is still unknown, and settles each. One order that fails
-    never stops the rest."""
+    never stops the rest.
+
+    `seconds_left` tells how long the run may still go on (the sweeper: its
+    Lambda's remaining time). A check is started only while one check's worst
+    case (config.sweep_check_seconds, with this role's Alipay timeout) and
+    config.SWEEP_MARGIN_SECONDS are left; what was not started is counted in
+    `left`, for the next run. None: a plain clock that starts checks for
+    SWEEP_INTERVAL_SECONDS (the worker, the CLI)."""
+    need = (config.sweep_check_seconds(deps.settings.function_role)
+            + config.SWEEP_MARGIN_SECONDS)
+    # (at least a second of starts: an interval of 0 still sweeps)
+    end = time.monotonic() + max(deps.settings.sweep_interval_seconds, 1.0) + need
+
+    def plain_clock() -> float:
+        return end - time.monotonic()
+
+    time_left = seconds_left or plain_clock
     now = deps.clock()
     due = deps.store.unpaid_due(now, limit=limit)
-    result = {"due": len(due), "settled": 0, "failed": 0, "rechecked": 0, "refunds": 0}
-    for order_id in due:
+    # PENDING only, and not one asked for a moment ago (Alipay may still be making
+    # it; its own queue message settles it): the sweep never waits.
+    ripe = [r for r in deps.store.open_refunds()
+            if r.status == RefundStatus.PENDING and now >= r.create_time + refunds.ASK_AFTER]
+    checks: list[tuple[str, str, str, Callable[[], object]]] = [
+        *(("settled", "check", order_id, functools.partial(on_check, deps, {"orderId": order_id}))
+          for order_id in due),
+        *(("rechecked", "recheck", order_id, functools.partial(recheck_closed, deps, order_id))
+          for order_id in deps.store.recheck_due(now, limit=limit)),
+        *(("refunds", "refund", r.order_id,
+           functools.partial(refunds.resolve_refund, deps, {"refundId": r.id})) for r in ripe),
+    ]
+    result = {"due": len(due), "settled": 0, "failed": 0, "rechecked": 0, "refunds": 0,
+              "left": 0}
+    for index, (done, what, order_id, settle) in enumerate(checks):
+        left_s = time_left()
+        if left_s < need:
+            result["left"] = len(checks) - index
+            log.warning("sweep stopped with %.1f s left (a check may take %.1f s): %d check(s) "
+                        "left for the next run", left_s, need, result["left"])
+            break
         try:
-            on_check(deps, {"orderId": order_id})
-            result["settled"] += 1
+            settle()
+            result[done] += 1
         except Exception as exc:  # noqa: BLE001 - the next round tries this one again
             result["failed"] += 1
-            log.warning("sweep of %s failed: %s", order_id, exc, extra={"orderId": order_id})
-    for order_id in deps.store.recheck_due(now, limit=limit):
-        try:
-            recheck_closed(deps, order_id)
-            result["rechecked"] += 1
-        except Exception as exc:  # noqa: BLE001
-            result["failed"] += 1
-            log.warning("recheck of %s failed: %s", order_id, exc, extra={"orderId": order_id})
-    for refund in deps.store.open_refunds():
-        # PENDING only, and not one asked for a moment ago (Alipay may still be making
-        # it; its own queue message settles it): the sweep never waits.
-        if refund.status != RefundStatus.PENDING or now < refund.create_time + refunds.ASK_AFTER:
-            continue
-        try:
-            refunds.resolve_refund(deps, {"refundId": refund.id})
-            result["refunds"] += 1
-        except Exception as exc:  # noqa: BLE001
-            result["failed"] += 1
-            log.warning("refund %s not settled: %s", refund.id, exc,
-                        extra={"orderId": refund.order_id})
+            log.warning("sweep: %s of %s failed: %s", what, order_id, exc,
+                        extra={"orderId": order_id})
     return result
 
 

@@ -35,7 +35,11 @@ def main(argv: list[str] | None = None) -> int:
                      help="delay of a slow call (default: $DYNAMODB_SLOW_MS, else 800)")
     sub.add_parser("bridge", help="consume the check and pay queues into the handlers")
     sub.add_parser("sweep", help="check UNPAID orders past their check time, once")
-    sub.add_parser("seed", help="create the tables and seed the catalogue")
+    seed_cmd = sub.add_parser("seed", help="create the tables and seed the catalogue "
+                                           "(local stages only)")
+    seed_cmd.add_argument("--force-stage", metavar="STAGE", default=None,
+                          help="seed this stage though it is not local (it must be STAGE's "
+                               "value): its catalogue's and demo sale's stock are reset")
     parked = sub.add_parser("parked", help="list or replay parked messages")
     parked.add_argument("action", choices=["list", "replay"])
     parked.add_argument("queue", help="queue.order.check, queue.order.pay or queue.order.seckill "
@@ -105,9 +109,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return cli.main(["sweep"])
     if args.command == "seed":
-        from local.stack import seed
+        from local.stack import SeedRefused, seed
 
-        print(json.dumps({"goodsAdded": seed(force=True)}))
+        try:
+            print(json.dumps({"goodsAdded": seed(force=True, force_stage=args.force_stage)}))
+        except SeedRefused as exc:
+            print(exc, file=sys.stderr)
+            return 2
         return 0
     if args.command == "parked":
         from chalicelib import cli

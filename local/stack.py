@@ -215,13 +215,35 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-def seed(force: bool = False) -> int:
-    """Creates the tables and, on first start, the catalogue. Returns goods added."""
+class SeedRefused(RuntimeError):
+    """The demo seed was pointed at a stage that is not local, and not named."""
+
+
+def check_seed_stage(stage: str, force_stage: str | None = None) -> None:
+    """The demo seed writes the demo catalogue and flash sale over what is there (a
+    forced seed resets their stock): on a local stage only, unless `force_stage`
+    names this very stage (`python -m local seed --force-stage prod`)."""
+    from chalicelib import config
+
+    if stage in config.LOCAL_STAGES or (force_stage is not None and force_stage == stage):
+        return
+    hint = (f" (--force-stage names {force_stage!r})" if force_stage else "")
+    raise SeedRefused(
+        f"refusing to seed stage {stage!r}{hint}: the demo seed overwrites the catalogue "
+        f"and resets its stock and the demo sale's, which is only for the local stages "
+        f"({', '.join(config.LOCAL_STAGES)}). To seed {stage!r} all the same, say so: "
+        f"--force-stage {stage}")
+
+
+def seed(force: bool = False, force_stage: str | None = None) -> int:
+    """Creates the tables and, on first start, the catalogue. Returns goods added.
+    SeedRefused outside the local stages unless `force_stage` names the stage."""
     from chalicelib import config
     from chalicelib.domain import Goods
     from chalicelib.store import Store
 
     settings = config.get()
+    check_seed_stage(settings.stage, force_stage)
     store = Store.from_settings(settings)
     store.create_tables()
     create_bills_bucket(settings.bills_bucket, settings.aws_region)

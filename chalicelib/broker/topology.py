@@ -349,14 +349,19 @@ def _mismatch_message(
         return (
             f"exchange {name!r} in vhost {vhost!r} already exists with other arguments: {differs}. "
             f"Way out: delete the exchange (rabbitmqadmin -V {vhost} delete exchange "
-            f"name={name}) or use another vhost. Broker said: {reply_text}"
+            f"name={name}; on Amazon MQ: Delete on the exchange's page of the broker's "
+            f"RabbitMQ web console, or DELETE /api/exchanges/<vhost>/{name} on its "
+            f"management API) or use another vhost. Broker said: {reply_text}"
         )
     held = _message_count(channel, name)
     holding = f" and holds {held} message(s)" if held is not None else ""
     message = (
         f"queue {name!r} in vhost {vhost!r} already exists with other arguments{holding}: "
         f"{differs}. RabbitMQ cannot change a queue's arguments. Way out: delete the queue "
-        f"when it is empty (rabbitmqctl delete_queue -p {vhost} {name}), use another vhost"
+        f"when it is empty (rabbitmqctl delete_queue -p {vhost} {name}; on Amazon MQ, which "
+        f"has no rabbitmqctl: Delete on the queue's page of the broker's RabbitMQ web "
+        f"console, or DELETE /api/queues/<vhost>/{name} on its management API, the vhost "
+        f"URL-encoded: / is %2F), use another vhost"
     )
     if name == QUEUE_DELAY and arg == "x-message-ttl":
         old = f", {int(current) / 1000:g}" if current.isdigit() else ""

@@ -153,7 +153,11 @@ def apply(
             if exists_ok and "already exists" in said:
                 raise FileExistsError(said)
             raise RuntimeError(f"rabbitmqctl {' '.join(args[:2])} ... failed "
-                               f"({done.returncode}): {said}")
+                               f"({done.returncode}): {said}. Amazon MQ has no "
+                               "rabbitmqctl: print the definitions (broker-users "
+                               "--definitions) and import them in the broker's RabbitMQ "
+                               "web console (Overview, Import definitions) or POST them "
+                               "to its management API's /api/definitions")
 
     for vhost in dict.fromkeys(u.vhost for u in users):
         if vhost != "/":

@@ -112,3 +112,63 @@ def test_the_notify_gateway_verifies_without_the_apps_private_key() -> None:
     signed = {**params, "sign": base64.b64encode(sign).decode(), "sign_type": "RSA2"}
     assert built.gateway.verify(signed) is True
     assert built.gateway.verify({**signed, "total_amount": "2.00"}) is False
+
+
+# --- the outbound chains, from the constants of the modules that make the calls ----
+
+
+def test_the_chains_count_the_timeouts_the_modules_really_set() -> None:
+    """config's figures are those of the broker and the gateway: a change there that
+    is not made here would let a function's timeout fall below its chain."""
+    import inspect
+
+    from chalicelib.alipay_gateway import AlipayGateway
+    from chalicelib.broker.connection import CONNECTION_DEFAULTS, NACK_RETRY_PAUSES_S
+
+    assert config.RABBITMQ_CONNECT_SECONDS == CONNECTION_DEFAULTS["stack_timeout"]
+    assert config.RABBITMQ_BLOCKED_SECONDS == CONNECTION_DEFAULTS["blocked_connection_timeout"]
+    assert config.RABBITMQ_NACK_PAUSES_SECONDS == sum(NACK_RETRY_PAUSES_S)
+    assert CONNECTION_DEFAULTS["connection_attempts"] == 1
+    default = inspect.signature(AlipayGateway).parameters["timeout"].default
+    assert default == config.ALIPAY_TIMEOUT_SECONDS
+
+
+def test_every_deployed_function_has_a_chain_and_the_api_fits_api_gateway() -> None:
+    assert set(config.OUTBOUND_CHAIN_SECONDS) == set(config.ROLES) - {"worker"}
+    assert config.OUTBOUND_CHAIN_SECONDS["api"] <= config.API_MAX_CHAIN_SECONDS < 29
+    assert all(chain <= config.OUTBOUND_CHAIN_SECONDS["api"] - config.SECRETS_READ_SECONDS
+               for chain in config.API_ROUTE_CHAIN_SECONDS.values())
+    assert config.alipay_timeout_seconds("sweeper") == config.ALIPAY_SHORT_TIMEOUT_SECONDS
+    for slow in ("", "worker", "reconciler"):
+        assert config.alipay_timeout_seconds(slow) == config.ALIPAY_TIMEOUT_SECONDS
+
+
+# --- the demo seed: local stages only, unless the stage is named -----------------
+
+
+def test_the_demo_seed_refuses_a_stage_that_is_not_local() -> None:
+    from local.stack import SeedRefused, check_seed_stage
+
+    for stage in config.LOCAL_STAGES:
+        check_seed_stage(stage)
+    with pytest.raises(SeedRefused, match=r"stage 'prod'.*--force-stage prod"):
+        check_seed_stage("prod")
+    with pytest.raises(SeedRefused, match=r"--force-stage names 'dev'"):
+        check_seed_stage("prod", force_stage="dev")  # naming another stage is no consent
+    check_seed_stage("prod", force_stage="prod")
+
+
+def test_the_seed_command_stops_before_touching_a_table(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import local.__main__ as local_main
+    from chalicelib.store import Store
+
+    monkeypatch.setenv("STAGE", "prod")
+    monkeypatch.setattr(config, "get", lambda: settings(STAGE="prod"))
+
+    def no_store(*args: object) -> None:
+        raise AssertionError("the seed reached the tables")
+
+    monkeypatch.setattr(Store, "from_settings", no_store)
+    assert local_main.main(["seed"]) == 2
+    assert "refusing to seed stage 'prod'" in capsys.readouterr().err

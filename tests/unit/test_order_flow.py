@@ -195,9 +195,182 @@ def test_sweeper_finds_orders_whose_delay_message_was_lost(app_deps: Any) -> Non
     # only `old` is due: `fresh` was created "later", `paid` left the sparse index
     assert app_deps.store.unpaid_due(app_deps.clock()) == [old["id"]]
     assert handlers.sweep(app_deps) == {"due": 1, "settled": 1, "failed": 0, "rechecked": 0,
-                                        "refunds": 0}
+                                        "refunds": 0, "left": 0}
     assert status(app_deps, old) == "CLOSED"
     assert status(app_deps, fresh) == "UNPAID"
     assert stock(app_deps)["g2"] == before["g2"]
     assert handlers.sweep(app_deps) == {"due": 0, "settled": 0, "failed": 0, "rechecked": 0,
-                                        "refunds": 0}
+                                        "refunds": 0, "left": 0}
+
+
+class _SlowAlipay(FakeGateway):
+    """The fake provider, with a trade WAITING for each order, each call `cost` seconds
+    on a fake clock; `down` (a set of "query", "close"): that call never answers."""
+
+    def __init__(self, cost: float = 0.0, down: frozenset[str] = frozenset()) -> None:
+        super().__init__()
+        self.cost = cost
+        self.down = down
+        self.spent = 0.0
+        self.queried: list[str] = []
+
+    def query_trade(self, order_id: str) -> Any:
+        from chalicelib.ports import PaymentUnavailable, Trade, TradeState
+
+        self.spent += self.cost
+        self.queried.append(order_id)
+        if "query" in self.down:
+            raise PaymentUnavailable("alipay.trade.query: timed out")
+        return Trade(order_id, None, TradeState.WAITING, 0, None)
+
+    def close_trade(self, order_id: str) -> None:
+        from chalicelib.ports import PaymentUnavailable
+
+        self.spent += self.cost
+        if "close" in self.down:
+            raise PaymentUnavailable("alipay.trade.close: timed out")
+        super().close_trade(order_id)
+
+
+@pytest.mark.parametrize("down", ["query", "close"])
+def test_cancel_with_alipay_not_answering_is_503_and_changes_nothing(
+        client: Any, app_deps: Any, down: str) -> None:
+    """The contract's 503 (a dependency is down), with the order as it was: UNPAID,
+    its stock still taken, no trade closed; the cancel asked again then works."""
+    order = order_for(app_deps)
+    held = stock(app_deps)
+    app_deps.gateway = _SlowAlipay(down=frozenset({down}))
+    r = client.http.post(f"/orders/{order['id']}/cancel", headers=bearer("alice"))
+    assert r.status_code == 503, r.body
+    assert body(r)["Code"] == "ServiceUnavailable"
+    assert status(app_deps, order) == "UNPAID"
+    assert stock(app_deps) == held
+    assert app_deps.gateway.closed == []
+    app_deps.gateway.down = frozenset()
+    r = client.http.post(f"/orders/{order['id']}/cancel", headers=bearer("alice"))
+    assert r.status_code == 200, r.body
+    assert body(r)["status"] == "CLOSED"
+
+
+def test_the_api_calls_alipay_with_timeouts_that_fit_api_gateway() -> None:
+    """A cancel's query and close at their worst, the secret's read on a cold start
+    and every other route's chain stay under 25 s, below API Gateway's 29 s."""
+    from chalicelib import config
+
+    cancel = config.API_ROUTE_CHAIN_SECONDS["POST /orders/{id}/cancel"]
+    assert cancel == 2 * config.alipay_call_seconds("api") == 10.0
+    assert config.alipay_timeout_seconds("api") == config.ALIPAY_SHORT_TIMEOUT_SECONDS
+    assert config.OUTBOUND_CHAIN_SECONDS["api"] <= config.API_MAX_CHAIN_SECONDS
+    assert config.API_MAX_CHAIN_SECONDS < config.API_GATEWAY_TIMEOUT_SECONDS
+
+
+def _due_orders(app_deps: Any, n: int) -> list[dict[str, Any]]:
+    orders = [order_for(app_deps, f"u{i}", g1=1) for i in range(n)]
+    app_deps.clock.now = max(app_deps.store.get_order(o["id"]).check_time for o in orders)
+    return orders
+
+
+def test_sweep_starts_no_check_it_may_not_finish_and_leaves_it_for_the_next_run(
+        app_deps: Any, caplog: pytest.LogCaptureFixture) -> None:
+    from chalicelib import config
+
+    need = (config.sweep_check_seconds(app_deps.settings.function_role)
+            + config.SWEEP_MARGIN_SECONDS)
+    orders = _due_orders(app_deps, 5)
+    alipay = app_deps.gateway = _SlowAlipay(cost=5.0)  # a query and a close: 10 s
+
+    def seconds_left() -> float:  # the Lambda's clock: need + 25 s at the start
+        return need + 25.0 - alipay.spent
+
+    with caplog.at_level("WARNING", logger="chalicelib.handlers"):
+        result = handlers.sweep(app_deps, seconds_left=seconds_left)
+    # started at need+25, need+15, need+5 left; not at need-5
+    assert result == {"due": 5, "settled": 3, "failed": 0, "rechecked": 0, "refunds": 0,
+                      "left": 2}
+    assert [status(app_deps, o) for o in orders].count("CLOSED") == 3
+    assert "2 check(s) left for the next run" in caplog.text
+    # The next run (a fresh clock) does what was left.
+    alipay.spent = 0.0
+    result = handlers.sweep(app_deps, seconds_left=seconds_left)
+    assert (result["due"], result["settled"], result["left"]) == (2, 2, 0)
+    assert {status(app_deps, o) for o in orders} == {"CLOSED"}
+
+
+def test_sweep_with_too_little_time_asks_alipay_nothing(app_deps: Any) -> None:
+    from chalicelib import config
+
+    need = (config.sweep_check_seconds(app_deps.settings.function_role)
+            + config.SWEEP_MARGIN_SECONDS)
+    orders = _due_orders(app_deps, 2)
+    alipay = app_deps.gateway = _SlowAlipay()
+    result = handlers.sweep(app_deps, seconds_left=lambda: need - 0.001)
+    assert (result["settled"], result["failed"], result["left"]) == (0, 0, 2)
+    assert alipay.queried == []
+    assert {status(app_deps, o) for o in orders} == {"UNPAID"}
+
+
+def test_sweep_counts_the_rechecks_and_refunds_it_left(
+        app_deps: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What is left is counted over the three kinds of checks, taken in their order:
+    the due orders, the closed orders to ask about again, the refunds to settle."""
+    from chalicelib.domain import Refund, RefundStatus
+
+    [order] = _due_orders(app_deps, 1)
+    old = app_deps.clock() - timedelta(hours=1)
+    refund = Refund("REFUND_x", order["id"], 100, "r", RefundStatus.PENDING, "carol", old)
+    monkeypatch.setattr(app_deps.store, "recheck_due", lambda now, limit: [order["id"]])
+    monkeypatch.setattr(app_deps.store, "open_refunds", lambda: [refund])
+    times = iter([1000.0, 0.0])  # time for the first check only
+    assert handlers.sweep(app_deps, seconds_left=lambda: next(times)) == {
+        "due": 1, "settled": 1, "failed": 0, "rechecked": 0, "refunds": 0, "left": 2}
+    assert status(app_deps, order) == "CLOSED"
+
+
+def test_without_a_deadline_the_sweep_starts_checks_for_its_interval(
+        app_deps: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's and the CLI's sweep: a plain clock; checks start during
+    SWEEP_INTERVAL_SECONDS (60), each of which may then run its worst case."""
+    orders = _due_orders(app_deps, 4)
+    alipay = app_deps.gateway = _SlowAlipay(cost=15.0)  # a check: 30 s
+    monkeypatch.setattr(handlers.time, "monotonic", lambda: 5000.0 + alipay.spent)
+    result = handlers.sweep(app_deps)
+    assert app_deps.settings.sweep_interval_seconds == 60.0
+    assert (result["settled"], result["left"]) == (3, 1)  # started at 0, 30 and 60 s
+    assert [status(app_deps, o) for o in orders].count("CLOSED") == 3
+
+
+def test_a_sweeper_check_fits_the_sweepers_deadline() -> None:
+    """The sweeper's Alipay calls are short: one check and the margin leave room for
+    several checks in a function of a couple of minutes."""
+    from chalicelib import config
+
+    check = config.sweep_check_seconds("sweeper")
+    assert check == 2 * config.ALIPAY_SHORT_CALL_SECONDS + config.RABBITMQ_PUBLISH_SECONDS
+    assert config.OUTBOUND_CHAIN_SECONDS["sweeper"] == (
+        config.SECRETS_READ_SECONDS + check + config.SWEEP_MARGIN_SECONDS)
+    assert config.sweep_check_seconds("") > check  # the worker waits longer on Alipay
+
+
+class _Context:
+    """Lambda's context: the milliseconds left, read on each call."""
+
+    def __init__(self, millis: list[float]) -> None:
+        self.millis = millis
+
+    def get_remaining_time_in_millis(self) -> float:
+        return self.millis.pop(0) if len(self.millis) > 1 else self.millis[0]
+
+
+def test_the_sweeper_function_takes_its_deadline_from_lambdas_context(app_deps: Any) -> None:
+    from app import sweeper
+    from chalicelib import config
+
+    need_ms = 1000 * (config.sweep_check_seconds(app_deps.settings.function_role)
+                      + config.SWEEP_MARGIN_SECONDS)
+    orders = _due_orders(app_deps, 3)
+    event = {"version": "0", "account": "1", "region": "us-east-1", "detail": {},
+             "detail-type": "Scheduled Event", "source": "aws.events",
+             "time": "2026-12-04T00:00:00Z", "id": "e1", "resources": []}
+    result = sweeper(event, _Context([need_ms + 1, need_ms - 1]))
+    assert (result["settled"], result["left"]) == (1, 2)
+    assert [status(app_deps, o) for o in orders].count("CLOSED") == 1
