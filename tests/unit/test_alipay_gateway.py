@@ -1084,3 +1084,27 @@ def test_the_fast_rsa2_check_agrees_with_the_sdks_on_every_input(
         b = _outcome(lambda r=raw: fast._verify_and_return_sync_response(
             r, "alipay_trade_query_response"))
         assert a == b, (raw, a, b)
+
+
+def test_the_fast_rsa2_signature_is_the_sdks_byte_for_byte(
+        gateway: AlipayGateway, keys: dict[str, Path]) -> None:
+    """PKCS#1 v1.5 is deterministic: the same key and string give the same bytes,
+    so the signer swapped in for pycryptodome's must write exactly the SDK's."""
+    import alipay as sdk
+
+    from chalicelib.alipay_gateway import Rsa2Signer, load_key
+
+    pem = load_key(keys["app_private"].read_text())
+    slow = sdk.AliPay(appid=LOCAL_APP_ID, app_notify_url=None, app_private_key_string=pem,
+                      alipay_public_key_string=load_key(keys["alipay_public"].read_text()),
+                      sign_type="RSA2")
+    fast = Rsa2Signer(pem)
+    assert gateway._client._sign.__class__ is Rsa2Signer  # the gateway uses it
+    body = {"out_trade_no": "ORDER_1", "total_amount": "59.90", "subject": "中文 & = %"}
+    strings = ["", "a=1", "中文=退款&x=%20+", "x" * 5000,
+               "&".join(f"{k}={v}" for k, v in slow._ordered_data(
+                   slow.build_body("alipay.trade.query", body,
+                                   timestamp="2025-03-14 12:00:06")))]
+    for text in strings:
+        assert fast(text) == slow._sign(text), text
+    assert len({fast(t) for t in strings}) == len(strings)
