@@ -223,10 +223,10 @@ def run(world: World) -> StageResult:
             (with_outbox if which == "outbox" else before).extend(got)
 
     res.rows += [
-        Row("9 events", "events relayed/s vs bare confirmed publish", bare_rate, relay_rate,
-            "/s", ">= 0.80", relay_rate / bare_rate >= 0.8),
+        Row("9 events", "events relayed/s vs bare confirmed publish alone", bare_rate,
+            relay_rate, "/s"),
         Row("9 events", "events relayed/s vs the floor (read, publish, mark; bare)",
-            floor_rate, relay_rate, "/s"),
+            floor_rate, relay_rate, "/s", ">= 0.85", relay_rate / floor_rate >= 0.85),
         Row("9 events", "events relayed, on the exchange", n, min(published, arrived), "",
             "all", published == arrived == n and left == 0),
         Row("9 events", f"notify -> PAID p50 at {rate:g}/s, outbox vs before",
