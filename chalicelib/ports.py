@@ -337,6 +337,19 @@ class SalesPort(Protocol):
 
     def get_sale(self, sale_id: str, *, consistent: bool = False) -> Sale | None: ...
 
+    def put_sale(self, sale: Sale, *, shards: int = 1) -> None:
+        """`shards` > 1: the stock split over items `<sale>#<k>` (a big sale's one hot
+        item becomes several; README "Past one machine")."""
+        ...
+
+    def sale_stock_items(self, sale_id: str, *, consistent: bool = False,
+                         ) -> tuple[Sale, list[str]] | None:
+        """The sale and the ids of the items holding its stock (the drain's read)."""
+        ...
+
+    def sale_shard_stocks(self, sale_id: str, *, consistent: bool = False,
+                          ) -> tuple[Sale, list[int]] | None: ...
+
     def claim_ticket(self, ticket: Ticket) -> str | None: ...
 
     def drop_ticket(self, ticket: Ticket) -> None: ...

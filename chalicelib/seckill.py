@@ -29,6 +29,24 @@ API never writes an order here; it answers at once:
                              times out like any other (a closed one gives its
                              unit back to the sale)
 
+A sale of N > 1 stock shards (store put_sale(sale, shards=N)): one item takes
+about 1,000 writes a second and the transaction writes it twice, so one stock
+item caps a sale at ~500 orders a second; N items take N times that. The drain
+takes its unit from one shard: the user's own (a hash of the name) first, then
+the others in order, each a consistent read of that shard and, when it has a
+unit, the transaction above on it; SOLD_OUT only when every shard said empty.
+The order's sale_id names the shard (`<sale>#<k>`), so a closed order gives its
+unit back there. One per user stays exact (ORDER#<sale>#<user> is per sale, not
+per shard); exactly the stock stays exact (each shard's condition, summed). The
+API's sold-out read sums the shards (a BatchGetItem of N items, cached as ever).
+The drain reads a sharded sale's own item (its description and shard ids) at
+most once per SECKILL_CACHE_MS, and does not ask again, for that long, a shard
+that said empty (the API's sold-out read is as old; a unit given back meanwhile
+is found by the next ticket after that): once a sharded sale is sold out, the
+rest of the queue is decided SOLD_OUT with a few reads of the sales table per
+SECKILL_CACHE_MS, not N per ticket. A sale of one shard is read on every
+message, as before.
+
 The claim: a user holds one live ticket per sale. A ticket that ends SOLD_OUT
 or FAILED releases it (same transaction as the ticket's last write), so the user
 may ask again, e.g. when a closed order gave a unit back. ORDERED and DUPLICATE
@@ -42,6 +60,7 @@ import math
 import threading
 import time
 import weakref
+import zlib
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, TypeVar, cast
@@ -59,6 +78,7 @@ from chalicelib.domain import (
     Line,
     NotFound,
     Overloaded,
+    Sale,
     SeckillOutcome,
     SoldOut,
     Ticket,
@@ -160,7 +180,9 @@ class _Recent:
     The API's two reads per request, the sale (its window, the sold-out fast
     path) and the queue's depth (a passive queue declare, a broker round trip),
     are asked thousands of times a second in a burst; both may be a little old.
-    One reader per owner at a time; the others wait for its answer.
+    One reader per owner at a time; the others wait for its answer. The drain
+    keeps what it read itself with `put` and looks with `peek` (no lock held
+    while it reads).
     """
 
     def __init__(self) -> None:
@@ -177,6 +199,16 @@ class _Recent:
             value = read()
             seen[key] = (time.monotonic(), value)
             return value
+
+    def peek(self, owner: Any, key: Any, ttl: float) -> Any | None:
+        """What `put` kept less than `ttl` seconds ago, else None (nothing is read)."""
+        with self._lock:
+            hit = self._seen.get(owner, {}).get(key)
+        return hit[1] if hit is not None and time.monotonic() - hit[0] < ttl else None
+
+    def put(self, owner: Any, key: Any, value: Any) -> None:
+        with self._lock:
+            self._seen.setdefault(owner, {})[key] = (time.monotonic(), value)
 
 
 _recent = _Recent()
@@ -203,25 +235,70 @@ def on_seckill(deps: Deps, msg: Mapping[str, Any]) -> TicketStatus | None:
         return None
     if ticket.status != TICKET_QUEUED:
         return ticket.status
-    sale = deps.store.get_sale(ticket.sale_id, consistent=True)
-    if sale is None:
+    found = _stock_items(deps, ticket.sale_id)
+    if found is None:
         log.warning("ticket %s: sale %s is gone", ticket.id, ticket.sale_id)
         return _finish(deps, ticket, TICKET_FAILED, now)
-    if sale.stock < 1:
-        return _finish(deps, ticket, TICKET_SOLD_OUT, now)
-    line = Line(sale.goods_id, sale.name, sale.price_fen, 1)
-    order = handlers._new_order(deps, ticket.username, "1", [line], now=now)
-    order.sale_id = sale.id
-    outcome = deps.store.create_seckill_order(order, ticket)
-    if outcome == SeckillOutcome.ORDERED:
-        log.info("ticket %s ordered %s", ticket.id, order.id, extra={"orderId": order.id})
-        handlers._schedule_check(deps, order.id)
-        return TICKET_ORDERED
-    if outcome == SeckillOutcome.SOLD_OUT:
-        return _finish(deps, ticket, TICKET_SOLD_OUT, now)
-    if outcome == SeckillOutcome.DUPLICATE:
-        return _finish(deps, ticket, TICKET_DUPLICATE, now)
-    return _current_status(deps, ticket.id)  # decided meanwhile (a redelivery raced us)
+    sale, items = found
+    sharded = len(items) > 1
+    ttl = deps.settings.seckill_cache_ms / 1000
+    order = None
+    for item in shard_walk(items, ticket.username):
+        if not sharded:
+            stock = sale.stock  # the sale's own item, read consistently just now
+        elif _recent.peek(deps.store, ("dry", item), ttl):
+            continue  # said empty less than SECKILL_CACHE_MS ago: not asked again
+        else:
+            shard = deps.store.get_sale(item, consistent=True)
+            stock = shard.stock if shard is not None else 0
+        if stock < 1:
+            if sharded:
+                _recent.put(deps.store, ("dry", item), True)
+            continue
+        if order is None:
+            line = Line(sale.goods_id, sale.name, sale.price_fen, 1)
+            order = handlers._new_order(deps, ticket.username, "1", [line], now=now)
+        order.sale_id = item  # where the unit comes from, and goes back to if it closes
+        outcome = deps.store.create_seckill_order(order, ticket)
+        if outcome == SeckillOutcome.SOLD_OUT:
+            if sharded:
+                _recent.put(deps.store, ("dry", item), True)
+            continue  # that shard ran dry meanwhile: the next one
+        if outcome == SeckillOutcome.ORDERED:
+            log.info("ticket %s ordered %s from %s", ticket.id, order.id, item,
+                     extra={"orderId": order.id})
+            handlers._schedule_check(deps, order.id)
+            return TICKET_ORDERED
+        if outcome == SeckillOutcome.DUPLICATE:
+            return _finish(deps, ticket, TICKET_DUPLICATE, now)
+        return _current_status(deps, ticket.id)  # decided meanwhile (a redelivery raced us)
+    return _finish(deps, ticket, TICKET_SOLD_OUT, now)  # every shard said empty (lately)
+
+
+def shard_walk(items: list[_T], username: str) -> list[_T]:
+    """The order the drain tries a sale's stock items in for a user: the user's
+    own shard (crc32 of the name, the same in every process) first, then the
+    others in order, wrapping around."""
+    if len(items) < 2:
+        return list(items)
+    first = zlib.crc32(username.encode()) % len(items)
+    return items[first:] + items[:first]
+
+
+def _stock_items(deps: Deps, sale_id: str) -> tuple[Sale, list[str]] | None:
+    """The sale's own item and the ids of its stock items (store.sale_stock_items),
+    consistent. A sale of N > 1 shards is kept for SECKILL_CACHE_MS (what it
+    holds does not change while the sale runs; its stock is in the shards); a
+    sale of one shard is read every time, as its item holds the stock."""
+    ttl = deps.settings.seckill_cache_ms / 1000
+    key = ("stock-items", sale_id)
+    kept = _recent.peek(deps.store, key, ttl)
+    if kept is not None:
+        return cast(tuple[Sale, list[str]], kept)
+    found = deps.store.sale_stock_items(sale_id, consistent=True)
+    if found is not None and len(found[1]) > 1:
+        _recent.put(deps.store, key, found)
+    return found
 
 
 def _finish(deps: Deps, ticket: Ticket, status: TicketStatus,

@@ -9,10 +9,14 @@ at a sale of `--stock`. The requests go through the real routes in-process
 (Chalice's test client, `--concurrency` in flight, no HTTP): the answer times
 are the API's own, without a network.
 
+`--shards N` splits the sale's stock over N items (README "Past one machine"):
+the drain takes each unit from the user's own shard first, then the others.
+
 Prints requests, accepted, orders, duplicates refused, the peak queue depth,
-the drain time, the API's p50/p99, and the write rate against its cap; checks
-exactly `--stock` orders, none twice for a user, stock 0 and never below. Exit
-status 1 when a check fails.
+the drain time, the API's p50/p99, the write rate against its cap, and each
+shard's orders, stock left and lowest stock seen; checks exactly `--stock`
+orders, none twice for a user, every shard 0 and never below, each shard's
+orders its share. Exit status 1 when a check fails.
 """
 
 from __future__ import annotations
@@ -71,6 +75,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--users", type=int, default=1000)
     parser.add_argument("--stock", type=int, default=50)
+    parser.add_argument("--shards", type=int, default=1,
+                        help="stock items the sale's stock is split over (1: one item)")
     parser.add_argument("--rate", type=float, default=None,
                         help="the drain's cap, orders a second (SECKILL_ORDERS_PER_SECOND)")
     parser.add_argument("--max-depth", type=int, default=None,
@@ -83,6 +89,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.users < 1 or args.requests < args.users or args.stock < 0:
         parser.error("need requests >= users >= 1 and stock >= 0")
+    if not 1 <= args.shards <= 99:
+        parser.error("need 1 <= shards <= 99")
     if "chalicelib.store" in sys.modules:
         parser.error("run it in a fresh process: the store reads its tables at import")
 
@@ -154,7 +162,14 @@ def _run(args: argparse.Namespace) -> int:
     store.put_goods(Goods("teapot", "Yixing clay teapot", 5990, 50))
     now = datetime.now(UTC)
     store.put_sale(Sale(SALE, "teapot", "Yixing clay teapot, flash sale", 990, args.stock,
-                        now - timedelta(minutes=1), now + timedelta(hours=1)))
+                        now - timedelta(minutes=1), now + timedelta(hours=1)),
+                   shards=args.shards)
+    found = store.sale_shard_stocks(SALE, consistent=True)
+    assert found is not None
+    shares = list(found[1])  # each shard's units at the start
+    stock_items = store.sale_stock_items(SALE, consistent=True)
+    assert stock_items is not None
+    items = stock_items[1]  # the ids the orders' sale_id name
     api_broker = broker.Broker(settings.rmq_url, settings.check_delay_seconds,
                                settings.rmq_queue_type)
     d = Deps(settings=settings, store=store, broker=api_broker)
@@ -171,7 +186,7 @@ def _run(args: argparse.Namespace) -> int:
     drain = threading.Thread(target=worker.run, args=(d, stop), daemon=True,
                              kwargs={"sweep_interval": 3600})
     depths: list[int] = []
-    stocks: list[int] = []
+    stocks: list[list[int]] = []  # each shard's stock, every 0.1 s
     sampling = threading.Event()
 
     def sample() -> None:
@@ -185,9 +200,9 @@ def _run(args: argparse.Namespace) -> int:
 
     def watch_stock() -> None:
         while not sampling.wait(0.1):
-            sale = store.get_sale(SALE, consistent=True)
-            if sale is not None:
-                stocks.append(sale.stock)
+            seen = store.sale_shard_stocks(SALE, consistent=True)
+            if seen is not None:
+                stocks.append(list(seen[1]))
 
     samplers = [threading.Thread(target=sample, daemon=True),
                 threading.Thread(target=watch_stock, daemon=True)]
@@ -234,9 +249,14 @@ def _run(args: argparse.Namespace) -> int:
     order_times = [parse_iso(o.create_time).timestamp() for o in orders]
     decided = [parse_iso(t.update_time).timestamp() for t in tickets]
     drain_s = (max(decided) - started) if decided else 0.0
-    sale = store.get_sale(SALE, consistent=True)
-    final_stock = sale.stock if sale else -1
+    left = store.sale_shard_stocks(SALE, consistent=True)
+    final = list(left[1]) if left else [-1]
+    lowest = [min([s[k] for s in stocks] + [final[k]]) for k in range(len(final))]
     per_user = Counter(o.username for o in orders)
+    per_item = Counter(o.sale_id for o in orders)
+    taken = [per_item[item] for item in items]
+    item_peak = max((_max_in_window([parse_iso(o.create_time).timestamp() for o in orders
+                                     if o.sale_id == item]) for item in items), default=0)
 
     def rate(times: list[float]) -> str:
         if len(times) < 2:
@@ -268,12 +288,17 @@ def _run(args: argparse.Namespace) -> int:
                             f"max {max(latencies) * 1000:.1f} ms (in-process, no HTTP)"),
         ("order writes", rate(order_times)),
         ("ticket decisions", rate(decided)),
+        ("stock shards", f"{len(items)}: orders {taken} of {shares}, stock left {final}, "
+                         f"lowest seen {lowest} ({len(stocks)} samples)"),
+        ("writes per stock item", f"max {item_peak} in any 1 s on one item "
+                                  f"(all items: {_max_in_window(order_times)})"),
     ]
     checks = {
         f"exactly {args.stock} orders": len(orders) == args.stock,
         "no user has two orders": all(n == 1 for n in per_user.values()),
         "every ticket final": all(t.status in TICKET_FINAL for t in tickets),
-        "sale stock 0, never below": final_stock == 0 and min(stocks, default=0) >= 0,
+        "every shard's stock 0, never below": final == [0] * len(items) and min(lowest) >= 0,
+        "each shard's orders its units": taken == shares and sum(per_item.values()) == len(orders),
         "answers only 202, 409, 429": set(statuses) <= {202, 409, 429},
         "ticket decisions within the cap": _max_in_window(decided) <= cap + 1,
     }

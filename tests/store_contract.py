@@ -161,10 +161,14 @@ def status_of(store: Any, order_id: str) -> str:
     return str(order.status)
 
 
-def put_sale(store: Any, sid: str = "ks1", stock: int = 2, goods_id: str = "k1") -> Sale:
+def put_sale(store: Any, sid: str = "ks1", stock: int = 2, goods_id: str = "k1",
+             shards: int = 1) -> Sale:
     sale = Sale(sid, goods_id, f"Sale {sid}", 990, stock, T0 - timedelta(hours=1),
                 T0 + timedelta(hours=1))
-    store.put_sale(sale)
+    if shards == 1:
+        store.put_sale(sale)
+    else:
+        store.put_sale(sale, shards=shards)
     return dataclasses.replace(sale, start_time=ms(sale.start_time), end_time=ms(sale.end_time))
 
 
@@ -1238,6 +1242,80 @@ class StoreContract(ReconciliationContract, OutboxContract):
         assert ticket_of(store, ticket.id).status == TICKET_QUEUED
         fresh = sale_order(sale, "alice", at=T0 + timedelta(seconds=1))
         assert store.create_seckill_order(fresh, ticket) == TICKET_ORDERED  # no marker left
+
+    # --- a sale's stock in shards (chalicelib/seckill.py, "past one machine") ------------
+
+    def test_a_sharded_sale_splits_its_stock_and_reads_it_summed(self, store: Any) -> None:
+        before = [s for s in store.list_sales() if s.id != "ks1"]
+        sale = Sale("ks1", "k1", "Sale ks1", 990, 10, T0 - timedelta(hours=1),
+                    T0 + timedelta(hours=1))
+        store.put_sale(sale, shards=4)
+        whole = dataclasses.replace(sale, start_time=ms(sale.start_time),
+                                    end_time=ms(sale.end_time))
+        assert store.get_sale("ks1") == whole
+        assert store.get_sale("ks1", consistent=True) == whole
+        assert store.list_sales() == sorted(before + [whole], key=lambda s: s.id)
+        head, stocks = store.sale_shard_stocks("ks1", consistent=True)
+        assert stocks == [3, 3, 2, 2]
+        assert (head.id, head.goods_id, head.price_fen) == ("ks1", "k1", 990)
+        head, items = store.sale_stock_items("ks1", consistent=True)
+        assert items == ["ks1#0", "ks1#1", "ks1#2", "ks1#3"]
+        assert store.get_sale("ks1#2", consistent=True).stock == 2  # one shard's item
+        assert store.sale_stock_items("ks-none") is None
+        assert store.sale_shard_stocks("ks-none") is None
+        # one shard: the sale's own item holds the stock, as before shards
+        store.put_sale(dataclasses.replace(sale, stock=5))
+        assert store.sale_stock_items("ks1", consistent=True)[1] == ["ks1"]
+        assert store.sale_shard_stocks("ks1", consistent=True)[1] == [5]
+        assert sale_stock(store, "ks1") == 5
+        for bad in (0, 100):
+            with pytest.raises(ValueError):
+                store.put_sale(sale, shards=bad)
+
+    def test_a_sharded_order_takes_its_unit_from_the_shard_it_names_and_gives_it_back(
+            self, store: Any) -> None:
+        put_goods(store, "k1", 1990, 10)
+        sale = put_sale(store, "ks1", stock=4, shards=2)
+        ticket = claimed(store, "alice", "ks1")
+        order = dataclasses.replace(sale_order(sale, "alice"), sale_id="ks1#1")
+        assert store.create_seckill_order(order, ticket) == TICKET_ORDERED
+        assert store.get_order(order.id).sale_id == "ks1#1"  # the shard, for the return
+        assert store.sale_shard_stocks("ks1", consistent=True)[1] == [2, 1]
+        assert sale_stock(store, "ks1") == 3
+        assert store.close_order(order, now=T0) is True
+        assert store.close_order(order, now=T0) is False
+        assert store.sale_shard_stocks("ks1", consistent=True)[1] == [2, 2]  # back to #1
+        assert stock_of(store, "k1") == 10
+
+    def test_a_dry_shard_is_sold_out_and_another_with_a_unit_orders(self, store: Any) -> None:
+        sale = put_sale(store, "ks1", stock=1, shards=2)
+        assert store.sale_shard_stocks("ks1", consistent=True)[1] == [1, 0]
+        ticket = claimed(store, "alice", "ks1")
+        dry = dataclasses.replace(sale_order(sale, "alice"), sale_id="ks1#1")
+        assert store.create_seckill_order(dry, ticket) == TICKET_SOLD_OUT
+        assert store.get_order(dry.id) is None
+        assert ticket_of(store, ticket.id).status == TICKET_QUEUED
+        # the sale's own item holds no units of a sharded sale
+        head = dataclasses.replace(sale_order(sale, "alice"), sale_id="ks1")
+        assert store.create_seckill_order(head, ticket) == TICKET_SOLD_OUT
+        # the same order, from the shard that has the unit
+        wet = dataclasses.replace(dry, sale_id="ks1#0")
+        assert store.create_seckill_order(wet, ticket) == TICKET_ORDERED
+        assert store.sale_shard_stocks("ks1", consistent=True)[1] == [0, 0]
+        assert sale_stock(store, "ks1") == 0
+
+    def test_one_order_per_user_and_sale_across_shards(self, store: Any) -> None:
+        sale = put_sale(store, "ks1", stock=6, shards=3)
+        first = claimed(store, "alice", "ks1")
+        mine = dataclasses.replace(sale_order(sale, "alice"), sale_id="ks1#0")
+        assert store.create_seckill_order(mine, first) == TICKET_ORDERED
+        # bob's queued ticket passed as alice's, on another shard: her marker is per sale
+        queued = dataclasses.replace(claimed(store, "bob", "ks1"), username="alice")
+        other = dataclasses.replace(sale_order(sale, "alice", at=T0 + timedelta(seconds=1)),
+                                    sale_id="ks1#2")
+        assert store.create_seckill_order(other, queued) == TICKET_DUPLICATE
+        assert store.get_order(other.id) is None
+        assert store.sale_shard_stocks("ks1", consistent=True)[1] == [1, 2, 2]
 
     # --- finish_ticket ---------------------------------------------------------------------
 

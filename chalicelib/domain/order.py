@@ -97,7 +97,9 @@ class Order:
     consign_time: datetime | None = None
     transaction_id: str | None = None
     refund_request_no: str | None = None
-    sale_id: str | None = None  # a flash-sale order: its stock is the sale's, not the goods'
+    # A flash-sale order: the item its unit came from and goes back to, the sale
+    # (`<sale>`) or one of its stock shards (`<sale>#<k>`), not the goods.
+    sale_id: str | None = None
     # Refunds (chalicelib/domain/refund.py): what succeeded, what succeeded or is
     # pending (never above what was paid), the one pending refund, refunds made so far.
     refunded_fen: int = 0

@@ -1,14 +1,34 @@
-"""Flash sales: sales, tickets, the per-user claims and the sale order."""
+"""Flash sales: sales, tickets, the per-user claims and the sale order.
+
+A sale's stock is in one item or split over several ("shards"), in the sales'
+table, keyed by id (sale ids hold no `#`):
+
+    <sale>        the sale: goods, name, price, window; `shards` absent (one
+                  shard): its `stock` is the sale's, as it always was
+    <sale>        with `shards` = N > 1: the description only (`stock` 0) ...
+    <sale>#<k>    ... and the stock of shard k, k = 0..N-1, each a full copy of
+                  the description with its share of the units
+
+A flash-sale order's `sale_id` names the item its unit came from (`<sale>` or
+`<sale>#<k>`): the order's transaction took the unit there, and closing the
+order unpaid gives it back there (store/orders.py's `ADD stock` on that item).
+One per user stays exact across shards: ORDER#<sale>#<user> is per sale.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from datetime import datetime
+from functools import lru_cache
+from typing import Any
 
+from pynamodb.attributes import NumberAttribute
 from pynamodb.exceptions import TransactWriteError
 from pynamodb.transactions import TransactWrite
 
 from chalicelib.domain import (
+    MAX_TRANSACTION_ACTIONS,
     TICKET_ORDERED,
     TICKET_QUEUED,
     Conflict,
@@ -29,6 +49,7 @@ from chalicelib.store.base import (
     write_transaction,
 )
 from chalicelib.store.models import (
+    Models,
     model_from_order,
     model_from_ticket,
     sale_from_model,
@@ -37,6 +58,9 @@ from chalicelib.store.models import (
 from chalicelib.store.outbox import put_event
 
 log = logging.getLogger(__name__)
+
+# put_sale writes the sale's item and its shards in one transaction
+MAX_SHARDS = MAX_TRANSACTION_ACTIONS - 1
 
 
 def claim_key(sale_id: str, username: str) -> str:
@@ -49,25 +73,128 @@ def bought_key(sale_id: str, username: str) -> str:
     return f"ORDER#{sale_id}#{username}"
 
 
+def shard_key(sale_id: str, shard: int) -> str:
+    """The item that holds shard `shard` of a sale's stock (a sale of N > 1 shards)."""
+    return f"{sale_id}#{shard}"
+
+
+def sale_of(stock_item: str) -> str:
+    """The sale a stock item belongs to: `<sale>` of `<sale>` or `<sale>#<k>`."""
+    return stock_item.split("#", 1)[0]
+
+
+def split_stock(stock: int, shards: int) -> list[int]:
+    """`stock` units over `shards` shards, as even as whole units go (the first
+    ones get the remainder): 10 over 4 is [3, 3, 2, 2]."""
+    if not 1 <= shards <= MAX_SHARDS:
+        raise ValueError(f"a sale has 1 to {MAX_SHARDS} shards, not {shards}")
+    return [stock // shards + (1 if k < stock % shards else 0) for k in range(shards)]
+
+
+@lru_cache(maxsize=8)
+def _with_shards(models: Models) -> Models:
+    """The models, their Sale knowing the sale item's `shards` (absent: one shard).
+    Only this module reads or writes it; store/models.py's Sale does not know it.
+    Same table, same key, same connection."""
+    sale_model = models.Sale
+
+    class SaleModel(sale_model):  # type: ignore[misc, valid-type]
+        shards = NumberAttribute(null=True)
+
+        @classmethod
+        def _get_connection(cls) -> Any:
+            return sale_model._get_connection()  # the Sale model's (and client)
+
+    return replace(models, Sale=SaleModel)
+
+
+def _shards(item: Any) -> int:
+    return int(getattr(item, "shards", None) or 1)
+
+
 class SaleStore(StoreBase):
     # --- flash sales (chalicelib/seckill.py) ----------------------------------
 
-    def put_sale(self, sale: Sale) -> None:
-        m = self.models
-        m.Sale(sale.id, goods_id=sale.goods_id, name=sale.name, price_fen=sale.price_fen,
-               stock=sale.stock, start_time=iso(sale.start_time),
-               end_time=iso(sale.end_time)).save()
+    def put_sale(self, sale: Sale, *, shards: int = 1) -> None:
+        """The sale, replacing one of the same id. `shards` > 1: its stock split
+        over that many items (split_stock), all written in one transaction; a
+        sale's shard count is not meant to change while it runs."""
+        units = split_stock(sale.stock, shards)
+        m = _with_shards(self.models)
+        described = {"goods_id": sale.goods_id, "name": sale.name,
+                     "price_fen": sale.price_fen, "start_time": iso(sale.start_time),
+                     "end_time": iso(sale.end_time)}
+        if shards == 1:
+            with dynamo():
+                m.Sale(sale.id, stock=sale.stock, **described).save()
+            return
+
+        def build(tx: TransactWrite) -> None:
+            tx.save(m.Sale(sale.id, stock=0, shards=shards, **described))
+            for k, n in enumerate(units):
+                tx.save(m.Sale(shard_key(sale.id, k), stock=n, **described))
+
+        try:
+            write_transaction(self.connection, build)
+        except TransactWriteError as exc:
+            raise Unavailable(f"sale {sale.id} could not be written: {reasons(exc)}") from exc
 
     def list_sales(self) -> list[Sale]:
-        m = self.models
+        """Every sale, its stock summed over its shards (one scan)."""
+        m = _with_shards(self.models)
         with dynamo():
-            return sorted((sale_from_model(x) for x in m.Sale.scan()), key=lambda s: s.id)
+            items = list(m.Sale.scan())
+        stocks = {x.id: int(x.stock) for x in items}
+        sales = []
+        for x in items:
+            if "#" in x.id:
+                continue
+            sale = sale_from_model(x)
+            n = _shards(x)
+            if n > 1:
+                sale = replace(sale, stock=sum(stocks.get(shard_key(x.id, k), 0)
+                                               for k in range(n)))
+            sales.append(sale)
+        return sorted(sales, key=lambda s: s.id)
 
     def get_sale(self, sale_id: str, *, consistent: bool = False) -> Sale | None:
-        """Eventually consistent by default: the API's sold-out fast path only; the
-        order's transaction is the real guard."""
-        item = get_item(self.models.Sale, sale_id, consistent=consistent)
-        return sale_from_model(item) if item is not None else None
+        """The sale, its stock summed over its shards. Eventually consistent by
+        default: the API's sold-out fast path only; the order's transaction is
+        the real guard. One GetItem; a sale of N > 1 shards one BatchGetItem of
+        N items more. (A stock item's id, `<sale>#<k>`, reads that shard.)"""
+        found = self.sale_shard_stocks(sale_id, consistent=consistent)
+        if found is None:
+            return None
+        sale, stocks = found
+        return replace(sale, stock=sum(stocks))
+
+    def sale_stock_items(self, sale_id: str, *, consistent: bool = False,
+                         ) -> tuple[Sale, list[str]] | None:
+        """The sale as its own item holds it, and the ids of the items that hold
+        its stock, shard 0 first: `[sale_id]` for a sale of one shard (the
+        Sale's stock is then the sale's), `[<sale>#0, ...]` for N > 1 (the
+        Sale's stock is 0). One GetItem: the drain's read."""
+        item = get_item(_with_shards(self.models).Sale, sale_id, consistent=consistent)
+        if item is None:
+            return None
+        n = _shards(item)
+        items = [sale_id] if n == 1 else [shard_key(sale_id, k) for k in range(n)]
+        return sale_from_model(item), items
+
+    def sale_shard_stocks(self, sale_id: str, *, consistent: bool = False,
+                          ) -> tuple[Sale, list[int]] | None:
+        """The sale as its own item holds it, and the stock of each shard, shard 0
+        first (a shard item that is missing counts 0)."""
+        found = self.sale_stock_items(sale_id, consistent=consistent)
+        if found is None:
+            return None
+        sale, items = found
+        if items == [sale_id]:
+            return sale, [sale.stock]
+        m = _with_shards(self.models)
+        with dynamo():
+            got = {x.id: int(x.stock) for x in m.Sale.batch_get(items, consistent_read=consistent)}
+        return sale, [got.get(k, 0) for k in items]
 
     def claim_ticket(self, ticket: Ticket) -> str | None:
         """The user's claim on the sale and the QUEUED ticket, both or neither.
@@ -119,14 +246,16 @@ class SaleStore(StoreBase):
 
             put the order              (it does not exist)
             put ORDER#<sale>#<user>    (it does not exist: one order per user and sale)
-            sale stock -= 1            (stock >= 1)
+            stock -= 1                 (stock >= 1) on the item `order.sale_id`
+                                       names: the sale, or one shard `<sale>#<k>`
             ticket QUEUED -> ORDERED   (still QUEUED: a redelivery changes nothing)
 
         Returns TICKET_ORDERED, or why nothing changed: TICKET_DUPLICATE,
         TICKET_SOLD_OUT, or TICKET_QUEUED's absence as "NOT_QUEUED" (decided already).
         """
         m = self.models
-        assert order.sale_id == ticket.sale_id and len(order.lines) == 1
+        assert order.sale_id and sale_of(order.sale_id) == ticket.sale_id
+        assert len(order.lines) == 1
         now = iso(order.create_time)
         bought = m.SeckillMarker(bought_key(ticket.sale_id, ticket.username),
                                  ticket_id=ticket.id, order_id=order.id, create_time=now)
@@ -136,7 +265,7 @@ class SaleStore(StoreBase):
             tx.save(model_from_order(m, order), condition=m.Order.id.does_not_exist())
             tx.save(bought, condition=m.SeckillMarker.id.does_not_exist())
             put_event(m, tx, events.created(order, order.create_time))
-            tx.update(m.Sale(ticket.sale_id), actions=[m.Sale.stock.add(-order.lines[0].num)],
+            tx.update(m.Sale(order.sale_id), actions=[m.Sale.stock.add(-order.lines[0].num)],
                       condition=m.Sale.stock >= order.lines[0].num)
             tx.update(m.Ticket(ticket.id),
                       actions=[m.Ticket.status.set(TICKET_ORDERED),

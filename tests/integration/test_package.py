@@ -260,7 +260,8 @@ TABLE_ACTIONS = {
     "carts": {"Query", "PutItem", "UpdateItem", "DeleteItem"},
     # DescribeTable: ping; BatchGetItem: the worker's events sweep reads its batch's orders
     "orders": {"BatchGetItem", "DescribeTable", "GetItem", "PutItem", "UpdateItem"},
-    "sales": {"GetItem", "Scan", "UpdateItem"},  # get_sale, list_sales, stock -/+ 1
+    # get_sale, list_sales, stock -/+ 1; BatchGetItem: a sharded sale's stock items
+    "sales": {"BatchGetItem", "GetItem", "Scan", "UpdateItem"},
     "seckill": {"GetItem", "PutItem", "UpdateItem", "DeleteItem"},  # tickets, claims
     "refunds": {"GetItem", "PutItem", "UpdateItem"},
     "timeline": {"Query", "PutItem"},

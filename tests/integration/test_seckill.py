@@ -9,13 +9,17 @@ as in `chalice local`). The bridge runs in a thread, as in test_bridge.py.
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,6 +33,7 @@ from tests.waiting import wait_until
 pytestmark = pytest.mark.rabbitmq
 
 SALE = "flash"
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -88,10 +93,31 @@ class StockSampler(threading.Thread):
             self.seen.append(sale.stock)
 
 
-def open_sale(d: Deps, stock: int) -> None:
+def open_sale(d: Deps, stock: int, shards: int = 1) -> None:
     now = datetime.now(UTC)
-    d.store.put_sale(Sale(SALE, "g2", "Teapot, flash sale", 990, stock,
-                          now - timedelta(minutes=1), now + timedelta(hours=1)))
+    sale = Sale(SALE, "g2", "Teapot, flash sale", 990, stock,
+                now - timedelta(minutes=1), now + timedelta(hours=1))
+    if shards == 1:
+        d.store.put_sale(sale)
+    else:
+        d.store.put_sale(sale, shards=shards)
+
+
+class ShardSampler(threading.Thread):
+    """Each shard's stock (consistent reads: the sale's item, then one BatchGetItem),
+    to see that none goes below zero."""
+
+    def __init__(self, d: Deps) -> None:
+        super().__init__(daemon=True)
+        self.d = d
+        self.seen: list[list[int]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.05):
+            found = self.d.store.sale_shard_stocks(SALE, consistent=True)
+            assert found is not None
+            self.seen.append(list(found[1]))
 
 
 def burst(client: Any, users: list[str], threads: int = 10) -> list[tuple[str, int, float, Any]]:
@@ -248,3 +274,67 @@ def test_queue_deeper_than_the_bound_answers_429_then_drains(
     # room again: the refused users come back and are queued
     late = burst(client, [f"u{i:02d}" for i in range(30, 45)], threads=1)
     assert [status for _, status, _, _ in late] == [202] * 15
+
+
+def test_a_sale_of_4_shards_sells_exactly_60_to_400_requests_of_200_users(
+        client: Any, sdeps: Deps, run_bridge: Callable[[float], threading.Event]) -> None:
+    """README "Past one machine": the stock split over 4 items keeps both invariants,
+    exactly the stock and one per user, and every shard ends at 0, never below."""
+    open_sale(sdeps, stock=60, shards=4)
+    found = sdeps.store.sale_shard_stocks(SALE, consistent=True)
+    assert found is not None and found[1] == [15, 15, 15, 15]
+    users = [f"u{i:03d}" for i in range(200)]
+    rng = random.Random(11)
+    requests = users + rng.choices(users, k=200)
+    rng.shuffle(requests)
+    run_bridge(200)
+    shards_seen = ShardSampler(sdeps)
+    shards_seen.start()
+    answers = burst(client, requests)
+    statuses = Counter(status for _, status, _, _ in answers)
+    assert set(statuses) <= {202, 409}, statuses  # the queue's bound is far
+    accepted = {data["ticketId"]: user for user, status, _, (data, _) in answers
+                if status == 202}
+    assert len(accepted) >= 60, statuses
+    wait_until(lambda: sdeps.broker.queue_depth(broker.QUEUE_SECKILL) == 0, 40, "drained",
+               step=0.2)
+    wait_until(lambda: all(t.status in TICKET_FINAL for t in all_tickets()), 10,
+               "every ticket final", step=0.5)
+    shards_seen.stop.set()
+    shards_seen.join(5)
+
+    tickets = {t.id: t for t in all_tickets()}
+    assert {tid: t.username for tid, t in tickets.items()} == accepted
+    orders = all_orders()
+    # exactly the stock, none twice for a user, each the order of its ticket
+    assert len(orders) == 60
+    assert len({o.username for o in orders}) == 60
+    ordered = {t.order_id: t.username for t in tickets.values() if t.status == "ORDERED"}
+    assert ordered == {o.id: o.username for o in orders}
+    assert Counter(t.status for t in tickets.values())["ORDERED"] == 60
+    # each shard gave its 15 units, ends at 0 and was never below
+    assert Counter(o.sale_id for o in orders) == {f"{SALE}#{k}": 15 for k in range(4)}
+    found = sdeps.store.sale_shard_stocks(SALE, consistent=True)
+    assert found is not None and found[1] == [0, 0, 0, 0]
+    assert shards_seen.seen and min(min(s) for s in shards_seen.seen) >= 0
+    assert sale_stock(sdeps) == 0
+    # the usual delay message, once per order
+    assert sdeps.broker.queue_depth(broker.QUEUE_DELAY) == 60
+
+
+def test_bench_seckill_with_4_shards_passes_its_checks(rabbitmq_running: None) -> None:
+    """`python -m local bench seckill --shards 4`, small: its own moto and vhost."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "STAGE"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "local", "bench", "seckill", "--shards", "4",
+         "--requests", "400", "--users", "200", "--stock", "60"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    out = done.stdout
+    assert any(line.startswith("orders ") and line.endswith("60 (stock 60)")
+               for line in out.splitlines()), out
+    for check in ("exactly 60 orders", "no user has two orders",
+                  "every shard's stock 0, never below", "each shard's orders its units"):
+        assert any(line.startswith("ok") and line.endswith(check)
+                   for line in out.splitlines()), (check, out)
+    assert "orders [15, 15, 15, 15] of [15, 15, 15, 15], stock left [0, 0, 0, 0]" in out, out

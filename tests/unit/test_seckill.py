@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -291,6 +292,201 @@ def test_concurrent_requests_each_see_their_own_user(client: Any, app_deps: Deps
     assert sorted(got.values()) == sorted(users)
     owners = {m["ticketId"]: m["username"] for m in fake(app_deps).seckills}
     assert owners == got
+
+
+# --- a sale's stock in shards ----------------------------------------------------------
+
+
+def sharded(d: Deps, stock: int, shards: int) -> Sale:
+    d.clock.now = NOW  # type: ignore[attr-defined]
+    s = a_sale(stock)
+    d.store.put_sale(s, shards=shards)
+    return s
+
+
+def shard_stocks(store: InMemoryStore, sale_id: str = "flash") -> list[int]:
+    found = store.sale_shard_stocks(sale_id, consistent=True)
+    assert found is not None
+    return list(found[1])
+
+
+def user_starting_at(shard: int, shards: int) -> str:
+    """A user name whose own shard (the drain's first try) is `shard`."""
+    items = list(range(shards))
+    return next(u for u in (f"user{i}" for i in range(1000))
+                if seckill.shard_walk(items, u)[0] == shard)
+
+
+def order_of(client: Any, app_deps: Deps, user: str, ticket_id: str) -> Any:
+    t = body(ticket_of(client, user, ticket_id))
+    assert t["status"] == "ORDERED", t
+    return app_deps.store.get_order(t["orderId"])
+
+
+def test_shard_walk_starts_at_the_users_shard_and_visits_every_shard_once() -> None:
+    items = ["s#0", "s#1", "s#2", "s#3"]
+    firsts: Counter[str] = Counter()
+    for i in range(400):
+        walk = seckill.shard_walk(items, f"u{i:04d}")
+        assert sorted(walk) == items  # every shard, once
+        k = items.index(walk[0])
+        assert walk == items[k:] + items[:k]  # then the others in order
+        assert seckill.shard_walk(items, f"u{i:04d}") == walk  # the same every time
+        firsts[walk[0]] += 1
+    assert all(60 <= n <= 140 for n in firsts.values()), firsts  # each about its share
+    assert seckill.shard_walk(["s"], "alice") == ["s"]
+
+
+def test_a_sharded_sale_sells_exactly_its_stock_one_per_user(client: Any,
+                                                            app_deps: Deps) -> None:
+    sharded(app_deps, stock=7, shards=3)
+    assert shard_stocks(app_deps.store) == [3, 2, 2]
+    users = [f"u{i:02d}" for i in range(20)]
+    answers = [post(client, u) for u in users + users[:5]]  # five users twice
+    assert [r.status_code for r in answers] == [202] * 20 + [409] * 5
+    out = drain(app_deps)
+    assert Counter(out) == {"ORDERED": 7, "SOLD_OUT": 13}
+    orders = [o for u in users for o in app_deps.store.list_orders(u)]
+    assert len(orders) == 7 and len({o.username for o in orders}) == 7
+    # each shard gave exactly its units, and is at 0, never below
+    assert Counter(o.sale_id for o in orders) == {"flash#0": 3, "flash#1": 2, "flash#2": 2}
+    assert shard_stocks(app_deps.store) == [0, 0, 0]
+    assert sale_stock(app_deps.store) == 0
+    assert body(client.http.get("/seckill"))["items"][0]["stock"] == 0
+    # sold out: the API's fast path sums the shards (read afresh: no cache)
+    app_deps.settings = dataclasses.replace(  # type: ignore[misc]
+        app_deps.settings, seckill_cache_ms=0)
+    r = post(client, "late")
+    assert r.status_code == 409 and body(r)["Code"] == "SoldOut"
+
+
+def test_a_dry_shard_falls_over_to_the_next_one_with_a_unit(client: Any,
+                                                          app_deps: Deps) -> None:
+    sharded(app_deps, stock=2, shards=4)
+    assert shard_stocks(app_deps.store) == [1, 1, 0, 0]
+    user = user_starting_at(2, 4)  # its own shard is empty; so is #3; then #0
+    ticket_id = body(post(client, user))["ticketId"]
+    assert drain(app_deps) == ["ORDERED"]
+    assert order_of(client, app_deps, user, ticket_id).sale_id == "flash#0"
+    assert shard_stocks(app_deps.store) == [0, 1, 0, 0]
+
+
+def test_sold_out_only_when_every_shard_is_dry(client: Any, app_deps: Deps,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    app_deps.settings = dataclasses.replace(  # type: ignore[misc]
+        app_deps.settings, seckill_cache_ms=60_000)
+    sharded(app_deps, stock=1, shards=4)
+    assert shard_stocks(app_deps.store) == [1, 0, 0, 0]
+    # the one unit is on the last shard of this user's walk: still found
+    first = user_starting_at(1, 4)
+    ticket_id = body(post(client, first))["ticketId"]
+    assert drain(app_deps) == ["ORDERED"]
+    assert order_of(client, app_deps, first, ticket_id).sale_id == "flash#0"
+    # now every shard is dry: SOLD_OUT, the claim released, nothing written
+    second = user_starting_at(3, 4)
+    late = body(post(client, second))["ticketId"]  # the API's sale read is cached: 202
+    assert drain(app_deps) == ["SOLD_OUT"]
+    assert body(ticket_of(client, second, late))["status"] == "SOLD_OUT"
+    assert app_deps.store.list_orders(second) == []
+    assert shard_stocks(app_deps.store) == [0, 0, 0, 0]
+    # a unit comes back to #2 (as a closed order gives it back)
+    store = app_deps.store
+    store._sales["flash#2"] = dataclasses.replace(store._sales["flash#2"], stock=1)
+    reads: list[str] = []
+    real = store.get_sale
+    monkeypatch.setattr(store, "get_sale",
+                        lambda sale_id, **kw: reads.append(sale_id) or real(sale_id, **kw))
+    # within SECKILL_CACHE_MS a shard that said empty is not asked again: no read
+    again = body(post(client, second))["ticketId"]  # the claim was released
+    assert drain(app_deps) == ["SOLD_OUT"]
+    assert reads == []
+    # after it, the shards are read again and the unit is found
+    app_deps.settings = dataclasses.replace(  # type: ignore[misc]
+        app_deps.settings, seckill_cache_ms=0)
+    assert body(ticket_of(client, second, again))["status"] == "SOLD_OUT"
+    last = body(post(client, second))["ticketId"]
+    assert drain(app_deps) == ["ORDERED"]
+    assert order_of(client, app_deps, second, last).sale_id == "flash#2"
+    assert shard_stocks(store) == [0, 0, 0, 0]
+
+
+def test_a_shard_that_runs_dry_between_read_and_transaction_is_skipped(
+        client: Any, app_deps: Deps, monkeypatch: pytest.MonkeyPatch) -> None:
+    sharded(app_deps, stock=2, shards=2)
+    user = user_starting_at(0, 2)
+    ticket_id = body(post(client, user))["ticketId"]
+    store = app_deps.store
+    real = store.create_seckill_order
+    tried: list[str] = []
+
+    def racing(order: Any, ticket: Any) -> Any:
+        tried.append(order.sale_id)
+        if order.sale_id == "flash#0":  # another drain took shard 0's last unit
+            store._sales["flash#0"] = dataclasses.replace(store._sales["flash#0"], stock=0)
+        return real(order, ticket)
+
+    monkeypatch.setattr(store, "create_seckill_order", racing)
+    assert drain(app_deps) == ["ORDERED"]
+    assert tried == ["flash#0", "flash#1"]  # SOLD_OUT on #0, then #1, same order id
+    assert order_of(client, app_deps, user, ticket_id).sale_id == "flash#1"
+    assert shard_stocks(store) == [0, 0]
+
+
+def test_a_closed_order_gives_its_unit_back_to_its_own_shard(client: Any,
+                                                            app_deps: Deps) -> None:
+    sharded(app_deps, stock=6, shards=3)
+    user = user_starting_at(1, 3)
+    ticket_id = body(post(client, user))["ticketId"]
+    drain(app_deps)
+    order = order_of(client, app_deps, user, ticket_id)
+    assert order.sale_id == "flash#1"
+    assert shard_stocks(app_deps.store) == [2, 1, 2]
+    assert check_due(app_deps, order.id) == "CLOSED"
+    assert shard_stocks(app_deps.store) == [2, 2, 2]  # to #1, not to the sale's item
+    assert check_due(app_deps, order.id) == "CLOSED"
+    assert shard_stocks(app_deps.store) == [2, 2, 2]  # once
+
+
+def test_the_drain_reads_a_sharded_sales_item_once_per_cache_period(
+        client: Any, app_deps: Deps, monkeypatch: pytest.MonkeyPatch) -> None:
+    app_deps.settings = dataclasses.replace(  # type: ignore[misc]
+        app_deps.settings, seckill_cache_ms=60_000)
+    sharded(app_deps, stock=10, shards=2)
+    for user in ("u1", "u2", "u3", "u4"):
+        assert post(client, user).status_code == 202
+    store = app_deps.store
+    real = store.sale_stock_items
+    reads: list[str] = []
+
+    def counted(sale_id: str, **kw: Any) -> Any:
+        reads.append(sale_id)
+        return real(sale_id, **kw)
+
+    monkeypatch.setattr(store, "sale_stock_items", counted)
+    assert drain(app_deps) == ["ORDERED"] * 4
+    assert reads == ["flash"]
+    assert sum(shard_stocks(store)) == 6
+
+
+def test_a_sale_of_one_shard_is_read_by_the_drain_every_time(
+        client: Any, app_deps: Deps, sale: Sale, monkeypatch: pytest.MonkeyPatch) -> None:
+    app_deps.settings = dataclasses.replace(  # type: ignore[misc]
+        app_deps.settings, seckill_cache_ms=60_000)
+    for user in ("u1", "u2"):
+        assert post(client, user).status_code == 202
+    store = app_deps.store
+    real = store.sale_stock_items
+    reads: list[str] = []
+
+    def counted(sale_id: str, **kw: Any) -> Any:
+        reads.append(sale_id)
+        return real(sale_id, **kw)
+
+    monkeypatch.setattr(store, "sale_stock_items", counted)
+    assert drain(app_deps) == ["ORDERED"] * 2
+    assert reads == ["flash", "flash"]  # its own item holds the stock
+    orders = [o for u in ("u1", "u2") for o in store.list_orders(u)]
+    assert {o.sale_id for o in orders} == {"flash"}  # one shard: the sale's id, as before
 
 
 # --- the token bucket ---------------------------------------------------------------
