@@ -3,10 +3,16 @@
 pynamodb models declare them), the functions, the sweeper's and the
 reconciler's schedules, the notify function URL, a least-privilege role per
 function (its own log group; per table, the actions that function's code makes;
-no `*` but the bills' prefix), each function's own settings and no other's (no
-secret in the template, only references to SSM and Secrets Manager), the bills
-bucket (private, only the reconciler writes bills), the alarms that page a person
-on the attention list's metrics, and a template cfn-lint passes.
+the stage's secret; no `*` but the bills' prefix and, in VPC mode only, the ENI
+actions), each function's own settings and no other's (no secret in the
+template nor in any function's environment: SSM references, and SECRET_ID, the
+name of the stage's secret the function reads at run time), the VPC mode
+(parameters, a VpcConfig on every function, the endpoints), the tables, bucket
+and log groups kept but on a failed first create, the 401 inside the API's own
+GatewayResponses, each timeout above its role's outbound chain, the broker
+connection budget (reserved concurrency on every function that publishes), the
+bills bucket (private, only the reconciler writes bills), the alarms that page a
+person on the attention list's metrics, and a template cfn-lint passes.
 
 The build is the real one (local.package, as the Makefile runs it). The first
 build on a machine downloads the Lambda wheels from PyPI; chalice caches them in
@@ -32,9 +38,11 @@ from tests.conftest import MODELS
 
 STAGE = "prod"
 REPO = Path(__file__).resolve().parents[2]
-# setting -> its key in the stage's secret (Secrets Manager); the others are in SSM.
+# setting -> its key in the stage's secret (Secrets Manager), read at run time from
+# SECRET_ID; the others are SSM references resolved at deploy time.
 SECRET_SETTINGS = {"JWT_SECRET": "JWT_SECRET", "RMQ_URL": "RMQ_PUBLISH_URL",
                    "ALIPAY_APP_PRIVATE_KEY": "ALIPAY_APP_PRIVATE_KEY"}
+SECRET_NAME = f"shop-pay/{STAGE}"
 SSM_SETTINGS = ("ALIPAY_APP_ID", "ALIPAY_SELLER_ID", "ALIPAY_GATEWAY", "ALIPAY_PUBLIC_KEY")
 FUNCTIONS = {  # logical id -> handler
     "APIHandler": "app.app",
@@ -76,7 +84,7 @@ def test_functions_and_the_sweepers_schedule(built: Any) -> None:
     functions = resources(template, "AWS::Serverless::Function")
     assert {k: v["Properties"]["Handler"] for k, v in functions.items()} == FUNCTIONS
     for fn in functions.values():
-        assert fn["Properties"]["Runtime"] == "python3.11"
+        assert fn["Properties"]["Runtime"] == package.LAMBDA_RUNTIME
         assert fn["Properties"]["CodeUri"] == "./deployment.zip"
     events = functions["Sweeper"]["Properties"]["Events"]
     assert [e["Properties"]["Schedule"] for e in events.values()] == ["rate(5 minutes)"]
@@ -89,7 +97,7 @@ def test_functions_and_the_sweepers_schedule(built: Any) -> None:
     # A run that dies with its function leaves its day's lease to run out, never a
     # live run's lease expiring under it.
     assert reconciler["Timeout"] < reconcile.LEASE_SECONDS
-    assert functions["APIHandler"]["Properties"]["Timeout"] == 30
+    assert functions["APIHandler"]["Properties"]["Timeout"] == 29
     assert "RestAPI" in template["Resources"]
     assert (out / "deployment.zip").stat().st_size > 1_000_000
 
@@ -139,7 +147,8 @@ def test_tables_match_the_models_keys_and_indexes(built: Any) -> None:
     for suffix, schema in declared.items():
         table = tables[f"shop-{STAGE}-{suffix}"]
         props = table["Properties"]
-        assert table["DeletionPolicy"] == table["UpdateReplacePolicy"] == "Retain"
+        assert table["DeletionPolicy"] == "RetainExceptOnCreate"
+        assert table["UpdateReplacePolicy"] == "Retain"
         assert props["BillingMode"] == "PAY_PER_REQUEST"
         assert props["PointInTimeRecoverySpecification"] == {"PointInTimeRecoveryEnabled": True}
         assert props["SSESpecification"] == {"SSEEnabled": True}
@@ -199,6 +208,11 @@ def _listed(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [value]
 
 
+def plain_statements(policy: dict[str, Any]) -> list[dict[str, Any]]:
+    """The policy's statements but the VPC mode's (under `Fn::If`, test_the_vpc_mode)."""
+    return [st for st in _listed(policy["PolicyDocument"]["Statement"]) if "Fn::If" not in st]
+
+
 def role_of(template: dict[str, Any], function: str) -> dict[str, Any]:
     (role_id, _) = template["Resources"][function]["Properties"]["Role"]["Fn::GetAtt"]
     return template["Resources"][role_id]
@@ -215,10 +229,13 @@ def test_policy_is_least_privilege(built: Any) -> None:
     planted = copy.deepcopy(template)
     (notify_policy,) = role_of(planted, "AlipayNotifyUrl")["Properties"]["Policies"]
     notify_policy["PolicyDocument"]["Statement"][1]["Action"] = ["dynamodb:*"]
-    function_env(planted, "AlipayNotifyUrl")["JWT_SECRET"] = function_env(
-        template, "JwtAuth")["JWT_SECRET"]
+    function_env(planted, "AlipayNotifyUrl")["JWT_SECRET"] = (
+        f"{{{{resolve:secretsmanager:{SECRET_NAME}:SecretString:JWT_SECRET}}}}")
     assert package.policy_problems(planted) == [
-        "AlipayNotifyUrl (notify) is given JWT_SECRET, which it does not use",
+        "AlipayNotifyUrl: JWT_SECRET resolves a Secrets Manager value into the function's "
+        "environment (readable with lambda:GetFunctionConfiguration, stale after a rotation)",
+        "AlipayNotifyUrl (notify) has JWT_SECRET in its environment: a secret is read at run "
+        "time from SECRET_ID",
         "AlipayNotifyUrl (notify): wildcard action 'dynamodb:*'"]
     functions = resources(template, "AWS::Serverless::Function")
     role_ids = {f["Properties"]["Role"]["Fn::GetAtt"][0] for f in functions.values()}
@@ -230,13 +247,13 @@ def test_policy_is_least_privilege(built: Any) -> None:
         assert group["Properties"]["LogGroupName"] == f"/aws/lambda/{FUNCTION_NAMES[fn]}"
         assert functions[fn]["DependsOn"] == [f"{fn}LogGroup"]
         (policy,) = role_of(template, fn)["Properties"]["Policies"]
-        logs, *tables = policy["PolicyDocument"]["Statement"]
+        logs, *tables = plain_statements(policy)
         assert logs["Action"] == ["logs:CreateLogStream", "logs:PutLogEvents"], fn
         own = re.escape(f"log-group:{group['Properties']['LogGroupName']}") + r":\*"
         assert re.fullmatch(arn % ("logs", own), _arn(logs["Resource"])), fn
         # The bills' statement: test_only_the_reconciler_writes_bills. The outbox's
         # stream is named by the table's own StreamArn.
-        tables = [st for st in tables if st.get("Sid") != "KeepBills"]
+        tables = [st for st in tables if st.get("Sid") not in ("KeepBills", "StageSecret")]
         for st in [st for st in tables if st.get("Sid") == "OutboxStream"]:
             assert fn == "RelayEvents" and st["Resource"] == {
                 "Fn::GetAtt": ["OutboxTable", "StreamArn"]}
@@ -340,6 +357,8 @@ def _policy_grants(statements: list[dict[str, Any]]) -> dict[str, set[str]]:
     stream, named by the template's own StreamArn: `outbox/stream`)."""
     grants: dict[str, set[str]] = {}
     for st in statements:
+        if "Fn::If" in st:  # the VPC mode's ENI actions (test_the_vpc_mode)
+            continue
         actions = _listed(st["Action"])
         for r in map(_arn, _listed(st["Resource"])):
             if r == {"Fn::GetAtt": ["OutboxTable", "StreamArn"]}:
@@ -439,7 +458,9 @@ def test_the_stages_policies_differ_only_in_the_stage() -> None:
     for suffix in POLICY_FILES:
         dev = (REPO / ".chalice" / f"policy-dev{suffix}.json").read_text()
         prod = (REPO / ".chalice" / f"policy-prod{suffix}.json").read_text()
-        assert dev.replace("shop-dev-", "shop-prod-").replace("shop-pay-dev", "shop-pay-prod") == (
+        assert dev.replace("shop-dev-", "shop-prod-").replace("shop-pay-dev", "shop-pay-prod"
+                                                              ).replace("shop-pay/dev-",
+                                                                        "shop-pay/prod-") == (
             prod), suffix
     for stage in ("dev", "prod"):
         env = stages[stage]["environment_variables"]
@@ -449,6 +470,11 @@ def test_the_stages_policies_differ_only_in_the_stage() -> None:
         named = {f.get("iam_policy_file") for f in stages[stage]["lambda_functions"].values()}
         assert named == {None} | {f"policy-{stage}{s}.json" for s in POLICY_FILES[1:]}, stage
         assert stages[stage]["iam_policy_file"] == f"policy-{stage}.json"  # the API's
+    # The functions' settings, timeouts and concurrency: the same but for the stage.
+    dev = json.dumps(stages["dev"]["lambda_functions"])
+    assert dev.replace("shop-pay/dev", "shop-pay/prod").replace("policy-dev", "policy-prod") == (
+        json.dumps(stages["prod"]["lambda_functions"]))
+    assert stages["dev"]["lambda_timeout"] == stages["prod"]["lambda_timeout"] == 29
 
 
 def test_the_template_passes_cfn_lint(built: Any) -> None:
@@ -463,21 +489,66 @@ def test_the_template_passes_cfn_lint(built: Any) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_the_notify_function_has_reserved_concurrency(built: Any) -> None:
-    """The notify URL is public and unauthenticated: a flood of forged notifies takes
-    at most these executions (the API keeps the rest of the account's pool), and
-    each warm one holds one broker connection. Alipay retries whatever is not
-    `success`, a throttled notify (429) included, so the cap loses no payment."""
+# The broker connections of each function at its peak: one per warm instance of a
+# function that publishes (chalicelib/deps.py keeps one Broker a process), so its
+# reserved concurrency; the API's and the notify's are template parameters.
+PUBLISHERS = {"APIHandler": {"Ref": "ApiReservedConcurrency"},
+              "AlipayNotifyUrl": {"Ref": "NotifyReservedConcurrency"},
+              "Sweeper": 1, "RelayEvents": 5}
+
+
+def test_reserved_concurrency_bounds_the_broker_connections(built: Any) -> None:
+    """Each warm instance of a function that publishes holds one broker connection:
+    reserved concurrency caps them (a flash sale beyond the API's is throttled by
+    API Gateway, 429, never refused by the broker). The notify URL is public and
+    unauthenticated: a flood of forged notifies takes at most its executions, and
+    Alipay retries a throttled notify like any other non-`success`. The sweeper and
+    the reconciler run one at a time (a round that outlives its schedule is not
+    joined by the next)."""
     template, _, _ = built
-    props = template["Resources"]["AlipayNotifyUrl"]["Properties"]
-    assert props["ReservedConcurrentExecutions"] == 10
-    # The reconciler, one at a time: a round that outlives ten minutes is not joined
-    # by the next (a day's lease would turn it away anyway, after its own queries).
-    assert template["Resources"]["Reconciler"]["Properties"][
-        "ReservedConcurrentExecutions"] == 1
-    others = [k for k, v in resources(template, "AWS::Serverless::Function").items()
-              if "ReservedConcurrentExecutions" in v["Properties"]]
-    assert sorted(others) == ["AlipayNotifyUrl", "Reconciler"]
+    functions = resources(template, "AWS::Serverless::Function")
+    reserved = {k: v["Properties"]["ReservedConcurrentExecutions"]
+                for k, v in functions.items() if "ReservedConcurrentExecutions" in v["Properties"]}
+    assert reserved == {**PUBLISHERS, "Reconciler": 1}
+    assert {fn for fn, role in ROLES.items() if "RMQ_URL" in config.ROLE_NEEDS[role]} == set(
+        PUBLISHERS)
+    params = template["Parameters"]
+    for name, default in (("ApiReservedConcurrency", 50), ("NotifyReservedConcurrency", 10)):
+        assert params[name]["Type"] == "Number" and params[name]["Default"] == default
+        assert params[name]["MinValue"] == 1
+    # API Gateway throttles the stage before Lambda's reserved concurrency does (a
+    # Lambda throttle reaches the client as 500; API Gateway's own is 429).
+    assert template["Resources"]["RestAPI"]["Properties"]["MethodSettings"] == [
+        {"ResourcePath": "/*", "HttpMethod": "*",
+         "ThrottlingBurstLimit": {"Ref": "ApiThrottleBurst"},
+         "ThrottlingRateLimit": {"Ref": "ApiThrottleRate"}}]
+    assert params["ApiThrottleBurst"]["Default"] <= params["ApiReservedConcurrency"]["Default"]
+    # Defaults and the smallest production broker: well under mq.m5.large's 5,000 (a
+    # single node's limit; README "Capacity"), with the worker's own connections.
+    worker = config.Settings.bridge_workers + 1 + 4 + 1  # consumers, seckill, webhooks, publish
+    fixed = sum(v for v in PUBLISHERS.values() if isinstance(v, int))
+    assert 50 + 10 + fixed + worker < 500  # even a test broker (mq.t3.micro: 500)
+
+
+def test_each_timeout_is_longer_than_its_roles_outbound_chain(built: Any) -> None:
+    """A function's timeout (chalice's 60 s unless config.json sets `lambda_timeout`)
+    must outlast the longest chain of outbound calls its role can make
+    (config.OUTBOUND_CHAIN_SECONDS), or an invocation dies between a write and its
+    publish; the API's chain must fit API Gateway's 29 s, and its timeout too."""
+    template, _, _ = built
+    for fn, role in ROLES.items():
+        timeout = template["Resources"][fn]["Properties"]["Timeout"]
+        assert timeout > config.OUTBOUND_CHAIN_SECONDS[role], (fn, timeout)
+    assert config.OUTBOUND_CHAIN_SECONDS["api"] < template["Resources"]["APIHandler"][
+        "Properties"]["Timeout"] <= 29
+    assert {fn: template["Resources"][fn]["Properties"]["Timeout"] for fn in ROLES} == {
+        "APIHandler": 29, "JwtAuth": 10, "AlipayNotifyUrl": 30, "Sweeper": 120,
+        "Reconciler": 900, "RelayEvents": 60}
+    planted = copy.deepcopy(template)
+    planted["Resources"]["Sweeper"]["Properties"]["Timeout"] = 1
+    assert package.policy_problems(planted) == [
+        f"Sweeper (sweeper): its timeout 1 s is not longer than its longest chain of outbound "
+        f"calls ({config.OUTBOUND_CHAIN_SECONDS['sweeper']:g} s)"]
 
 
 def test_each_attention_metric_has_an_alarm_that_notifies_the_topic(built: Any) -> None:
@@ -548,29 +619,40 @@ def test_indexes_can_be_left_out_for_a_table_that_exists_already() -> None:
         package.merge_template(STAGE, ["by-nothing"])
 
 
-def test_settings_come_from_ssm_and_secrets_manager(built: Any) -> None:
-    """Each function gets exactly the settings its role checks for at start
-    (config.ROLE_NEEDS), each a reference resolved when the stack is deployed, and
-    starts with them: the notify function with Alipay's public key, ids and the
-    publish-only broker user; the authorizer with the JWT secret only."""
-    template, _, _ = built
+def test_settings_come_from_ssm_and_the_secret_from_secrets_manager_at_run_time(
+        built: Any) -> None:
+    """Each function gets exactly the non-secret settings its role checks for at start
+    (config.ROLE_NEEDS), each an SSM reference resolved when the stack is deployed;
+    its secrets are never in its environment (where lambda:GetFunctionConfiguration
+    would show them, and a rotation would not reach them): SECRET_ID names the
+    stage's secret, and its role may read that secret and no other. With the
+    secret's keys read (as chalicelib does from SECRET_ID) each function starts."""
+    template, text, _ = built
+    assert "{{resolve:secretsmanager" not in text
     guarded = (*SECRET_SETTINGS, *SSM_SETTINGS, "RMQ_WORKER_URL", "BILLS_BUCKET")
+    assert set(SECRET_SETTINGS.items()) == set(config.SECRET_KEYS.items())
     for fn, role in ROLES.items():
         env = function_env(template, fn)
         assert env["FUNCTION_ROLE"] == role
-        assert {k for k in env if k in guarded} == set(config.ROLE_NEEDS[role]), fn
-        for key, secret_key in SECRET_SETTINGS.items():
-            if key in env:
-                assert re.fullmatch(rf"\{{\{{resolve:secretsmanager:shop-pay/{STAGE}:"
-                                    rf"SecretString:{secret_key}\}}\}}", env[key]), (fn, key)
+        needs = set(config.ROLE_NEEDS[role])
+        assert {k for k in env if k in guarded} == needs - set(SECRET_SETTINGS), fn
+        assert env.get("SECRET_ID") == (SECRET_NAME if needs & set(SECRET_SETTINGS) else None)
         for key in SSM_SETTINGS:
             if key in env:
                 assert re.fullmatch(rf"\{{\{{resolve:ssm:/shop-pay/{STAGE}/[a-z-]+\}}\}}",
                                     env[key]), (fn, key)
-        # As deployed: the references stand for values; the function starts with them.
-        resolved = {k: v if not isinstance(v, str) or "{{resolve:" not in v else
-                    (SECRET if k == "JWT_SECRET" else "resolved")
-                    for k, v in env.items()}
+        grants = [st for st in plain_statements(role_of(template, fn)["Properties"]["Policies"][0])
+                  if any(a.startswith("secretsmanager:") for a in _listed(st["Action"]))]
+        assert grants == [{"Sid": "StageSecret", "Effect": "Allow",
+                           "Action": ["secretsmanager:GetSecretValue"], "Resource": {
+                               "Fn::Sub": "arn:${AWS::Partition}:secretsmanager:${AWS::Region}:"
+                                          f"${{AWS::AccountId}}:secret:{SECRET_NAME}-??????"}}], fn
+        # As deployed: SSM's references stand for values, the secret's keys are what
+        # the run time reads from SECRET_ID; the function starts with them.
+        resolved = {k: v if not isinstance(v, str) or "{{resolve:" not in v else "resolved"
+                    for k, v in env.items() if k != "SECRET_ID"}
+        resolved |= {k: SECRET if k == "JWT_SECRET" else "resolved"
+                     for k in needs & set(SECRET_SETTINGS)}
         if "BILLS_BUCKET" in env:  # the template's own bucket, named when it is made
             assert env["BILLS_BUCKET"] == {"Ref": "BillsBucket"}, fn
             resolved["BILLS_BUCKET"] = "shop-pay-prod-bills-123456789012-us-east-1"
@@ -596,7 +678,8 @@ def test_the_bills_bucket_is_private_and_only_the_reconciler_writes_bills(built:
     template, _, _ = built
     (bucket_id, bucket), = resources(template, "AWS::S3::Bucket").items()
     props = bucket["Properties"]
-    assert bucket["DeletionPolicy"] == bucket["UpdateReplacePolicy"] == "Retain"
+    assert bucket["DeletionPolicy"] == "RetainExceptOnCreate"
+    assert bucket["UpdateReplacePolicy"] == "Retain"
     assert props["BucketName"] == {"Fn::Sub": BILLS_BUCKET}
     assert props["VersioningConfiguration"] == {"Status": "Enabled"}
     (sse,) = props["BucketEncryption"]["ServerSideEncryptionConfiguration"]
@@ -616,7 +699,7 @@ def test_the_bills_bucket_is_private_and_only_the_reconciler_writes_bills(built:
     s3 = {}
     for fn in FUNCTIONS:
         (role_policy,) = role_of(template, fn)["Properties"]["Policies"]
-        for st in _listed(role_policy["PolicyDocument"]["Statement"]):
+        for st in plain_statements(role_policy):
             if any(a.startswith("s3:") for a in _listed(st["Action"])) or any(
                     ":s3:" in _arn(r) for r in _listed(st["Resource"])):
                 s3.setdefault(fn, []).append(st)
@@ -664,14 +747,131 @@ def test_no_secret_in_the_template_or_the_zip(built: Any) -> None:
 
 def test_a_request_without_a_token_gets_the_contracts_401(built: Any) -> None:
     """API Gateway answers a request with no Authorization header itself, before the
-    authorizer runs; its GatewayResponse keeps the contract's {"Code","Message"}.
-    `make run` serves the same body (local/api.py reads it from the template)."""
+    authorizer runs; its gateway response keeps the contract's {"Code","Message"}.
+    It is in the API's own GatewayResponses (SAM writes it into the API's
+    definition): a separate AWS::ApiGateway::GatewayResponse is dropped from the
+    API by SAM's next redeployment. `make run` serves the same body (local/api.py
+    reads it from .chalice/resources.json, where it is written as a resource)."""
     template, _, _ = built
-    found = resources(template, "AWS::ApiGateway::GatewayResponse")
-    unauthorized = [r["Properties"] for r in found.values()
-                    if r["Properties"]["ResponseType"] == "UNAUTHORIZED"]
-    assert len(unauthorized) == 1
-    props = unauthorized[0]
-    assert props["RestApiId"] == {"Ref": "RestAPI"} and props["StatusCode"] == "401"
-    body = json.loads(props["ResponseTemplates"]["application/json"])
+    assert not resources(template, "AWS::ApiGateway::GatewayResponse")
+    api = template["Resources"]["RestAPI"]
+    assert api["Type"] == "AWS::Serverless::Api"
+    (kind, answer), = api["Properties"]["GatewayResponses"].items()
+    assert kind == "UNAUTHORIZED" and answer["StatusCode"] == "401"
+    assert answer["ResponseParameters"] == {"Headers": {"Content-Type": "'application/json'"}}
+    body = json.loads(answer["ResponseTemplates"]["application/json"])
     assert set(body) == {"Code", "Message"} and body["Code"] == "UnauthorizedError"
+    written = [r["Properties"] for r in json.loads(
+        (REPO / ".chalice" / "resources.json").read_text())["Resources"].values()
+        if r.get("Type") == "AWS::ApiGateway::GatewayResponse"]
+    assert [w["ResponseTemplates"] for w in written] == [answer["ResponseTemplates"]]
+
+
+KEPT = ("AWS::DynamoDB::Table", "AWS::S3::Bucket", "AWS::Logs::LogGroup")
+
+
+def test_data_is_kept_but_a_failed_first_create_leaves_nothing(built: Any) -> None:
+    """Tables, the bills bucket and the log groups outlive the stack and any
+    replacement (Retain), but the deployment that created them rolling back
+    removes them (RetainExceptOnCreate): a failed first deploy leaves nothing that
+    makes the next one fail with "already exists"."""
+    template, _, _ = built
+    kept = {k: v for k, v in template["Resources"].items() if v["Type"] in KEPT}
+    assert len(kept) == 10 + 1 + len(FUNCTIONS)
+    for rid, resource in kept.items():
+        assert resource.get("DeletionPolicy") == "RetainExceptOnCreate", rid
+        assert resource.get("UpdateReplacePolicy") == "Retain", rid
+    assert not [k for k, v in template["Resources"].items()
+                if v.get("DeletionPolicy") == "Retain"], "Retain: a failed first create sticks"
+
+
+VPC_IF = {"Fn::If": ["InVpc", {"SubnetIds": {"Ref": "SubnetIds"},
+                               "SecurityGroupIds": {"Ref": "SecurityGroupIds"}},
+                     {"Ref": "AWS::NoValue"}]}
+
+
+def test_the_vpc_mode(built: Any) -> None:
+    """SubnetIds and SecurityGroupIds empty (the defaults): no VPC, the trial mode
+    with a public broker. Either set: every function in those subnets (Lambda
+    refuses one without the other, so a half-given VPC fails the deployment rather
+    than leaving the functions outside), every role with the EC2 actions Lambda
+    needs to attach it (only under the same condition: `*` is their only resource),
+    and, where asked, a DynamoDB gateway endpoint on the given route tables and
+    interface endpoints for Secrets Manager, SSM and CloudWatch Logs reachable on
+    443 from the functions' first security group."""
+    template, _, _ = built
+    params = template["Parameters"]
+    for name in ("SubnetIds", "SecurityGroupIds", "RouteTableIds"):
+        assert params[name] == {**params[name], "Type": "CommaDelimitedList", "Default": ""}
+    assert params["VpcId"]["Default"] == "" and params["InterfaceEndpoints"]["Default"] == "false"
+    conditions = template["Conditions"]
+
+    def given(name: str) -> dict[str, Any]:
+        return {"Fn::Not": [{"Fn::Equals": [{"Fn::Join": ["", {"Ref": name}]}, ""]}]}
+
+    assert conditions["InVpc"] == {"Fn::Or": [given("SubnetIds"), given("SecurityGroupIds")]}
+    assert conditions["HasDynamoDbEndpoint"] == {"Fn::And": [{"Condition": "InVpc"},
+                                                             given("RouteTableIds")]}
+    assert conditions["HasInterfaceEndpoints"] == {"Fn::And": [
+        {"Condition": "InVpc"}, {"Fn::Equals": [{"Ref": "InterfaceEndpoints"}, "true"]}]}
+    for fn in FUNCTIONS:
+        assert template["Resources"][fn]["Properties"]["VpcConfig"] == VPC_IF, fn
+        (policy,) = role_of(template, fn)["Properties"]["Policies"]
+        (vpc_only,) = [st for st in policy["PolicyDocument"]["Statement"] if "Fn::If" in st]
+        condition, st, otherwise = vpc_only["Fn::If"]
+        assert (condition, otherwise) == ("InVpc", {"Ref": "AWS::NoValue"}), fn
+        assert set(st["Action"]) == package.VPC_ACTIONS and st["Resource"] == "*", fn
+    endpoints = resources(template, "AWS::EC2::VPCEndpoint")
+    services = {k: (v["Condition"], v["Properties"]["VpcEndpointType"],
+                    v["Properties"]["ServiceName"]["Fn::Sub"].rsplit(".", 1)[1])
+                for k, v in endpoints.items()}
+    assert sorted(services.values()) == [
+        ("HasDynamoDbEndpoint", "Gateway", "dynamodb"),
+        ("HasInterfaceEndpoints", "Interface", "logs"),
+        ("HasInterfaceEndpoints", "Interface", "secretsmanager"),
+        ("HasInterfaceEndpoints", "Interface", "ssm")]
+    for endpoint in endpoints.values():
+        props = endpoint["Properties"]
+        assert props["VpcId"] == {"Ref": "VpcId"}
+        if props["VpcEndpointType"] == "Gateway":
+            assert props["RouteTableIds"] == {"Ref": "RouteTableIds"}
+        else:
+            assert props["SubnetIds"] == {"Ref": "SubnetIds"} and props["PrivateDnsEnabled"]
+            assert props["SecurityGroupIds"] == [{"Ref": "EndpointSecurityGroup"}]
+    (group,) = resources(template, "AWS::EC2::SecurityGroup").values()
+    assert group["Condition"] == "HasInterfaceEndpoints"
+    (ingress,) = group["Properties"]["SecurityGroupIngress"]
+    assert (ingress["IpProtocol"], ingress["FromPort"], ingress["ToPort"]) == ("tcp", 443, 443)
+    assert ingress["SourceSecurityGroupId"] == {"Fn::Select": [0, {"Ref": "SecurityGroupIds"}]}
+    assert template["Outputs"]["VpcMode"]["Value"] == {"Fn::If": ["InVpc", "vpc", "public"]}
+    # A function left out of the VPC, or the ENI grant given outside it: both named.
+    planted = copy.deepcopy(template)
+    del planted["Resources"]["Sweeper"]["Properties"]["VpcConfig"]
+    (policy,) = role_of(planted, "JwtAuth")["Properties"]["Policies"]
+    statements = policy["PolicyDocument"]["Statement"]
+    statements[-1] = statements[-1]["Fn::If"][1]
+    assert sorted(package.policy_problems(planted)) == [
+        "JwtAuth (authorizer): wildcard resource '*'",
+        "Sweeper (sweeper) has no VpcConfig: in VPC mode it would run outside the VPC, away "
+        "from a private broker"]
+
+
+def test_the_function_names_do_not_depend_on_the_stack_name(built: Any) -> None:
+    """Each function's name is fixed (`shop-pay-<stage>[-<function>]`, from
+    .chalice/resources.json), so its log group and its role's grant on that group
+    match whatever the stack is called. (One stack per stage, account and region.)"""
+    template, text, _ = built
+    for fn, name in FUNCTION_NAMES.items():
+        assert template["Resources"][fn]["Properties"]["FunctionName"] == name
+    assert "AWS::StackName" not in text
+
+
+def test_the_build_refuses_two_regions(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The AWS CLI reads AWS_REGION, SAM CLI (boto3) only AWS_DEFAULT_REGION: two
+    different values would put the settings in one region and the stack in another."""
+    monkeypatch.setenv("AWS_REGION", "ap-southeast-1")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with pytest.raises(SystemExit, match="AWS_REGION=ap-southeast-1 but "
+                                         "AWS_DEFAULT_REGION=us-east-1"):
+        package.build(STAGE, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
