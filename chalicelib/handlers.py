@@ -305,7 +305,7 @@ def _settle_unpaid(deps: Deps, order: Order) -> OrderStatus | None:
 
 def _record_notes(deps: Deps, notes: list[TimelineEvent]) -> None:
     for note in notes:
-        record(deps, note.order_id, note.type, at=note.time, **note.detail)
+        record(deps, note.order_id, note.type, at=note.time, ref=note.ref, **note.detail)
 
 
 def _query_trade(deps: Deps, order: Order, notes: list[TimelineEvent] | None = None,
@@ -524,7 +524,7 @@ def on_paid(deps: Deps, msg: Mapping[str, Any]) -> OrderStatus:
     if not isinstance(order_id, str) or not domain.ORDER_ID_RE.fullmatch(order_id):
         raise Unprocessable(f"pay message without a valid orderId: {clip(dict(msg))!r}")
     notice = _verified_payment(deps, order_id, msg)
-    _record_notify(deps, order_id, msg)
+    notified = _notify_note(deps, order_id, msg)
     trade_no, notify_id = notice.trade_no, notice.notice_id
     fen = notice.amount_fen
     assert fen is not None  # _verified_payment compared it with the message's
@@ -532,8 +532,9 @@ def on_paid(deps: Deps, msg: Mapping[str, Any]) -> OrderStatus:
     # The common case in one write, no read first: the write's condition (UNPAID and
     # due exactly this amount) is the whole rule. Only when it fails does the read
     # below say why: unknown order, another amount, already PAID, CLOSED.
-    if _mark_paid(deps, order_id, trade_no, fen, pay_time, notify_id):
+    if _mark_paid(deps, order_id, trade_no, fen, pay_time, notify_id, notes=[notified]):
         return PAID
+    _record_notes(deps, [notified])  # a notify again, or for an order that is not UNPAID
     order = deps.store.get_order(order_id)
     if order is None:
         raise Unprocessable(f"pay message for unknown order {order_id}")
@@ -545,17 +546,19 @@ def on_paid(deps: Deps, msg: Mapping[str, Any]) -> OrderStatus:
     return _apply_payment(deps, order, trade_no, fen, pay_time, notify_id)
 
 
-def _record_notify(deps: Deps, order_id: str, msg: Mapping[str, Any]) -> None:
-    """The verified notify on the order's timeline, at the time the route received
-    it; a redelivered message writes the same event again, not a second one."""
+def _notify_note(deps: Deps, order_id: str, msg: Mapping[str, Any]) -> TimelineEvent:
+    """The verified notify as the order's timeline keeps it, at the time the route
+    received it; a redelivered message writes the same event again, not a second."""
     form = msg["notify"]
     try:
         at = parse_iso(str(msg.get("receivedAt", "")))
     except ValueError:
-        at = None  # published before the route stamped its messages
+        at = deps.clock()  # published before the route stamped its messages
     ref = hashlib.sha256(str(form.get("sign", "")).encode()).hexdigest()[:8]
-    record(deps, order_id, EventType.NOTIFY, at=at, ref=ref, verified=True,
-           fields=clip({k: v for k, v in form.items() if k != "sign"}))
+    return TimelineEvent(order_id, at, EventType.NOTIFY,
+                         {"verified": True,
+                          "fields": clip({k: v for k, v in form.items() if k != "sign"})},
+                         ref=ref)
 
 
 def _verified_payment(deps: Deps, order_id: str, msg: Mapping[str, Any]) -> PaymentNotice:
@@ -585,14 +588,17 @@ def _verified_payment(deps: Deps, order_id: str, msg: Mapping[str, Any]) -> Paym
 
 
 def _mark_paid(deps: Deps, order_id: str, trade_no: str, fen: int, pay_time: datetime,
-               notify_id: str | None) -> bool:
-    """UNPAID -> PAID for exactly `fen` (the write's condition); False: it was not."""
+               notify_id: str | None, notes: list[TimelineEvent] | None = None) -> bool:
+    """UNPAID -> PAID for exactly `fen` (the write's condition), the timeline's
+    `notes` and `paid` event in the same transaction; False: it was not."""
+    now = deps.clock()
+    paid = TimelineEvent(order_id, now, EventType.PAID,
+                         {"tradeNo": trade_no, "amount": money_str(fen)})
     if not deps.store.mark_paid(order_id, total_fen=fen, trade_no=trade_no, pay_time=pay_time,
-                                notify_id=notify_id, now=deps.clock()):
+                                notify_id=notify_id, now=now, notes=[*(notes or ()), paid]):
         return False
     log.info("order %s PAID", order_id,
              extra={"orderId": order_id, "tradeNo": trade_no, "notifyId": notify_id})
-    record(deps, order_id, EventType.PAID, tradeNo=trade_no, amount=money_str(fen))
     return True
 
 

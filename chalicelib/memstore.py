@@ -323,6 +323,7 @@ class InMemoryStore:
         pay_time: datetime,
         notify_id: str | None,
         now: datetime,
+        notes: Sequence[TimelineEvent] = (),
     ) -> bool:
         """UNPAID -> PAID for exactly this amount. False when the order was not UNPAID,
         is due another amount, or does not exist."""
@@ -330,6 +331,8 @@ class InMemoryStore:
         if rec is None or rec["status"] != UNPAID or rec["total_fen"] != total_fen:
             return False
         self._put_events([events.paid(order_id, trade_no=trade_no, now=now)])
+        for note in notes:
+            self._append_event(note)
         rec.update(status=PAID, transaction_id=trade_no, pay_time=_iso(pay_time),
                    notify_id=notify_id or "", update_time=_iso(now), unpaid=None,
                    pay_day=bill_day(pay_time).isoformat())

@@ -284,7 +284,10 @@ class OrderPort(Protocol):
     def list_orders(self, username: str, limit: int = 100) -> list[Order]: ...
 
     def mark_paid(self, order_id: str, *, total_fen: int, trade_no: str, pay_time: datetime,
-                  notify_id: str | None, now: datetime) -> bool: ...
+                  notify_id: str | None, now: datetime,
+                  notes: Sequence[TimelineEvent] = ()) -> bool:
+        """`notes`: timeline events written in the same transaction (none if False)."""
+        ...
 
     def close_order(self, order: Order, *, now: datetime,
                     notes: Sequence[TimelineEvent] = ()) -> bool:

@@ -775,6 +775,22 @@ class StoreContract(ReconciliationContract, OutboxContract):
         got = store.get_order(order.id)
         assert got is not None and got.close_time == ms(T0)
 
+    def test_mark_paid_writes_its_notes_with_it_and_none_when_it_marks_nothing(
+            self, store: Any) -> None:
+        a = put_goods(store, "k1", 1990, 10)
+        order = order_from_cart(store, "alice", (a, 1))
+        at = T0 + timedelta(minutes=3)
+        notes = [TimelineEvent(order.id, at, EventType.NOTIFY, {"verified": True}, "n1"),
+                 TimelineEvent(order.id, at + timedelta(milliseconds=2), EventType.PAID,
+                               {"tradeNo": "T1"})]
+        kw = {"total_fen": 1990, "trade_no": "T1", "pay_time": at, "notify_id": "n1", "now": at}
+        assert store.mark_paid(order.id, **kw, notes=notes) is True
+        assert [e.type for e in store.timeline(order.id)][1:] == [EventType.NOTIFY,
+                                                                  EventType.PAID]
+        assert store.mark_paid(order.id, **kw, notes=[TimelineEvent(
+            order.id, at, EventType.PAID, {"again": True})]) is False
+        assert len(store.timeline(order.id)) == 3
+
     def test_close_order_writes_its_notes_with_it_and_none_when_it_closes_nothing(
             self, store: Any) -> None:
         a = put_goods(store, "k1", 1990, 10)

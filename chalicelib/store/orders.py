@@ -227,14 +227,17 @@ class OrderStore(StoreBase):
         pay_time: datetime,
         notify_id: str | None,
         now: datetime,
+        notes: Sequence[TimelineEvent] = (),
     ) -> bool:
-        """UNPAID -> PAID for exactly this amount, with its `order.paid` event. False
-        when the order was not UNPAID (or does not exist: a failed condition never
-        creates the item)."""
+        """UNPAID -> PAID for exactly this amount, with its `order.paid` event and the
+        timeline's `notes`, in one transaction. False when the order was not UNPAID
+        (or does not exist: a failed condition never creates the item)."""
         m = self.models
 
         def build(tx: TransactWrite) -> None:
             put_event(m, tx, events.paid(order_id, trade_no=trade_no, now=now))
+            for note in notes:
+                tx.save(timeline_item(m, note))
             tx.update(
                 m.Order(order_id),
                 actions=[
