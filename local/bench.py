@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -60,7 +61,7 @@ FULL = {
     "create_n": 400, "create_rounds": 4,
     "timeout_cap_n": 1_000, "timeout_seconds": 30.0, "timeout_rate": 50.0,
     "e2e_seconds": 12.0, "e2e_rate": 50.0,
-    "cold_reps": 7,
+    "cold_reps": 7, "zip": True,
     "shave_n": 3_000, "shave_rate": 60.0,
     "reconcile_n": (2_000, 20_000),
     "events_n": 2_000, "events_seconds": 8.0, "events_rate": 50.0, "events_rounds": 4,
@@ -71,7 +72,7 @@ QUICK = {
     "create_n": 40, "create_rounds": 2,
     "timeout_cap_n": 150, "timeout_seconds": 4.0, "timeout_rate": 50.0,
     "e2e_seconds": 2.0, "e2e_rate": 50.0,
-    "cold_reps": 2,
+    "cold_reps": 2, "zip": False,
     "shave_n": 200, "shave_rate": 50.0,
     "reconcile_n": (500, 2_000),
     "events_n": 100, "events_seconds": 1.0, "events_rate": 50.0, "events_rounds": 2,
@@ -517,18 +518,32 @@ def bare_conditional_update(order_id: str) -> None:
 
 
 def bare_pay_update(order_id: str) -> None:
-    """The bridge's UNPAID -> PAID write, the same actions and condition, bare."""
-    from chalicelib.domain import PAID, UNPAID, iso
+    """The bridge's UNPAID -> PAID write, bare: the same transaction (the order's
+    update under its condition, the outbox's event, the notify's and the payment's
+    timeline events)."""
+    from pynamodb.transactions import TransactWrite
+
+    from chalicelib.domain import PAID, UNPAID, EventType, TimelineEvent, events, iso
+    from chalicelib.domain.reconciliation import bill_day
+    from chalicelib.store.models import timeline_item
+    from chalicelib.store.outbox import put_event
     from local.bench_models import models
 
     M = models()
 
-    now = iso(datetime.now(UTC))
-    M.Order._get_connection().update_item(
-        order_id, actions=[M.Order.status.set(PAID), M.Order.transaction_id.set("T1"),
-                           M.Order.pay_time.set(now), M.Order.notify_id.set("n1"),
-                           M.Order.update_time.set(now), M.Order.unpaid.remove()],
-        condition=(M.Order.status == UNPAID) & (M.Order.total_fen == SEED_TOTAL_FEN))
+    at = datetime.now(UTC)
+    now = iso(at)
+    with TransactWrite(connection=M.Order._get_connection().connection) as tx:
+        put_event(M, tx, events.paid(order_id, trade_no="T1", now=at))
+        for kind, detail in ((EventType.NOTIFY, {"verified": True}),
+                             (EventType.PAID, {"tradeNo": "T1"})):
+            tx.save(timeline_item(M, TimelineEvent(order_id, at, kind, detail)))
+        tx.update(M.Order(order_id), actions=[
+            M.Order.status.set(PAID), M.Order.transaction_id.set("T1"),
+            M.Order.pay_time.set(now), M.Order.pay_day.set(bill_day(at).isoformat()),
+            M.Order.notify_id.set("n1"), M.Order.update_time.set(now),
+            M.Order.unpaid.remove()],
+            condition=(M.Order.status == UNPAID) & (M.Order.total_fen == SEED_TOTAL_FEN))
 
 
 def bare_total_read(order_id: str) -> dict[str, Any]:
@@ -1315,7 +1330,78 @@ def stage_cold(world: World) -> StageResult:
                     dependencies=list(DEPENDENCIES))
     res.notes.append("6 cold: a fresh interpreter per import (time of the imports only); "
                      f"dependencies = {', '.join(DEPENDENCIES)}; socket.connect is watched.")
+    if world.sizes["zip"]:
+        _zip_rows(world, res, reps)
     return res
+
+
+# What each function imports when it starts and builds its dependencies.
+FUNCTION_MODULES = ("app", "chalicelib.deps", "chalicelib.store", "chalicelib.broker",
+                    "chalicelib.alipay_gateway", "chalicelib.webhook_http",
+                    "chalicelib.archive", "chalicelib.secrets", "chalicelib.reconcile")
+
+
+def _zip_rows(world: World, res: StageResult, reps: int) -> None:
+    """The Lambda zip as chalice makes it (the SDK inside) against the one shipped
+    (the runtime's SDK): sizes, unpacking, and the functions' imports under the
+    runtime's Python, the SDK beside the code as /var/runtime is."""
+    import zipfile
+
+    from local import lambda_zip, package
+
+    python = next((p for p in sorted(Path.home().glob(
+        f".pyenv/versions/{package.LAMBDA_RUNTIME.removeprefix('python')}*/bin/"
+        f"{package.LAMBDA_RUNTIME}")) if os.access(p, os.X_OK)), None)
+    progress("6 cold: building the Lambda package (make package), whole and lean")
+    whole = world.tmp / "whole.zip"
+    package.build("prod", world.tmp / "package", whole_zip=whole)
+    lean = world.tmp / "package" / "deployment.zip"
+    unpack: dict[str, list[float]] = {"whole": [], "lean": []}
+    for _ in range(reps):
+        for name, path in (("whole", whole), ("lean", lean)):
+            target = world.tmp / f"task-{name}"
+            shutil.rmtree(target, ignore_errors=True)
+            start = time.perf_counter()
+            with zipfile.ZipFile(path) as z:
+                z.extractall(target)
+            unpack[name].append(time.perf_counter() - start)
+    runtime = world.tmp / "runtime"
+    runtime.mkdir(exist_ok=True)
+    with zipfile.ZipFile(whole) as z:  # the SDK the whole zip holds, as the runtime's
+        z.extractall(runtime, [i.filename for i in z.infolist()
+                               if lambda_zip.runtime_provided(i.filename.split("/")[0])])
+    imports: dict[str, list[float]] = {"whole": [], "lean": []}
+    if python is not None:
+        probe = ("import sys, time; sys.path[:0] = sys.argv[2].split(','); "
+                 "t = time.perf_counter(); [__import__(m) for m in sys.argv[1].split(',')]; "
+                 "print(time.perf_counter() - t)")
+        for _ in range(reps):
+            for name, path in (("whole", str(world.tmp / "task-whole")),
+                               ("lean", f"{world.tmp / 'task-lean'},{runtime}")):
+                done = subprocess.run([str(python), "-S", "-c", probe, ",".join(FUNCTION_MODULES),
+                                       path], capture_output=True, text=True, timeout=60,
+                                      check=True, env={"PATH": "/usr/bin:/bin", "STAGE": "prod"})
+                imports[name].append(float(done.stdout.strip().splitlines()[-1]))
+    mib = 1024 * 1024
+    res.rows += [
+        Row("6 cold", "Lambda zip MiB, as chalice makes it vs shipped", whole.stat().st_size / mib,
+            lean.stat().st_size / mib, "MiB", f"<= {lambda_zip.BUDGET_BYTES / mib:g} MiB",
+            lean.stat().st_size <= lambda_zip.BUDGET_BYTES),
+        Row("6 cold", "zip unpack s, median (whole vs lean)", statistics.median(unpack["whole"]),
+            statistics.median(unpack["lean"]), "s"),
+    ]
+    if python is not None:
+        res.rows.append(Row("6 cold", f"functions' imports s under {package.LAMBDA_RUNTIME}, "
+                            "median (whole vs lean + runtime SDK)",
+                            statistics.median(imports["whole"]),
+                            statistics.median(imports["lean"]), "s"))
+    res.data.update(zip_whole_bytes=whole.stat().st_size, zip_lean_bytes=lean.stat().st_size,
+                    zip_unpack_s=unpack, zip_imports_s=imports, zip_python=str(python))
+    res.notes.append("6 cold: the zip rows build the package (`make package`'s build), unpack "
+                     "each zip as Lambda does at a cold start, and import what the functions "
+                     f"import ({', '.join(FUNCTION_MODULES)}) under the runtime's Python with "
+                     "nothing else on the path: the whole zip alone, and the lean zip beside "
+                     "the SDK the whole one held (in place of the runtime's /var/runtime).")
 
 
 # --- stage 7: peak shaving ----------------------------------------------------------------
