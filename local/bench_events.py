@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -42,7 +43,8 @@ from local.bench import (
 
 def _stores() -> tuple[Any, Any]:
     """make_store's TimingStore, and the same with mark_paid as it was before the
-    outbox: one conditional UpdateItem, no event."""
+    outbox: one conditional UpdateItem, no event, the timeline's events written
+    after it one by one."""
     from chalicelib.domain import PAID, UNPAID, iso
     from chalicelib.domain.reconciliation import bill_day
     from chalicelib.store.base import conditional
@@ -51,7 +53,8 @@ def _stores() -> tuple[Any, Any]:
 
     class PreOutboxStore(type(timing)):  # type: ignore[misc]
         def mark_paid(self, order_id: str, *, total_fen: int, trade_no: str,
-                      pay_time: datetime, notify_id: str | None, now: datetime) -> bool:
+                      pay_time: datetime, notify_id: str | None, now: datetime,
+                      notes: Sequence[Any] = ()) -> bool:
             m = self.models
             with conditional() as written:
                 m.Order._get_connection().update_item(
@@ -64,6 +67,8 @@ def _stores() -> tuple[Any, Any]:
                     condition=(m.Order.status == UNPAID) & (m.Order.total_fen == total_fen))
             if written.held:
                 self.paid[order_id] = time.perf_counter()
+                for note in notes:  # as before: the timeline's events, each its own write
+                    self.append_event(note)
             return written.held
 
     return timing, PreOutboxStore()
