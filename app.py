@@ -8,10 +8,11 @@ import functools
 import html
 import json
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_plus
 
 from chalice import AuthResponse, Chalice, ForbiddenError, Rate, Response, UnauthorizedError
 
@@ -473,11 +474,16 @@ def _notify_body(body: object, base64_encoded: bool) -> bytes | None:
     return raw
 
 
+_CHARSET = re.compile(r"(?:^|&)charset=([^&]*)")
+
+
 def _form(raw: bytes) -> dict[str, str] | None:
     """Alipay's form in its own charset; None when it is not a well-formed form."""
     try:
         text = raw.decode("ascii")
-        charset = dict(parse_qsl(text, keep_blank_values=True)).get("charset") or "utf-8"
+        # The charset field is ASCII itself: found without parsing the form twice.
+        named = _CHARSET.search(text)
+        charset = unquote_plus(named.group(1)) if named and named.group(1) else "utf-8"
         pairs = parse_qsl(text, keep_blank_values=True, encoding=charset, errors="strict",
                           strict_parsing=True, max_num_fields=100)
     except (UnicodeDecodeError, LookupError, ValueError):
