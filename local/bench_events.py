@@ -43,8 +43,8 @@ from local.bench import (
 
 def _stores() -> tuple[Any, Any]:
     """make_store's TimingStore, and the same with mark_paid as it was before the
-    outbox: one conditional UpdateItem, no event, the timeline's events written
-    after it one by one."""
+    outbox: one conditional UpdateItem, no event; the timeline's events each a write
+    of their own, the notify's before it (the route wrote it), the payment's after."""
     from chalicelib.domain import PAID, UNPAID, iso
     from chalicelib.domain.reconciliation import bill_day
     from chalicelib.store.base import conditional
@@ -56,6 +56,10 @@ def _stores() -> tuple[Any, Any]:
                       pay_time: datetime, notify_id: str | None, now: datetime,
                       notes: Sequence[Any] = ()) -> bool:
             m = self.models
+            # Before, the route wrote the notify's timeline event before it published,
+            # so it was on this path; the payment's came after the update.
+            for note in notes[:-1]:
+                self.append_event(note)
             with conditional() as written:
                 m.Order._get_connection().update_item(
                     order_id,
@@ -67,7 +71,7 @@ def _stores() -> tuple[Any, Any]:
                     condition=(m.Order.status == UNPAID) & (m.Order.total_fen == total_fen))
             if written.held:
                 self.paid[order_id] = time.perf_counter()
-                for note in notes:  # as before: the timeline's events, each its own write
+                for note in notes[-1:]:
                     self.append_event(note)
             return written.held
 
