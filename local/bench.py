@@ -51,6 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 STAGES = ("drain", "notify", "create", "timeout", "e2e", "cold", "shave", "reconcile",
           "events")
 CHECK_DELAY_S = 5  # the delay queue's TTL in every stage (stage 4's "5 s delay")
+CAPACITY_ROUNDS = 4  # stage 4: the floor's and the bridge's turns at its capacity
 RMQ_HOST = "127.0.0.1"
 RMQ_PORT = 5672
 JWT_SECRET = "bench-secret-0123456789abcdef0123456789"
@@ -59,7 +60,7 @@ FULL = {
     "drain_n": 3_000, "scale_n": 600, "scale_workers": (1, 2, 4),
     "notify_n": 1_200, "notify_rounds": 8,
     "create_n": 400, "create_rounds": 4,
-    "timeout_cap_n": 1_000, "timeout_seconds": 24.0, "timeout_rate": 50.0,
+    "timeout_cap_n": 2_000, "timeout_seconds": 24.0, "timeout_rate": 50.0,
     "e2e_seconds": 12.0, "e2e_rate": 50.0,
     "cold_reps": 7, "zip": True,
     "shave_n": 2_400, "shave_rate": 60.0,
@@ -70,7 +71,7 @@ QUICK = {
     "drain_n": 300, "scale_n": 150, "scale_workers": (1, 2),
     "notify_n": 60, "notify_rounds": 2,
     "create_n": 40, "create_rounds": 2,
-    "timeout_cap_n": 150, "timeout_seconds": 4.0, "timeout_rate": 50.0,
+    "timeout_cap_n": 200, "timeout_seconds": 4.0, "timeout_rate": 50.0,
     "e2e_seconds": 2.0, "e2e_rate": 50.0,
     "cold_reps": 2, "zip": False,
     "shave_n": 200, "shave_rate": 50.0,
@@ -985,18 +986,20 @@ def stage_timeout(world: World) -> StageResult:
                     raise RuntimeError("the bridge did not start; see bridge-timeout.log")
                 time.sleep(0.1)
             idle_mb = _vm(proc.pid, "VmHWM")
-            # Capacity: the floor and the bridge in turns (ABAB), each closing half its
-            # orders a round, so a slow spell of the host weighs on both alike.
+            # Capacity: the floor and the bridge in turns (ABAB...), each closing a
+            # share of its orders a round, so a slow spell of the host weighs on both.
             floor_s = cap_s = 0.0
-            part = cap_n // 2
-            for r in range(2):
-                progress(f"4 timeout: capacity, round {r + 1}/2: {part:,} closes done bare in "
+            part = cap_n // CAPACITY_ROUNDS
+            for r in range(CAPACITY_ROUNDS):
+                progress(f"4 timeout: capacity, round {r + 1}/{CAPACITY_ROUNDS}: {part:,} closes "
+                         f"done bare in "
                          f"{workers} threads (read, signed query, transaction), then "
                          f"{part:,} checks due at once through the bridge")
                 floor_s += part / _close_floor_rate(world, sandbox.gateway_url,
                                                     seed_orders(part, f"tfloor{r}-", 0), workers)
                 cap_s += part / _bridge_close_rate(url, ch, seed_orders(part, f"tcap{r}-", 0))
-            floor_rate, cap_rate = 2 * part / floor_s, 2 * part / cap_s
+            floor_rate = CAPACITY_ROUNDS * part / floor_s
+            cap_rate = CAPACITY_ROUNDS * part / cap_s
             half = cap_rate / 2
             runs = {}
             for label, r in (("half", half), ("target", rate)):
