@@ -22,7 +22,8 @@ system:
 
 test: $(STAMP) system
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -q -m "not soak"
+	$(VENV)/bin/pytest -q -m "not soak and not isolated"
+	$(VENV)/bin/pytest -q -m isolated
 
 unit: $(STAMP)
 	$(VENV)/bin/pytest -q tests/unit

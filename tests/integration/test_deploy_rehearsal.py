@@ -54,6 +54,11 @@ from samtranslator.translator.transform import transform
 from chalicelib import config
 from local import package
 
+# mock_aws resets moto's in-process state when it stops, the suite's DynamoDB
+# server's tables included (tests/conftest.py): this module runs in a pytest
+# process of its own (`make test` runs `pytest -m isolated` after the rest).
+pytestmark = pytest.mark.isolated
+
 STAGE = "prod"
 REGION = "us-east-1"
 STACK = f"shop-pay-{STAGE}"
