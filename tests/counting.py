@@ -52,9 +52,9 @@ class CountingStore(Store):
         self._try("PAID", order_id)
         return self._count("PAID", order_id, super().mark_paid(order_id, **kw))
 
-    def close_order(self, order: Any, *, now: datetime) -> bool:
+    def close_order(self, order: Any, *, now: datetime, **kw: Any) -> bool:
         self._try("CLOSED", order.id)
-        return self._count("CLOSED", order.id, super().close_order(order, now=now))
+        return self._count("CLOSED", order.id, super().close_order(order, now=now, **kw))
 
     def settle_refund(self, refund: Any, order: Any, **kw: Any) -> bool:
         """REFUNDED is won by the refund whose success brings the order's refunded
