@@ -238,7 +238,6 @@ SECRETS_READ_SECONDS = SECRETS_CONNECT_TIMEOUT_SECONDS + SECRETS_READ_TIMEOUT_SE
 ALIPAY_SHORT_TIMEOUT_SECONDS = 2.5
 ALIPAY_TIMEOUT_SECONDS = 15.0
 ALIPAY_SHORT_CALL_SECONDS = 2 * ALIPAY_SHORT_TIMEOUT_SECONDS
-ALIPAY_CALL_SECONDS = 2 * ALIPAY_TIMEOUT_SECONDS
 ALIPAY_SHORT_ROLES = ("api", "sweeper")
 
 # RabbitMQ (chalicelib/broker/connection.py): a connect is bounded by pika's
@@ -263,7 +262,7 @@ def alipay_timeout_seconds(role: str) -> float:
 
 def alipay_call_seconds(role: str) -> float:
     """One Alipay server call of the role at its worst: the connect, then the answer."""
-    return ALIPAY_SHORT_CALL_SECONDS if role in ALIPAY_SHORT_ROLES else ALIPAY_CALL_SECONDS
+    return 2 * alipay_timeout_seconds(role)
 
 
 def sweep_check_seconds(role: str) -> float:

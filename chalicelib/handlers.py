@@ -449,8 +449,7 @@ def on_notify(deps: Deps, params: Mapping[str, str]) -> bool:
     try:
         notice = gateway.read_notice(params)
     except NoticeRefused as exc:
-        known = _known_order(deps, params.get("out_trade_no"))
-        return refuse(exc.reason, known.id if known else None)
+        return refuse(exc.reason, _known_order_id(deps, params.get("out_trade_no")))
     order_id = notice.order_id
     if not domain.ORDER_ID_RE.fullmatch(order_id):
         return refuse("out_trade_no is not one of ours")
@@ -489,13 +488,13 @@ def on_notify(deps: Deps, params: Mapping[str, str]) -> bool:
     return True
 
 
-def _known_order(deps: Deps, order_id: str | None) -> Order | None:
+def _known_order_id(deps: Deps, order_id: str | None) -> str | None:
     """The order a refused notify names, if it is one (to keep the refusal on its
-    timeline); None for anything else, without a read for what cannot be an id."""
-    try:
-        return find_order(deps, order_id)
-    except NotFound:
+    timeline); None for anything else, without a read for what cannot be an id, and
+    with the notify's own read (the amount alone) for what can."""
+    if not isinstance(order_id, str) or not domain.ORDER_ID_RE.fullmatch(order_id):
         return None
+    return order_id if deps.store.get_order_total(order_id) is not None else None
 
 
 def _on_refund_notice(deps: Deps, order_id: str, notice: PaymentNotice,

@@ -83,6 +83,9 @@ from chalicelib.domain import (
     events,
     iso,
     parse_iso,
+    sale_of,
+    shard_key,
+    split_stock,
 )
 from chalicelib.domain.events import OrderEvent
 from chalicelib.domain.reconciliation import (
@@ -459,8 +462,8 @@ class InMemoryStore:
     @_operation
     def put_sale(self, sale: Sale, *, shards: int = 1) -> None:
         """As store/sales.py's: `shards` > 1 splits the stock over items
-        `<sale>#<k>` (its split_stock), the sale's own item keeping stock 0."""
-        units = _split_stock(int(sale.stock), shards)
+        `<sale>#<k>` (split_stock), the sale's own item keeping stock 0."""
+        units = split_stock(int(sale.stock), shards)
         row = Sale(sale.id, sale.goods_id, sale.name, int(sale.price_fen),
                    int(sale.stock), _ms(sale.start_time), _ms(sale.end_time))
         if shards == 1:
@@ -468,10 +471,10 @@ class InMemoryStore:
             self._sale_shards.pop(sale.id, None)
             return
         _transaction([("sales", sale.id)]
-                     + [("sales", _shard_key(sale.id, k)) for k in range(shards)])
+                     + [("sales", shard_key(sale.id, k)) for k in range(shards)])
         self._sales[sale.id] = replace(row, stock=0)
         for k, n in enumerate(units):
-            self._sales[_shard_key(sale.id, k)] = replace(row, id=_shard_key(sale.id, k),
+            self._sales[shard_key(sale.id, k)] = replace(row, id=shard_key(sale.id, k),
                                                           stock=n)
         self._sale_shards[sale.id] = shards
 
@@ -490,7 +493,7 @@ class InMemoryStore:
         if sale is None:
             return None
         n = self._sale_shards.get(sale_id, 1)
-        return sale, [sale_id] if n == 1 else [_shard_key(sale_id, k) for k in range(n)]
+        return sale, [sale_id] if n == 1 else [shard_key(sale_id, k) for k in range(n)]
 
     @_operation
     def sale_shard_stocks(self, sale_id: str, *, consistent: bool = False,
@@ -504,7 +507,7 @@ class InMemoryStore:
         n = self._sale_shards.get(sale_id, 1)
         if n == 1:
             return [self._sales[sale_id].stock]
-        found = (self._sales.get(_shard_key(sale_id, k)) for k in range(n))
+        found = (self._sales.get(shard_key(sale_id, k)) for k in range(n))
         return [s.stock if s is not None else 0 for s in found]
 
     def _summed(self, sale_id: str) -> Sale:
@@ -550,7 +553,7 @@ class InMemoryStore:
         precedence: NOT_QUEUED, DUPLICATE, SOLD_OUT; an existing order id raises
         Conflict. The unit comes from the item `order.sale_id` names: the sale,
         or one shard `<sale>#<k>` of it."""
-        assert order.sale_id and order.sale_id.split("#", 1)[0] == ticket.sale_id
+        assert order.sale_id and sale_of(order.sale_id) == ticket.sale_id
         assert len(order.lines) == 1
         key = (ticket.sale_id, ticket.username)
         num = order.lines[0].num
@@ -1186,18 +1189,6 @@ def _order(r: Mapping[str, Any]) -> Order:
         refund_count=r["refund_count"],
         link_expire_time=opt(r["link_expire_time"]),
     )
-
-
-def _shard_key(sale_id: str, shard: int) -> str:
-    """store/sales.py's shard_key: the item of shard `shard` of a sale's stock."""
-    return f"{sale_id}#{shard}"
-
-
-def _split_stock(stock: int, shards: int) -> list[int]:
-    """store/sales.py's split_stock (1 to MAX_TRANSACTION_ACTIONS - 1 shards)."""
-    if not 1 <= shards <= MAX_TRANSACTION_ACTIONS - 1:
-        raise ValueError(f"a sale has 1 to {MAX_TRANSACTION_ACTIONS - 1} shards, not {shards}")
-    return [stock // shards + (1 if k < stock % shards else 0) for k in range(shards)]
 
 
 def _ticket(t: Ticket) -> Ticket:

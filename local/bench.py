@@ -1373,9 +1373,7 @@ def _zip_rows(world: World, res: StageResult, reps: int) -> None:
 
     from local import lambda_zip, package
 
-    python = next((p for p in sorted(Path.home().glob(
-        f".pyenv/versions/{package.LAMBDA_RUNTIME.removeprefix('python')}*/bin/"
-        f"{package.LAMBDA_RUNTIME}")) if os.access(p, os.X_OK)), None)
+    python = package.runtime_python()
     progress("6 cold: building the Lambda package (make package), whole and lean")
     whole = world.tmp / "whole.zip"
     package.build("prod", world.tmp / "package", whole_zip=whole)

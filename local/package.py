@@ -68,6 +68,7 @@ them in `.chalice/deployments/` for the next runs.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import re
@@ -159,6 +160,17 @@ def _gateway_responses_into_the_api(template: dict[str, Any]) -> None:
 # and chalice fetches the cp312 wheels (tests/integration/test_lambda_zip.py
 # loads every module from the zip under python3.12).
 LAMBDA_RUNTIME = "python3.12"
+
+
+def runtime_python() -> str | None:
+    """An interpreter of LAMBDA_RUNTIME's Python on this machine, to load the zip's
+    wheels with (a real binary: pyenv's shims need its shell set-up); None: none."""
+    version = LAMBDA_RUNTIME.removeprefix("python")
+    found = [*sorted(glob.glob(os.path.expanduser(f"~/.pyenv/versions/{version}*/bin/"
+                                                  f"python{version}"))),
+             f"/usr/bin/python{version}", f"/usr/local/bin/python{version}"]
+    return next((p for p in found if os.access(p, os.X_OK)), None)
+
 # `chalice package` with the runtime above instead of the interpreter's version.
 # Chalice (1.34) asks pip for the runtime's ABI but not its Python version, so
 # under another Python pip finds no wheel for a binary dependency (cffi) and
@@ -243,7 +255,6 @@ VPC_CONDITION = "InVpc"
 VPC_ACTIONS = frozenset({"ec2:CreateNetworkInterface", "ec2:DescribeNetworkInterfaces",
                          "ec2:DescribeSubnets", "ec2:DeleteNetworkInterface",
                          "ec2:AssignPrivateIpAddresses", "ec2:UnassignPrivateIpAddresses"})
-API_GATEWAY_TIMEOUT_S = 29  # API Gateway waits this long for the API function
 LAMBDA_DEFAULT_TIMEOUT_S = 3
 
 
@@ -378,9 +389,9 @@ def policy_problems(template: dict[str, Any]) -> list[str]:
             problems.append(f"{fn_id} ({role}): its timeout {timeout!r} s is not longer than "
                             f"its longest chain of outbound calls ({chain:g} s)")
         if role == "api" and isinstance(timeout, int | float) and (
-                timeout > API_GATEWAY_TIMEOUT_S):
+                timeout > config.API_GATEWAY_TIMEOUT_SECONDS):
             problems.append(f"{fn_id} (api): its timeout {timeout} s is longer than API "
-                            f"Gateway waits ({API_GATEWAY_TIMEOUT_S} s)")
+                            f"Gateway waits ({config.API_GATEWAY_TIMEOUT_SECONDS:g} s)")
         if not isinstance(props.get("FunctionName"), str):
             problems.append(f"{fn_id} ({role}) has no fixed FunctionName: its log group, "
                             f"and its role's grant on it, would depend on the stack's name")

@@ -4,6 +4,7 @@ No I/O and no HTTP or AMQP here; everything else imports from this package.
 """
 
 from chalicelib.domain.catalog import (
+    MAX_SALE_SHARDS,
     SALE_ID_RE,
     TICKET_DUPLICATE,
     TICKET_FAILED,
@@ -22,6 +23,9 @@ from chalicelib.domain.catalog import (
     Ticket,
     TicketStatus,
     new_ticket_id,
+    sale_of,
+    shard_key,
+    split_stock,
 )
 from chalicelib.domain.errors import (
     Conflict,
@@ -82,4 +86,5 @@ __all__ = [
     "parse_iso", "refund_id", "refund_request_no", "to_fen",
     "REFUND_ID_RE", "SYSTEM_OPERATOR", "Refund", "RefundExceedsPaid", "RefundInProgress",
     "RefundNotAllowed", "EventType", "TimelineEvent", "TooManyUnpaidOrders",
+    "MAX_SALE_SHARDS", "sale_of", "shard_key", "split_stock",
 ]

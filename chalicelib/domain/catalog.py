@@ -10,7 +10,7 @@ from datetime import datetime
 
 from chalicelib.domain.errors import Conflict
 from chalicelib.domain.money import money_str
-from chalicelib.domain.order import GOODS_ID_RE
+from chalicelib.domain.order import GOODS_ID_RE, MAX_TRANSACTION_ACTIONS
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,30 @@ class Sale:
     stock: int
     start_time: datetime
     end_time: datetime
+
+
+# A sale's stock in one item, or split over N "shards" <sale>#0 .. <sale>#N-1 (one
+# stock item takes ~500 order transactions a second): put_sale writes the sale's
+# item and its shards in one transaction.
+MAX_SALE_SHARDS = MAX_TRANSACTION_ACTIONS - 1
+
+
+def shard_key(sale_id: str, shard: int) -> str:
+    """The item that holds shard `shard` of a sale's stock (a sale of N > 1 shards)."""
+    return f"{sale_id}#{shard}"
+
+
+def sale_of(stock_item: str) -> str:
+    """The sale a stock item belongs to: `<sale>` of `<sale>` or `<sale>#<k>`."""
+    return stock_item.split("#", 1)[0]
+
+
+def split_stock(stock: int, shards: int) -> list[int]:
+    """`stock` units over `shards` shards, as even as whole units go (the first
+    ones get the remainder): 10 over 4 is [3, 3, 2, 2]."""
+    if not 1 <= shards <= MAX_SALE_SHARDS:
+        raise ValueError(f"a sale has 1 to {MAX_SALE_SHARDS} shards, not {shards}")
+    return [stock // shards + (1 if k < stock % shards else 0) for k in range(shards)]
 
 
 class TicketStatus(enum.StrEnum):

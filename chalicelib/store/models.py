@@ -256,6 +256,9 @@ def models_for(tables: Tables, region: str) -> Models:
         stock = NumberAttribute()
         start_time = UnicodeAttribute()
         end_time = UnicodeAttribute()
+        # A sale whose stock is split over N > 1 items `<sale>#<k>` (store/sales.py);
+        # absent: one item, this one, holds the stock.
+        shards = NumberAttribute(null=True)
 
 
     class TicketModel(Model):

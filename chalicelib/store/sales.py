@@ -20,15 +20,12 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from datetime import datetime
-from functools import lru_cache
 from typing import Any
 
-from pynamodb.attributes import NumberAttribute
 from pynamodb.exceptions import TransactWriteError
 from pynamodb.transactions import TransactWrite
 
 from chalicelib.domain import (
-    MAX_TRANSACTION_ACTIONS,
     TICKET_ORDERED,
     TICKET_QUEUED,
     Conflict,
@@ -39,6 +36,9 @@ from chalicelib.domain import (
     Unavailable,
     events,
     iso,
+    sale_of,
+    shard_key,
+    split_stock,
 )
 from chalicelib.store.base import (
     StoreBase,
@@ -49,7 +49,6 @@ from chalicelib.store.base import (
     write_transaction,
 )
 from chalicelib.store.models import (
-    Models,
     model_from_order,
     model_from_ticket,
     sale_from_model,
@@ -58,10 +57,6 @@ from chalicelib.store.models import (
 from chalicelib.store.outbox import put_event
 
 log = logging.getLogger(__name__)
-
-# put_sale writes the sale's item and its shards in one transaction
-MAX_SHARDS = MAX_TRANSACTION_ACTIONS - 1
-
 
 def claim_key(sale_id: str, username: str) -> str:
     """The user holds a live ticket of the sale, or one that ordered (the API's guard)."""
@@ -73,43 +68,9 @@ def bought_key(sale_id: str, username: str) -> str:
     return f"ORDER#{sale_id}#{username}"
 
 
-def shard_key(sale_id: str, shard: int) -> str:
-    """The item that holds shard `shard` of a sale's stock (a sale of N > 1 shards)."""
-    return f"{sale_id}#{shard}"
-
-
-def sale_of(stock_item: str) -> str:
-    """The sale a stock item belongs to: `<sale>` of `<sale>` or `<sale>#<k>`."""
-    return stock_item.split("#", 1)[0]
-
-
-def split_stock(stock: int, shards: int) -> list[int]:
-    """`stock` units over `shards` shards, as even as whole units go (the first
-    ones get the remainder): 10 over 4 is [3, 3, 2, 2]."""
-    if not 1 <= shards <= MAX_SHARDS:
-        raise ValueError(f"a sale has 1 to {MAX_SHARDS} shards, not {shards}")
-    return [stock // shards + (1 if k < stock % shards else 0) for k in range(shards)]
-
-
-@lru_cache(maxsize=8)
-def _with_shards(models: Models) -> Models:
-    """The models, their Sale knowing the sale item's `shards` (absent: one shard).
-    Only this module reads or writes it; store/models.py's Sale does not know it.
-    Same table, same key, same connection."""
-    sale_model = models.Sale
-
-    class SaleModel(sale_model):  # type: ignore[misc, valid-type]
-        shards = NumberAttribute(null=True)
-
-        @classmethod
-        def _get_connection(cls) -> Any:
-            return sale_model._get_connection()  # the Sale model's (and client)
-
-    return replace(models, Sale=SaleModel)
-
-
 def _shards(item: Any) -> int:
-    return int(getattr(item, "shards", None) or 1)
+    """A sale item's shard count (absent: one, the item itself)."""
+    return int(item.shards or 1)
 
 
 class SaleStore(StoreBase):
@@ -120,7 +81,7 @@ class SaleStore(StoreBase):
         over that many items (split_stock), all written in one transaction; a
         sale's shard count is not meant to change while it runs."""
         units = split_stock(sale.stock, shards)
-        m = _with_shards(self.models)
+        m = self.models
         described = {"goods_id": sale.goods_id, "name": sale.name,
                      "price_fen": sale.price_fen, "start_time": iso(sale.start_time),
                      "end_time": iso(sale.end_time)}
@@ -141,7 +102,7 @@ class SaleStore(StoreBase):
 
     def list_sales(self) -> list[Sale]:
         """Every sale, its stock summed over its shards (one scan)."""
-        m = _with_shards(self.models)
+        m = self.models
         with dynamo():
             items = list(m.Sale.scan())
         stocks = {x.id: int(x.stock) for x in items}
@@ -174,7 +135,7 @@ class SaleStore(StoreBase):
         its stock, shard 0 first: `[sale_id]` for a sale of one shard (the
         Sale's stock is then the sale's), `[<sale>#0, ...]` for N > 1 (the
         Sale's stock is 0). One GetItem: the drain's read."""
-        item = get_item(_with_shards(self.models).Sale, sale_id, consistent=consistent)
+        item = get_item(self.models.Sale, sale_id, consistent=consistent)
         if item is None:
             return None
         n = _shards(item)
@@ -191,7 +152,7 @@ class SaleStore(StoreBase):
         sale, items = found
         if items == [sale_id]:
             return sale, [sale.stock]
-        m = _with_shards(self.models)
+        m = self.models
         with dynamo():
             got = {x.id: int(x.stock) for x in m.Sale.batch_get(items, consistent_read=consistent)}
         return sale, [got.get(k, 0) for k in items]

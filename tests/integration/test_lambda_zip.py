@@ -6,9 +6,7 @@ Python (package.LAMBDA_RUNTIME, whose wheels the zip holds) seeing nothing else
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 import subprocess
 import sysconfig
 import zipfile
@@ -34,16 +32,6 @@ for name in names:
     where[name] = getattr(module, "__file__", "") or ""
 print(json.dumps({"python": "%d.%d" % sys.version_info[:2], "where": where}))
 """
-
-
-def runtime_python() -> str | None:
-    """An interpreter of the functions' Python version on this machine (a real
-    binary: pyenv's shims need its shell set-up)."""
-    version = package.LAMBDA_RUNTIME.removeprefix("python")
-    found = [*sorted(glob.glob(os.path.expanduser(f"~/.pyenv/versions/{version}*/bin/"
-                                                  f"python{version}"))),
-             f"/usr/bin/python{version}", f"/usr/local/bin/python{version}"]
-    return next((p for p in found if os.access(p, os.X_OK)), None)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +63,7 @@ def test_every_module_the_functions_import_loads_from_the_zip(built: Path,
     for name in lambda_zip.RUNTIME_MODULES:
         if (site / name).exists():
             (runtime / name).symlink_to(site / name)
-    python = runtime_python()
+    python = package.runtime_python()
     if python is None:
         pytest.skip(f"no {package.LAMBDA_RUNTIME} on this machine to load the zip's wheels")
     done = subprocess.run([python, "-S", "-c", PROBE, str(code), str(runtime),

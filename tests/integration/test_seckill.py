@@ -138,6 +138,17 @@ def all_tickets() -> list[Any]:
     return [t for t in MODELS.Ticket.scan() if t.id.startswith("TICKET_")]
 
 
+def drained_and_final(sdeps: Deps, sampler: Any) -> None:
+    """queue.order.seckill empty, then every ticket final; the sampler stopped.
+    (RabbitMQ is polled first: a scan of moto's table would slow the drain down.)"""
+    wait_until(lambda: sdeps.broker.queue_depth(broker.QUEUE_SECKILL) == 0, 40, "drained",
+               step=0.2)
+    wait_until(lambda: all(t.status in TICKET_FINAL for t in all_tickets()), 10,
+               "every ticket final", step=0.5)
+    sampler.stop.set()
+    sampler.join(5)
+
+
 def all_orders() -> list[Any]:
     return list(MODELS.Order.scan())
 
@@ -187,13 +198,7 @@ def test_burst_of_2000_requests_from_1000_users_at_a_sale_of_50(
 
     # every ticket ends in a final status; the queue drains
     ticket_ids = {tid for _, tid in accepted}
-    # (polling RabbitMQ first: a scan of moto's table would slow the drain down)
-    wait_until(lambda: sdeps.broker.queue_depth(broker.QUEUE_SECKILL) == 0, 40, "drained",
-               step=0.2)
-    wait_until(lambda: all(t.status in TICKET_FINAL for t in all_tickets()), 10,
-               "every ticket final", step=0.5)
-    stock_seen.stop.set()
-    stock_seen.join(5)
+    drained_and_final(sdeps, stock_seen)
     tickets = {t.id: t for t in all_tickets()}
     assert set(tickets) == ticket_ids  # a ticket for each 202, and no other
     for user, tid in accepted:
@@ -296,12 +301,7 @@ def test_a_sale_of_4_shards_sells_exactly_60_to_400_requests_of_200_users(
     accepted = {data["ticketId"]: user for user, status, _, (data, _) in answers
                 if status == 202}
     assert len(accepted) >= 60, statuses
-    wait_until(lambda: sdeps.broker.queue_depth(broker.QUEUE_SECKILL) == 0, 40, "drained",
-               step=0.2)
-    wait_until(lambda: all(t.status in TICKET_FINAL for t in all_tickets()), 10,
-               "every ticket final", step=0.5)
-    shards_seen.stop.set()
-    shards_seen.join(5)
+    drained_and_final(sdeps, shards_seen)
 
     tickets = {t.id: t for t in all_tickets()}
     assert {tid: t.username for tid, t in tickets.items()} == accepted

@@ -447,14 +447,8 @@ def test_a_closed_order_gives_its_unit_back_to_its_own_shard(client: Any,
     assert shard_stocks(app_deps.store) == [2, 2, 2]  # once
 
 
-def test_the_drain_reads_a_sharded_sales_item_once_per_cache_period(
-        client: Any, app_deps: Deps, monkeypatch: pytest.MonkeyPatch) -> None:
-    app_deps.settings = dataclasses.replace(  # type: ignore[misc]
-        app_deps.settings, seckill_cache_ms=60_000)
-    sharded(app_deps, stock=10, shards=2)
-    for user in ("u1", "u2", "u3", "u4"):
-        assert post(client, user).status_code == 202
-    store = app_deps.store
+def stock_item_reads(store: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The sale ids the drain asks store.sale_stock_items for, from now on."""
     real = store.sale_stock_items
     reads: list[str] = []
 
@@ -463,6 +457,18 @@ def test_the_drain_reads_a_sharded_sales_item_once_per_cache_period(
         return real(sale_id, **kw)
 
     monkeypatch.setattr(store, "sale_stock_items", counted)
+    return reads
+
+
+def test_the_drain_reads_a_sharded_sales_item_once_per_cache_period(
+        client: Any, app_deps: Deps, monkeypatch: pytest.MonkeyPatch) -> None:
+    app_deps.settings = dataclasses.replace(  # type: ignore[misc]
+        app_deps.settings, seckill_cache_ms=60_000)
+    sharded(app_deps, stock=10, shards=2)
+    for user in ("u1", "u2", "u3", "u4"):
+        assert post(client, user).status_code == 202
+    store = app_deps.store
+    reads = stock_item_reads(store, monkeypatch)
     assert drain(app_deps) == ["ORDERED"] * 4
     assert reads == ["flash"]
     assert sum(shard_stocks(store)) == 6
@@ -475,14 +481,7 @@ def test_a_sale_of_one_shard_is_read_by_the_drain_every_time(
     for user in ("u1", "u2"):
         assert post(client, user).status_code == 202
     store = app_deps.store
-    real = store.sale_stock_items
-    reads: list[str] = []
-
-    def counted(sale_id: str, **kw: Any) -> Any:
-        reads.append(sale_id)
-        return real(sale_id, **kw)
-
-    monkeypatch.setattr(store, "sale_stock_items", counted)
+    reads = stock_item_reads(store, monkeypatch)
     assert drain(app_deps) == ["ORDERED"] * 2
     assert reads == ["flash", "flash"]  # its own item holds the stock
     orders = [o for u in ("u1", "u2") for o in store.list_orders(u)]

@@ -317,17 +317,22 @@ def test_a_refused_user_is_told_apart_from_a_broker_that_is_down() -> None:
     assert not deps.credential_refused(ValueError("no access"))
 
 
+def failing_publish(d: Any, monkeypatch: pytest.MonkeyPatch, exc: Exception) -> None:
+    """The broker inside d's RefusalWatch raises `exc` on every publish_pay."""
+    inner = d.broker._broker
+
+    def publish_pay(msg: Any) -> None:
+        raise exc
+
+    monkeypatch.setattr(inner, "publish_pay", publish_pay)
+    monkeypatch.setattr(inner, "close", lambda: None)
+
+
 def test_rabbitmq_refusing_the_user_reads_the_secret_again_and_rebuilds(
         source: FakeSource, keys: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(config, "get", lambda: _settings_for("sweeper", keys))
     first = deps.get()
-    inner = first.broker._broker  # type: ignore[attr-defined]
-
-    def publish_pay(msg: Any) -> None:
-        raise _refused()
-
-    monkeypatch.setattr(inner, "publish_pay", publish_pay)
-    monkeypatch.setattr(inner, "close", lambda: None)
+    failing_publish(first, monkeypatch, _refused())
     source.values["RMQ_PUBLISH_URL"] = "amqps://api:pw2@mq:5671/%2F"
     source.version = "v2"  # rotated meanwhile
     source.clock.now += 10  # type: ignore[attr-defined]
@@ -343,12 +348,8 @@ def test_a_broker_that_is_merely_down_reads_no_secret(
         source: FakeSource, keys: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(config, "get", lambda: _settings_for("sweeper", keys))
     first = deps.get()
-    inner = first.broker._broker  # type: ignore[attr-defined]
-
-    def publish_pay(msg: Any) -> None:
-        raise BrokerUnavailable("cannot connect to RabbitMQ at amqps://mq:5671/: timed out")
-
-    monkeypatch.setattr(inner, "publish_pay", publish_pay)
+    failing_publish(first, monkeypatch,
+                    BrokerUnavailable("cannot connect to RabbitMQ at amqps://mq:5671/: timed out"))
     source.clock.now += 10  # type: ignore[attr-defined]
     with pytest.raises(BrokerUnavailable):
         first.broker.publish_pay({"orderId": "o"})
