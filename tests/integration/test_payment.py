@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 from chalice.config import Config
-from chalice.local import LocalDevServer
 
 from chalicelib import broker, config, deps, worker
 from chalicelib.alipay_gateway import AlipayGateway
@@ -27,6 +26,7 @@ from chalicelib.store import Store
 from local.alipay_sandbox import LOCAL_APP_ID, LOCAL_SELLER_ID, make_server
 from local.alipay_sandbox.keys import ensure_keys, load_private_key
 from local.alipay_sandbox.signer import sign_params
+from local.api import local_server
 from tests.conftest import bearer
 from tests.counting import CountingStore
 from tests.waiting import wait_until
@@ -109,7 +109,7 @@ def shop(rmq_vhost: str, tables: Store, keys: dict[str, Path]) -> Iterator[Shop]
     from app import app
 
     sandbox = make_server("127.0.0.1", 0, keys["app_private"].parent, [0.3] * 7)
-    api = LocalDevServer(app, Config.create(), "127.0.0.1", 0)
+    api = local_server(app, Config.create(), "127.0.0.1", 0)
     api_url = f"http://127.0.0.1:{api.server.server_address[1]}"
     threads = [threading.Thread(target=s, daemon=True)
                for s in (sandbox.serve_forever, api.server.serve_forever)]

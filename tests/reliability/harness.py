@@ -38,7 +38,6 @@ from typing import Any
 
 import pika
 import pika.exceptions
-from chalice.local import ThreadedHTTPServer
 
 from chalicelib import broker, config, deps
 from chalicelib.alipay_gateway import AlipayGateway
@@ -344,13 +343,6 @@ _OPENER = urllib.request.build_opener(_NoRedirect)
 NO_ANSWER = 599  # the server gave no answer at all: counted with the 5xx answers
 
 
-class _Backlog(ThreadedHTTPServer):
-    """chalice's threaded local server with a listen backlog for bursts (the default 5
-    resets the 6th simultaneous connection before the app sees it)."""
-
-    request_queue_size = 256
-
-
 class Http:
     """HTTP to one base URL (a new connection per request), every status recorded."""
 
@@ -407,18 +399,16 @@ class Stack:
         """`check_skew`: how early a check is still taken (None: a whole delay, so that
         `check_now` stands for the delay having passed; forged-check scenarios set it)."""
         from chalice.config import Config
-        from chalice.local import LocalDevServer
 
         from app import app
-        from local.api import LocalHandler
+        from local.api import local_server
 
         self.keys = keys
         self.retry_delays_ms = retry_delays_ms
         self.sweep_interval = sweep_interval
         self.sandbox = make_server("127.0.0.1", 0, keys["app_private"].parent,
                                    notify_schedule or [0.3] * 7)
-        self.api_server = LocalDevServer(app, Config.create(), "127.0.0.1", 0,
-                                         handler_cls=LocalHandler, server_cls=_Backlog)
+        self.api_server = local_server(app, Config.create(), "127.0.0.1", 0)
         self.api_url = f"http://127.0.0.1:{self.api_server.server.server_address[1]}"
         self._threads = [threading.Thread(target=s, daemon=True) for s in
                          (self.sandbox.serve_forever, self.api_server.server.serve_forever)]
