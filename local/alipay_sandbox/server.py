@@ -133,6 +133,9 @@ def _api_response_name(method: str) -> str:
 
 class SandboxServer(ThreadingHTTPServer):
     daemon_threads = True
+    # The default backlog of 5 resets connections past the sixth arriving at once
+    # (the bridge's workers, a bench's threads and the cashier's pages together).
+    request_queue_size = 256
 
     def __init__(
         self,
