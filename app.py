@@ -143,8 +143,9 @@ def jwt_auth(auth_request: Any) -> AuthResponse:
     context, so that the route answers 401 in the contract's shape everywhere
     (API Gateway and `chalice local` alike) instead of the gateway's bare 403."""
     try:
-        user, role = auth.identity_from_header(deps.get().settings.jwt_secret,
-                                               auth_request.token)
+        settings = deps.get().settings
+        user, role = auth.identity_from_header(settings.jwt_secret, auth_request.token,
+                                               settings.jwt_previous_secret)
         return AuthResponse(routes=["*"], principal_id=user, context={"role": role})
     except auth.AuthError as exc:
         return AuthResponse(routes=["*"], principal_id="anonymous",

@@ -1,4 +1,8 @@
-"""Bearer JWTs: HS256 with JWT_SECRET, `sub` is the username, `exp` required."""
+"""Bearer JWTs: HS256 with JWT_SECRET, `sub` is the username, `exp` required.
+
+While JWT_SECRET is rotated, a token signed with the previous secret
+(JWT_PREVIOUS_SECRET) is still accepted, so that nobody signed in is turned away;
+tokens are only ever issued with the current one."""
 
 from __future__ import annotations
 
@@ -28,12 +32,25 @@ def issue(secret: str, username: str, ttl_seconds: int = 3600 * 12,
     return jwt.encode(claims, secret, algorithm="HS256")
 
 
-def username_from_header(secret: str, header: str | None) -> str:
-    return identity_from_header(secret, header)[0]
+def username_from_header(secret: str, header: str | None, previous: str = "") -> str:
+    return identity_from_header(secret, header, previous)[0]
 
 
-def identity_from_header(secret: str, header: str | None) -> tuple[str, str]:
-    """(username, role) of a valid bearer token; role "" when it has none."""
+def _decode(token: str, secret: str, previous: str) -> dict[str, object]:
+    """The claims of a token signed with `secret`, or else with `previous` (when set)."""
+    options = {"require": ["exp", "sub"]}
+    try:
+        return dict(jwt.decode(token, secret, algorithms=["HS256"], options=options))
+    except jwt.InvalidSignatureError:
+        if not previous:
+            raise
+    return dict(jwt.decode(token, previous, algorithms=["HS256"], options=options))
+
+
+def identity_from_header(secret: str, header: str | None,
+                         previous: str = "") -> tuple[str, str]:
+    """(username, role) of a valid bearer token; role "" when it has none.
+    `previous`: the JWT secret being rotated out, whose tokens are still good."""
     if not secret:
         raise AuthError("the service has no JWT_SECRET")
     if not header:
@@ -42,8 +59,7 @@ def identity_from_header(secret: str, header: str | None) -> tuple[str, str]:
     if scheme.lower() != "bearer" or not token.strip():
         raise AuthError("Authorization must be 'Bearer <token>'")
     try:
-        claims = jwt.decode(token.strip(), secret, algorithms=["HS256"],
-                            options={"require": ["exp", "sub"]})
+        claims = _decode(token.strip(), secret, previous)
     except jwt.ExpiredSignatureError as exc:
         raise AuthError("the token has expired") from exc
     except jwt.InvalidTokenError as exc:

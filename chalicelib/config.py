@@ -166,6 +166,9 @@ class Settings:
     # How long a warm function keeps the secret it read before reading it again (a
     # rotation reaches it within this; RabbitMQ refusing its user, at once).
     secret_refresh_seconds: float = 300.0
+    # JWT_PREVIOUS_SECRET: while JWT_SECRET is rotated, tokens signed with the
+    # previous one are still accepted (never issued), until it is taken out.
+    jwt_previous_secret: str = field(default="", repr=False)
 
     @property
     def worker_rmq_url(self) -> str:
@@ -214,6 +217,10 @@ SECRET_KEYS: dict[str, str] = {
     "ALIPAY_APP_PRIVATE_KEY": "ALIPAY_APP_PRIVATE_KEY",
     "RMQ_URL": "RMQ_PUBLISH_URL",
 }
+# Keys of the secret a role takes when they are there, and goes on without: the
+# previous JWT secret is only there while JWT_SECRET is being rotated.
+OPTIONAL_SECRET_KEYS: dict[str, str] = {"JWT_PREVIOUS_SECRET": "JWT_PREVIOUS_SECRET"}
+ROLE_MAY_TAKE: dict[str, tuple[str, ...]] = {"authorizer": ("JWT_PREVIOUS_SECRET",)}
 
 # --- timeouts -----------------------------------------------------------------
 # Each outbound call's worst case in seconds, from the timeouts the module that
@@ -315,14 +322,17 @@ def check(settings: Settings) -> Settings:
         raise SettingsError(f"FUNCTION_ROLE {settings.function_role!r} is none of "
                             f"{', '.join(ROLES)}")
     secret = settings.jwt_secret
-    if secret and len(secret.encode()) < MIN_JWT_SECRET_BYTES:
-        raise SettingsError(f"JWT_SECRET is {len(secret.encode())} bytes; at least "
-                            f"{MIN_JWT_SECRET_BYTES} are needed")
+    jwt_secrets = {"JWT_SECRET": secret, "JWT_PREVIOUS_SECRET": settings.jwt_previous_secret}
+    for name, value in jwt_secrets.items():
+        if value and len(value.encode()) < MIN_JWT_SECRET_BYTES:
+            raise SettingsError(f"{name} is {len(value.encode())} bytes; at least "
+                                f"{MIN_JWT_SECRET_BYTES} are needed")
     if settings.stage in LOCAL_STAGES:
         return settings
-    if secret == LOCAL_JWT_SECRET:
-        raise SettingsError(f"JWT_SECRET is the local stack's well-known secret; stage "
-                            f"{settings.stage!r} needs its own")
+    for name, value in jwt_secrets.items():
+        if value == LOCAL_JWT_SECRET:
+            raise SettingsError(f"{name} is the local stack's well-known secret; stage "
+                                f"{settings.stage!r} needs its own")
     values = {
         "ALIPAY_APP_ID": settings.alipay_app_id,
         "ALIPAY_SELLER_ID": settings.alipay_seller_id,
@@ -412,6 +422,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         function_role=env.str("FUNCTION_ROLE"),
         secret_id=env.str("SECRET_ID").strip(),
         secret_refresh_seconds=env.float("SECRET_REFRESH_SECONDS", 300.0),
+        jwt_previous_secret=env.str("JWT_PREVIOUS_SECRET"),
     )
 
 

@@ -32,11 +32,13 @@ from chalicelib.domain import Unavailable
 
 log = logging.getLogger(__name__)
 
-# The Settings field that holds each setting of config.SECRET_KEYS.
+# The Settings field that holds each setting of config.SECRET_KEYS and
+# config.OPTIONAL_SECRET_KEYS.
 FIELDS: dict[str, str] = {
     "JWT_SECRET": "jwt_secret",
     "ALIPAY_APP_PRIVATE_KEY": "alipay_app_private_key",
     "RMQ_URL": "rmq_url",
+    "JWT_PREVIOUS_SECRET": "jwt_previous_secret",
 }
 # A refusal re-reads the secret at once, but not more often than this: a user whose
 # password is simply wrong must not turn each request into a read.
@@ -134,12 +136,22 @@ def needed(role: str) -> dict[str, str]:
     return {setting: key for setting, key in config.SECRET_KEYS.items() if setting in needs}
 
 
+def optional(role: str) -> dict[str, str]:
+    """The settings of OPTIONAL_SECRET_KEYS the role takes when the secret has them."""
+    takes = set(config.ROLE_MAY_TAKE.get(role, ()))
+    return {s: key for s, key in config.OPTIONAL_SECRET_KEYS.items() if s in takes}
+
+
 def resolve(settings: Settings, secret: Secret) -> Settings:
-    """`settings` with the values of the secret that its role needs, and no other
-    (the API never holds the JWT secret, nor the authorizer Alipay's key)."""
-    changes: dict[str, str] = {}
+    """`settings` with the values of the secret that its role needs or may take, and
+    no other (the API never holds the JWT secret, nor the authorizer Alipay's key).
+    An optional key the secret no longer has is emptied: the previous JWT secret
+    taken out of the secret stops being accepted at the next read."""
+    role = settings.function_role
+    changes = {FIELDS[setting]: secret.values.get(key, "")
+               for setting, key in optional(role).items()}
     missing = []
-    for setting, key in needed(settings.function_role).items():
+    for setting, key in needed(role).items():
         if getattr(settings, FIELDS[setting]) and settings.stage not in config.LOCAL_STAGES:
             log.warning("%s is in the environment too: the secret's value is used; take it "
                         "out of the function's environment", setting)

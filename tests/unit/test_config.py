@@ -71,6 +71,19 @@ def test_a_short_jwt_secret_is_refused_in_every_stage(stage: str) -> None:
     assert config.check(settings(**env, JWT_SECRET=SECRET)).jwt_secret == SECRET
 
 
+@pytest.mark.parametrize("stage", ["local", "prod"])
+def test_the_previous_jwt_secret_is_held_to_the_same_rules(stage: str) -> None:
+    env = {"STAGE": stage, "FUNCTION_ROLE": "authorizer", "JWT_SECRET": SECRET}
+    with pytest.raises(config.SettingsError, match="JWT_PREVIOUS_SECRET is 31 bytes"):
+        config.check(settings(**env, JWT_PREVIOUS_SECRET="p" * 31))
+    kept = config.check(settings(**env, JWT_PREVIOUS_SECRET="p" * 32))
+    assert kept.jwt_previous_secret == "p" * 32
+    assert "p" * 32 not in repr(kept)
+    if stage == "prod":
+        with pytest.raises(config.SettingsError, match="JWT_PREVIOUS_SECRET is the local"):
+            config.check(settings(**env, JWT_PREVIOUS_SECRET=config.LOCAL_JWT_SECRET))
+
+
 def test_the_local_default_secret_is_long_enough_and_local_only() -> None:
     assert config.check(settings()).jwt_secret == config.LOCAL_JWT_SECRET
     with pytest.raises(config.SettingsError, match="well-known"):

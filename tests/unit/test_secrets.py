@@ -82,7 +82,7 @@ def test_each_role_takes_only_the_keys_it_needs(role: str, taken: set[str]) -> N
 
 
 def test_every_secret_setting_has_a_field() -> None:
-    assert set(secrets.FIELDS) == set(config.SECRET_KEYS)
+    assert set(secrets.FIELDS) == set(config.SECRET_KEYS) | set(config.OPTIONAL_SECRET_KEYS)
     fields = set(config.Settings.__dataclass_fields__)
     assert set(secrets.FIELDS.values()) <= fields
 
@@ -95,6 +95,21 @@ def test_a_role_whose_key_is_missing_is_refused_naming_the_key_not_a_value() -> 
     assert ALIPAY_KEY_PLACEHOLDER not in str(caught.value)
     # the authorizer does not need it
     assert secrets.resolve(on_aws("authorizer"), Secret("v7", values)).jwt_secret == JWT
+
+
+def test_only_the_authorizer_takes_the_previous_jwt_secret_and_only_while_it_is_there(
+) -> None:
+    previous = "p" * 40
+    rotating = Secret("v8", {**VALUES, "JWT_PREVIOUS_SECRET": previous})
+    taken = secrets.resolve(on_aws("authorizer"), rotating)
+    assert (taken.jwt_secret, taken.jwt_previous_secret) == (JWT, previous)
+    for role in ("api", "notify", "sweeper", "reconciler", "relay"):
+        assert secrets.resolve(on_aws(role), rotating).jwt_previous_secret == "", role
+    # Taken out of the secret when the rotation is over: gone from the settings too,
+    # also where the environment had set one.
+    done = secrets.resolve(on_aws("authorizer", JWT_PREVIOUS_SECRET=previous),
+                           Secret("v9", VALUES))
+    assert (done.jwt_secret, done.jwt_previous_secret) == (JWT, "")
 
 
 def test_resolved_settings_pass_the_check_that_the_environment_alone_fails() -> None:
