@@ -98,7 +98,7 @@ class Settings:
     rmq_queue_type: str
     check_delay_seconds: int
     pay_timeout_seconds: int
-    jwt_secret: str
+    jwt_secret: str = field(repr=False)
     alipay_app_id: str
     alipay_seller_id: str
     alipay_gateway: str
