@@ -69,10 +69,9 @@ class BurstServer(ThreadedHTTPServer):
     request_queue_size = 256
 
 
-def local_server(app_obj: Any, config: Any, host: str, port: int,
-                 handler_cls: type[ChaliceRequestHandler] = LocalHandler) -> LocalDevServer:
+def local_server(app_obj: Any, config: Any, host: str, port: int) -> LocalDevServer:
     """The API as `make run` serves it: the burst-proof server, the local handler."""
-    return LocalDevServer(app_obj, config, host, port, handler_cls=handler_cls,
+    return LocalDevServer(app_obj, config, host, port, handler_cls=LocalHandler,
                           server_cls=BurstServer)
 
 

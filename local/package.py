@@ -239,8 +239,9 @@ def build(stage: str, out: Path, without_indexes: Iterable[str] = (), *,
 
 # Settings that only the roles that read them may be given (config.ROLE_NEEDS).
 # BILLS_BUCKET is no secret, but a function given it tries to write there, which
-# only the reconciler's role may. The secrets (config.SECRET_KEYS) are never in an
-# environment at all: SECRET_ID names the stage's secret, read at run time.
+# only the reconciler's role may. The secrets (config.SECRET_KEYS and
+# OPTIONAL_SECRET_KEYS) are never in an environment at all: SECRET_ID names the
+# stage's secret, read at run time.
 GUARDED_SETTINGS = ("RMQ_WORKER_URL", "ALIPAY_PUBLIC_KEY", "ALIPAY_APP_ID",
                     "ALIPAY_SELLER_ID", "ALIPAY_GATEWAY", "BILLS_BUCKET")
 SECRET_ID = "SECRET_ID"
@@ -353,7 +354,7 @@ def policy_problems(template: dict[str, Any]) -> list[str]:
                 problems.append(f"{fn_id}: {name} resolves a Secrets Manager value into the "
                                 f"function's environment (readable with "
                                 f"lambda:GetFunctionConfiguration, stale after a rotation)")
-        for name in config.SECRET_KEYS:
+        for name in (*config.SECRET_KEYS, *config.OPTIONAL_SECRET_KEYS):
             if name in env:
                 problems.append(f"{fn_id} ({role}) has {name} in its environment: a secret "
                                 f"is read at run time from {SECRET_ID}")

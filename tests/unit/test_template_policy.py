@@ -179,6 +179,7 @@ def test_a_setting_the_function_does_not_use_fails(template: dict[str, Any], fun
     ("AlipayNotifyUrl", "ALIPAY_APP_PRIVATE_KEY"),  # not its own
     ("AlipayNotifyUrl", "JWT_SECRET"),
     ("JwtAuth", "JWT_SECRET"),  # its own, but in the environment
+    ("JwtAuth", "JWT_PREVIOUS_SECRET"),  # optional, still a secret
     ("APIHandler", "RMQ_URL"),
 ])
 def test_a_secret_in_the_environment_fails(template: dict[str, Any], function: str,
@@ -187,7 +188,8 @@ def test_a_secret_in_the_environment_fails(template: dict[str, Any], function: s
     function's environment is readable by anyone with lambda:GetFunctionConfiguration
     and is not renewed when the secret rotates."""
     role = env_of(template, function)["FUNCTION_ROLE"]
-    env_of(template, function)[name] = SM % config.SECRET_KEYS[name]
+    keys = {**config.SECRET_KEYS, **config.OPTIONAL_SECRET_KEYS}
+    env_of(template, function)[name] = SM % keys[name]
     assert policy_problems(template) == [
         f"{function}: {name} resolves a Secrets Manager value into the function's environment "
         f"(readable with lambda:GetFunctionConfiguration, stale after a rotation)",
