@@ -482,9 +482,19 @@ def test_the_template_passes_cfn_lint(built: Any) -> None:
     chalice's own output ever trip a rule, ignore that rule by name here
     (`--ignore-checks`), with the reason, rather than warnings wholesale."""
     _, _, out = built
+    assert_lint_clean(out / "sam.json")
+
+
+def test_the_worker_template_passes_cfn_lint() -> None:
+    """.chalice/ecs-worker.json, every rule on, warnings failing too (as above)."""
+    assert_lint_clean(Path(package.__file__).resolve().parents[1] / ".chalice" /
+                      "ecs-worker.json")
+
+
+def assert_lint_clean(template: Path) -> None:
     lint = Path(sys.executable).with_name("cfn-lint")
     assert lint.exists(), "cfn-lint is in requirements-dev.txt: make test installs it"
-    result = subprocess.run([str(lint), "--format", "parseable", str(out / "sam.json")],
+    result = subprocess.run([str(lint), "--format", "parseable", str(template)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
 

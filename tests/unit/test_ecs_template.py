@@ -1,20 +1,18 @@
 """.chalice/ecs-worker.json (the worker as an ECS service on Fargate) and
 .chalice/worker.env.example (its settings for `podman run --env-file`), checked
-offline: cfn-lint passes; the container is stopped no sooner than its longest
-handler can finish; every setting the worker needs is given, the secret ones only
-by ARN from Secrets Manager or SSM (never in `Environment`), and the execution
-role reads exactly those ARNs; the task role has the API's table grants but the
-carts and the lists' Scan, nothing else; the service keeps a worker running
-through a deployment; the env-file example, filled in, is accepted by
-`config.check` for the worker's container.
+offline (cfn-lint: tests/integration/test_package.py): the container is stopped
+no sooner than its longest handler can finish; every setting the worker needs is
+given, the secret ones only by ARN from Secrets Manager or SSM (never in
+`Environment`), and the execution role reads exactly those ARNs; the task role
+has the API's table grants but the carts and the lists' Scan, nothing else; the
+service keeps a worker running through a deployment; the env-file example,
+filled in, is accepted by `config.check` for the worker's container.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -97,15 +95,6 @@ def _worker_chain_seconds() -> float:
         "deliver": Settings.webhook_timeout_seconds,  # one attempt, all of it
     }
     return max(chains.values())
-
-
-def test_the_template_passes_cfn_lint() -> None:
-    """Every rule on, warnings failing too (as the SAM template's test)."""
-    lint = Path(sys.executable).with_name("cfn-lint")
-    assert lint.exists(), "cfn-lint is in requirements-dev.txt"
-    result = subprocess.run([str(lint), "--format", "parseable", str(TEMPLATE)],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_a_stop_waits_for_the_longest_handler(template: dict[str, Any]) -> None:
